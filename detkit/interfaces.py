@@ -1,0 +1,162 @@
+"""The contracts between components.
+
+Each kind of component is an abstract ``nn.Module`` (or a plain ABC for
+datasets).  A plugin subclasses one of these, adds a pydantic ``Params`` class
+attribute describing its config parameters, and declares an entry point in the
+group ``detkit.<kind>``.
+
+Shapes use: ``N`` images, ``A`` anchors per image, ``R`` RoIs in a batch,
+``G`` ground-truth boxes of one image, ``C`` foreground classes.
+Boxes are ``(x1, y1, x2, y2)`` in pixels of the network input.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class RoITail(NamedTuple):
+    """The part of a backbone the RoI head runs on each pooled RoI.
+
+    ``module`` maps ``[R, channels, roi_size, roi_size]`` to ``[R, out_features]``.
+    """
+
+    module: nn.Module
+    roi_size: int
+    out_features: int
+
+
+class Backbone(nn.Module, ABC):
+    """A stride-``stride`` feature extractor: ``[N, 3, H, W] -> [N, out_channels, h, w]``."""
+
+    out_channels: int
+    stride: int
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def roi_tail(self) -> RoITail:
+        """The layers the RoI head reuses on pooled features (built once, then shared)."""
+
+    def freeze_bn(self, freeze_affine: bool = True) -> None:
+        """Keep BatchNorm statistics fixed (eval mode), optionally their affine weights too."""
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+                if freeze_affine:
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def freeze_stages(self, n: int) -> None:
+        """Stop gradients in the first ``n`` stages. Backbones override this."""
+        if n:
+            raise NotImplementedError(f"{type(self).__name__} does not support freeze_stages")
+
+
+class RPNOutput(NamedTuple):
+    """What a proposal generator returns for a batch.
+
+    locs: ``[N, A, 4]`` predicted deltas; scores: ``[N, A, 2]`` logits
+    (background, object); rois: ``[R, 4]`` proposals; roi_indices: ``[R]``
+    int64 image index of each RoI; anchors: ``[A, 4]`` shared by the batch.
+    """
+
+    locs: Tensor
+    scores: Tensor
+    rois: Tensor
+    roi_indices: Tensor
+    anchors: Tensor
+
+
+class ProposalGenerator(nn.Module, ABC):
+    """Scores anchors and turns the best into proposals."""
+
+    @abstractmethod
+    def forward(
+        self, features: Tensor, image_sizes: Tensor, scale: float | Tensor = 1.0
+    ) -> RPNOutput:
+        """``image_sizes``: ``[N, 2]`` true (height, width) of each image in the padded batch."""
+
+
+class RoIHead(nn.Module, ABC):
+    """Classifies and refines RoIs: returns ``([R, (C+1)*4] deltas, [R, C+1] logits)``."""
+
+    num_classes: int  # foreground classes; background is class 0 inside the head
+
+    @abstractmethod
+    def forward(
+        self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """``input_size``: (height, width) of the padded network input the RoIs refer to."""
+
+
+class TargetCreator(nn.Module, ABC):
+    """Turns ground truth into training targets. Holds no learnable parameters."""
+
+    @abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class Loss(nn.Module, ABC):
+    """A loss that returns a scalar tensor."""
+
+    @abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor: ...
+
+
+class Detector(nn.Module, ABC):
+    """A detector with a multi-mode ``forward`` and an end-to-end ``predict``.
+
+    ``forward(x, mode="forward" | "extractor" | "rpn" | "head", ...)``; the last
+    three are the pieces a trainer calls.
+    """
+
+    num_classes: int
+
+    @abstractmethod
+    def forward(self, x: Tensor, mode: str = "forward", **kwargs: Any) -> Any: ...
+
+    @abstractmethod
+    def predict(self, images: Sequence[Tensor], **kwargs: Any) -> list[dict[str, Tensor]]:
+        """Per image: ``{"boxes": [K, 4] in original pixels, "scores": [K], "labels": [K] 0..C-1}``."""
+
+
+class Trainer(nn.Module, ABC):
+    """Holds a detector and its optimizer; computes losses and takes steps."""
+
+    @abstractmethod
+    def forward(
+        self,
+        imgs: Tensor,
+        bboxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        scale: float | Tensor = 1.0,
+        image_sizes: Tensor | None = None,
+    ) -> Any: ...
+
+    @abstractmethod
+    def train_step(self, imgs: Tensor, bboxes: Sequence[Tensor], labels: Sequence[Tensor],
+                   scale: float | Tensor = 1.0, **kwargs: Any) -> Any: ...
+
+
+class DetectionDataset(torch.utils.data.Dataset, ABC):
+    """A detection data set.
+
+    ``dataset[i]`` returns ``(image, target)``: image float32 ``[3, H, W]`` in
+    0..1 (RGB, before normalisation), target ``{"boxes": float32 [G, 4] xyxy
+    pixels, "labels": int64 [G] in 0..C-1, "difficult": bool [G], "image_id":
+    str}``.  ``classes`` names the C foreground classes in label order.
+    """
+
+    classes: Sequence[str]
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]: ...

@@ -1,0 +1,380 @@
+"""One registry per kind of component, and the config type that names one.
+
+A registered entry is a *name*, a *factory* (usually an ``nn.Module`` class) and
+the pydantic model of its parameters, found as the factory's ``Params``
+attribute.  A component is written in a config as ``{type: <name>, ...params}``;
+:meth:`Registry.validate` checks the params against the plugin's model and
+returns a :class:`ComponentSpec`, and :meth:`Registry.build` constructs it.
+
+Values that only exist at run time (the number of classes, the backbone's
+channel count) are passed to ``build`` as keyword arguments, never written in
+the config.  A component whose parameters contain other components receives
+them as :class:`ComponentSpec` objects and builds them with ``spec.build(...)``,
+so nested components are built recursively with the run-time values their
+parent knows.
+
+Entries come from Python entry points (see :mod:`detkit.plugins`) and are
+imported on first use, or from :meth:`Registry.register` for code that lives in
+the running program (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Iterator, Mapping
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
+
+from detkit.errors import PluginLoadError, RegistryError
+
+KINDS: tuple[str, ...] = (
+    "backbone",
+    "proposal_generator",
+    "roi_head",
+    "target_creator",
+    "loss",
+    "detector",
+    "trainer",
+    "dataset",
+)
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Where an entry comes from: a distribution and an import target."""
+
+    distribution: str | None
+    version: str | None
+    target: str
+
+    def __str__(self) -> str:
+        if self.distribution:
+            return f"{self.distribution} {self.version} ({self.target})"
+        return self.target
+
+
+@dataclass
+class Entry:
+    """One registered component. ``factory``/``params`` are set once loaded."""
+
+    kind: str
+    name: str
+    provider: Provider
+    factory: Callable[..., Any] | None = None
+    params: type[BaseModel] | None = None
+    error: str | None = None
+    conflicts: list[Provider] = field(default_factory=list)
+    _load: Callable[[], Any] | None = field(default=None, repr=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self.factory is not None
+
+    @property
+    def status(self) -> str:
+        if self.conflicts:
+            return "conflict: also provided by " + ", ".join(map(str, self.conflicts))
+        if self.error:
+            return f"failed: {self.error}"
+        return "ok" if self.loaded else "not loaded"
+
+
+class ComponentValidationError(RegistryError):
+    """Invalid component parameters; ``errors`` holds ``(loc, message)`` pairs."""
+
+    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{format_loc(loc) or '<root>'}: {msg}" for loc, msg in errors))
+
+
+def format_loc(loc: tuple[str | int, ...]) -> str:
+    """``("model", "rpn", "nms_iou")`` -> ``model.rpn.nms_iou``; list indices as ``[i]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def flatten_validation_error(exc: ValidationError, prefix: tuple = ()) -> list[tuple[tuple, str]]:
+    """Turn a pydantic error (with nested component errors) into ``(loc, message)`` pairs."""
+    out: list[tuple[tuple, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        nested = (err.get("ctx") or {}).get("detkit_errors")
+        if err["type"] == "detkit_component" and nested is not None:
+            out.extend((loc + tuple(sub), msg) for sub, msg in nested)
+        else:
+            out.append((loc, err["msg"]))
+    return out
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A validated ``{type: name, ...params}``: what to build, not yet built."""
+
+    kind: str
+    type: str
+    params: BaseModel
+
+    def build(self, **runtime: Any) -> Any:
+        return registry(self.kind).build(self, **runtime)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.params.model_dump(mode="json")}
+
+
+class Registry:
+    """The components of one kind, by name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    # ----------------------------------------------------------- registration
+    def register(
+        self, name: str | None = None, *, params: type[BaseModel] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a factory from running code (tests, notebooks)."""
+
+        def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+            target = f"{factory.__module__}:{factory.__qualname__}"
+            self.add(name or factory.__name__, factory, params, Provider(None, None, target))
+            return factory
+
+        return deco
+
+    def add(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        params: type[BaseModel] | None = None,
+        provider: Provider | None = None,
+    ) -> Entry:
+        provider = provider or Provider(None, None, f"{factory.__module__}:{factory.__qualname__}")
+        existing = self._entries.get(name)
+        if existing is not None and existing.provider != provider:
+            raise RegistryError(
+                f"duplicate {self.kind} '{name}': provided by {existing.provider} and by {provider}"
+            )
+        entry = Entry(self.kind, name, provider)
+        self._set_factory(entry, factory, params)
+        self._entries[name] = entry
+        return entry
+
+    def add_lazy(self, name: str, provider: Provider, load: Callable[[], Any]) -> Entry:
+        """Record an entry point without importing it. Same provider twice is one entry."""
+        existing = self._entries.get(name)
+        if existing is not None:
+            if existing.provider.distribution != provider.distribution or (
+                existing.provider.target != provider.target
+            ):
+                if provider not in existing.conflicts:
+                    existing.conflicts.append(provider)
+            return existing
+        entry = Entry(self.kind, name, provider, _load=load)
+        self._entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def _set_factory(
+        self, entry: Entry, factory: Callable[..., Any], params: type[BaseModel] | None
+    ) -> None:
+        params = params if params is not None else getattr(factory, "Params", None)
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise RegistryError(
+                f"{self.kind} '{entry.name}' from {entry.provider} has no parameter model: "
+                "give the factory a pydantic `Params` class attribute"
+            )
+        entry.factory, entry.params = factory, params
+
+    # ---------------------------------------------------------------- lookup
+    def __contains__(self, name: str) -> bool:
+        _discover()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        _discover()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> list[str]:
+        _discover()
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry:
+        """The loaded entry called ``name``; imports its plugin on first use."""
+        _discover()
+        entry = self._entries.get(name)
+        if entry is None:
+            raise RegistryError(self._unknown_message(name))
+        if entry.conflicts:
+            others = " and by ".join(map(str, entry.conflicts))
+            raise RegistryError(
+                f"duplicate {self.kind} '{name}': provided by {entry.provider} and by {others}; "
+                "uninstall one of them"
+            )
+        self.load(entry)
+        if entry.error:
+            raise PluginLoadError(
+                f"{self.kind} '{name}' from {entry.provider} failed to load: {entry.error}"
+            )
+        return entry
+
+    def load(self, entry: Entry) -> None:
+        """Import a lazily discovered entry, recording (not raising) a failure."""
+        if entry.loaded or entry.error or entry._load is None:
+            return
+        try:
+            factory = entry._load()
+            self._set_factory(entry, factory, None)
+        except Exception as exc:  # a broken plugin must not break anything else
+            entry.error = f"{type(exc).__name__}: {exc}"
+
+    def _unknown_message(self, name: str) -> str:
+        installed = sorted(self._entries)
+        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(installed) if installed else "none"
+        return (
+            f"unknown {self.kind} '{name}'.{hint} Installed {self.kind}s: {listing}. "
+            "Run `detkit list-plugins` to see where they come from."
+        )
+
+    # ------------------------------------------------------ validate / build
+    def validate(self, cfg: Any) -> ComponentSpec:
+        """Check ``{type: name, ...params}`` against the plugin's model.
+
+        Raises :class:`ComponentValidationError` with the location of each problem.
+        A bare string is shorthand for ``{type: <string>}``.
+        """
+        if isinstance(cfg, ComponentSpec):
+            if cfg.kind != self.kind:
+                raise ComponentValidationError([((), f"expected a {self.kind}, got a {cfg.kind}")])
+            return cfg
+        if isinstance(cfg, str):
+            cfg = {"type": cfg}
+        if not isinstance(cfg, Mapping):
+            raise ComponentValidationError(
+                [((), f"expected a {self.kind} as a mapping with a 'type' key, got {type(cfg).__name__}")]
+            )
+        if "type" not in cfg:
+            names = ", ".join(self.names()) or "none installed"
+            raise ComponentValidationError([(("type",), f"missing; choose a {self.kind}: {names}")])
+        name = cfg["type"]
+        if not isinstance(name, str):
+            raise ComponentValidationError([(("type",), f"must be a name, got {name!r}")])
+        try:
+            entry = self.get(name)
+        except RegistryError as exc:
+            raise ComponentValidationError([(("type",), str(exc))]) from None
+        params = {k: v for k, v in cfg.items() if k != "type"}
+        try:
+            model = entry.params.model_validate(params)  # type: ignore[union-attr]
+        except ValidationError as exc:
+            raise ComponentValidationError(flatten_validation_error(exc)) from None
+        return ComponentSpec(self.kind, name, model)
+
+    def build(self, cfg: Any, **runtime: Any) -> Any:
+        """Validate ``cfg`` if needed and call the factory with params and ``runtime``."""
+        spec = self.validate(cfg)
+        entry = self.get(spec.type)
+        kwargs = {k: getattr(spec.params, k) for k in type(spec.params).model_fields}
+        clash = sorted(kwargs.keys() & runtime.keys())
+        if clash:
+            raise RegistryError(
+                f"{self.kind} '{spec.type}': {', '.join(clash)} is set by the program and "
+                "cannot also be a config parameter"
+            )
+        return entry.factory(**kwargs, **runtime)  # type: ignore[misc]
+
+    def json_schema_union(self) -> Any:
+        """A type whose JSON Schema is the union of every loaded plugin's parameters."""
+        from typing import Literal, Union
+
+        from pydantic import create_model
+
+        variants = []
+        for entry in self:
+            self.load(entry)
+            if entry.params is None:
+                continue
+            variants.append(
+                create_model(
+                    f"{self.kind}_{entry.name}",
+                    __base__=entry.params,
+                    type=(Literal[entry.name], ...),  # type: ignore[valid-type]
+                )
+            )
+        if not variants:
+            return dict
+        return variants[0] if len(variants) == 1 else Union[tuple(variants)]  # type: ignore[return-value]
+
+
+REGISTRIES: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+
+
+def registry(kind: str) -> Registry:
+    """The registry of ``kind``; an unknown kind is an error listing the known ones."""
+    try:
+        return REGISTRIES[kind]
+    except KeyError:
+        raise RegistryError(f"unknown component kind '{kind}'; known kinds: {', '.join(REGISTRIES)}") from None
+
+
+def add_kind(kind: str) -> Registry:
+    """Create the registry for a new kind (for plugins that bring one)."""
+    return REGISTRIES.setdefault(kind, Registry(kind))
+
+
+def _discover() -> None:
+    # Imported here: plugins imports this module.
+    importlib.import_module("detkit.plugins").discover()
+
+
+class Component:
+    """Pydantic annotation: the field holds a component of ``kind``.
+
+    ``backbone: Annotated[ComponentSpec, Component("backbone")]`` accepts
+    ``{type: vgg16, ...}`` (or just ``vgg16``), validates it with that plugin's
+    model at load time, and dumps back to the same mapping.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        kind = self.kind
+
+        def validate(value: Any) -> ComponentSpec:
+            try:
+                return registry(kind).validate(value)
+            except ComponentValidationError as exc:
+                raise PydanticCustomError(
+                    "detkit_component", "{summary}", {"summary": str(exc), "detkit_errors": exc.errors}
+                ) from None
+
+        return core_schema.no_info_plain_validator_function(
+            validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda s: s.to_dict()),
+        )
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> Any:
+        union = registry(self.kind).json_schema_union()
+        return handler(TypeAdapter(union).core_schema)
+
+
+BackboneSpec = Annotated[ComponentSpec, Component("backbone")]
+ProposalGeneratorSpec = Annotated[ComponentSpec, Component("proposal_generator")]
+RoIHeadSpec = Annotated[ComponentSpec, Component("roi_head")]
+TargetCreatorSpec = Annotated[ComponentSpec, Component("target_creator")]
+LossSpec = Annotated[ComponentSpec, Component("loss")]
+DetectorSpec = Annotated[ComponentSpec, Component("detector")]
+TrainerSpec = Annotated[ComponentSpec, Component("trainer")]
+DatasetSpec = Annotated[ComponentSpec, Component("dataset")]
