@@ -1,0 +1,143 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A detkit checkpoint is a dict::
+
+    {"format": "detkit", "format_version": 1,
+     "model": state_dict, "config": {...resolved config...}, "classes": [...],
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": int, "step": int,
+     "metrics": {...}, "versions": {"detkit": ..., "torch": ..., ...}}
+
+Only ``model``, ``config`` and ``classes`` are required to predict.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+import detkit
+from detkit.errors import CheckpointError
+
+FORMAT = "detkit"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    return {
+        "detkit": detkit.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it.
+
+    A crash or a full disk leaves the previous file intact, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, **fields: Any) -> Path:
+    """Write a detkit checkpoint with ``fields`` (model, config, classes, ...)."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **fields}
+    return atomic_save(payload, path)
+
+
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load any ``torch.save`` file safely; a missing or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a detkit checkpoint and check it has what predicting needs."""
+    ckpt = load_file(path, map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a detkit checkpoint (for faster-rcnn-pytorch weights use `detkit import-weights`)"
+        )
+    missing = [k for k in ("model", "config", "classes") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer detkit (format {ckpt['format_version']}); upgrade detkit"
+        )
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists the mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (model expects {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def without_pretrained(section: Any) -> Any:
+    """A copy of a component mapping with every ``pretrained`` parameter cleared.
+
+    Weights about to be loaded from a checkpoint make ImageNet initialisation
+    pointless, and the file it named may not exist on this machine.
+    """
+    if isinstance(section, dict):
+        return {k: (None if k == "pretrained" else without_pretrained(v)) for k, v in section.items()}
+    if isinstance(section, list):
+        return [without_pretrained(v) for v in section]
+    return section
+
+
+def build_detector(config: dict[str, Any], classes: list[str]) -> torch.nn.Module:
+    """Build the detector of a resolved config's ``model`` section, for loading weights into."""
+    from detkit.registry import registry
+
+    return registry("detector").build(without_pretrained(config["model"]), num_classes=len(classes))
+
+
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu"):
+    """``(model, checkpoint)`` from a detkit checkpoint, the model in eval mode."""
+    ckpt = load_checkpoint(path, map_location)
+    model = build_detector(ckpt["config"], list(ckpt["classes"]))
+    load_model_state(model, ckpt["model"], str(path))
+    model.eval()
+    return model, ckpt
