@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detkit.data.config import DataConfig
 from detkit.engine.config import EvalConfig, TrainConfig
@@ -37,8 +37,10 @@ class Config(BaseModel):
     name: str | None = None
     model: DetectorSpec
     data: DataConfig
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    # Factories, not instances: a default trainer spec is validated (and its
+    # plugin imported) only when a config is loaded, not when this module is.
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,0 +1,199 @@
+"""The ``detkit`` command line.
+
+Every user error is a :class:`detkit.errors.DetkitError`; the command group
+below prints its message on one line and exits with its code (2 for config and
+usage errors).  ``--debug`` (or ``DETKIT_DEBUG=1``) shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from detkit.errors import DetkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+_state = {"debug": os.environ.get("DETKIT_DEBUG", "") not in ("", "0")}
+
+
+class _Group(TyperGroup):
+    """Turns DetkitError into one line on stderr and a non-zero exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DetkitError as exc:
+            if _state["debug"]:
+                err_console.print(traceback.format_exc(), markup=False, highlight=False)
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+def _typer(help: str) -> typer.Typer:
+    return typer.Typer(
+        cls=_Group,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+
+app = _typer("detkit: a plugin-based two-stage object-detection toolkit.")
+config_app = _typer("Validate, show and describe configs.")
+data_app = _typer("Make and inspect data sets.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config value: KEY.PATH=VALUE (VALUE read as YAML). Repeatable."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import detkit
+
+        console.print(f"detkit {detkit.__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+# --------------------------------------------------------------- list-plugins
+@app.command("list-plugins")
+def list_plugins(
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="Only this kind (backbone, detector, ...)."),
+    load: bool = typer.Option(False, "--load", help="Import every plugin to check that it loads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the installed components: kind, name, distribution, version, target, status."""
+    from detkit.plugins import all_entries, load_all
+    from detkit.registry import registry
+
+    if kind is not None:
+        registry(kind)  # unknown kind -> error listing the known ones
+    if load:
+        load_all()
+    entries = all_entries(kind)
+    rows = [
+        {
+            "kind": e.kind,
+            "name": e.name,
+            "distribution": e.provider.distribution or "-",
+            "version": e.provider.version or "-",
+            "target": e.provider.target,
+            "status": e.status,
+        }
+        for e in entries
+    ]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="detkit plugins", show_lines=False)
+    for col in ("kind", "name", "distribution", "version"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("target", overflow="fold")
+    table.add_column("status", overflow="fold")
+    styles = {"ok": "green", "not loaded": "dim"}
+    for row in rows:
+        style = styles.get(row["status"], "red" if row["status"].startswith(("failed", "conflict")) else "")
+        table.add_row(*(row[c] for c in ("kind", "name", "distribution", "version", "target")),
+                      f"[{style}]{_escape(row['status'])}[/]" if style else _escape(row["status"]))
+    console.print(table)
+    failed = sum(r["status"].startswith(("failed", "conflict")) for r in rows)
+    if failed:
+        err_console.print(f"{failed} plugin(s) failed to load or conflict; see the status column.",
+                          markup=False, highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# --------------------------------------------------------------------- config
+@config_app.command("validate")
+def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
+    """Check a config; prints 'ok' or the invalid fields with their paths."""
+    from detkit.config import load_config
+
+    load_config(path, overrides or [])
+    console.print(f"{path}: ok", markup=False, highlight=False)
+
+
+@config_app.command("show")
+def config_show(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
+    """Print the config with every default filled in, as YAML."""
+    from detkit.config import load_config
+
+    cfg = load_config(path, overrides or [])
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of configs (with every installed plugin's parameters)."""
+    from detkit.config import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------- train
+@app.command("train")
+def train(
+    config: Path = typer.Argument(..., help="Config file, e.g. configs/quickstart.yaml."),
+    overrides: Optional[List[str]] = SetOption,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this checkpoint (e.g. runs/x/last.pt)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out_dir)."),
+) -> None:
+    """Train a detector as the config describes."""
+    from detkit.config import load_config
+    from detkit.engine.train import train as run_training
+
+    cfg = load_config(config, overrides or [])
+    run_training(cfg, config_path=config, resume=resume, out_dir=out_dir)
+
+
+# ----------------------------------------------------------------------- eval
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A detkit checkpoint (best.pt, last.pt)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config to take the data from (default: the checkpoint's)."),
+    overrides: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+) -> None:
+    """Evaluate a checkpoint on the validation split (VOC mAP)."""
+    from detkit.engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(checkpoint, config_path=config, overrides=overrides or [], out=out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="detkit")
+
+
+if __name__ == "__main__":
+    main()
