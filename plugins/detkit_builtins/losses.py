@@ -1,0 +1,74 @@
+"""The Faster R-CNN losses: smooth L1 on box deltas, cross entropy on class logits.
+
+Both are computed in float32 (predictions made under autocast arrive in
+float16/bfloat16) and never divide by zero: a batch without positives, or
+without any non-ignored row, gives a loss of 0 rather than NaN.  Counts stay
+tensors so nothing synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from detkit.interfaces import Loss
+
+
+class SmoothL1Loss(Loss):
+    """Smooth L1 over the rows whose label is positive, per positive row.
+
+    ``forward(pred [M, 4], target [M, 4], labels [M]) -> scalar``:
+    ``sum_{labels > 0} sum_4 f(pred - target) / max(#(labels > 0), 1)`` with
+    ``f(x) = 0.5 (sigma x)^2`` if ``|x| < 1 / sigma^2`` else ``|x| - 0.5 / sigma^2``
+    (the Fast R-CNN loss; ``sigma = 3`` is the usual RPN choice, 1 for the head).
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        sigma: float = Field(1.0, gt=0, description="transition point is 1 / sigma^2")
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        self.sigma = float(sigma)
+
+    def forward(self, pred: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+        sigma2 = self.sigma**2
+        diff = (pred.float() - target.float()).abs()
+        per_coord = torch.where(diff < 1.0 / sigma2, 0.5 * sigma2 * diff**2, diff - 0.5 / sigma2)
+        positive = labels > 0
+        # where(), not a product with the mask: a non-finite prediction on an
+        # ignored row must not turn the loss into NaN.
+        per_row = torch.where(positive, per_coord.sum(dim=-1), per_coord.new_zeros(()))
+        return per_row.sum() / positive.sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"
+
+
+class CrossEntropyLoss(Loss):
+    """Softmax cross entropy, averaged over the rows whose label is not ``ignore_index``.
+
+    ``forward(logits [M, K], labels [M] int64) -> scalar``; 0 when every row is ignored.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        ignore_index: int = Field(-1, description="label of rows that do not count")
+
+    def __init__(self, ignore_index: int = -1):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        total = F.cross_entropy(
+            logits.float(), labels, ignore_index=self.ignore_index, reduction="sum"
+        )
+        # F.cross_entropy's "mean" is NaN when every row is ignored.
+        return total / (labels != self.ignore_index).sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}"
