@@ -36,12 +36,13 @@ class SmoothL1Loss(Loss):
 
     def forward(self, pred: Tensor, target: Tensor, labels: Tensor) -> Tensor:
         sigma2 = self.sigma**2
-        diff = (pred.float() - target.float()).abs()
-        per_coord = torch.where(diff < 1.0 / sigma2, 0.5 * sigma2 * diff**2, diff - 0.5 / sigma2)
         positive = labels > 0
-        # where(), not a product with the mask: a non-finite prediction on an
-        # ignored row must not turn the loss into NaN.
-        per_row = torch.where(positive, per_coord.sum(dim=-1), per_coord.new_zeros(()))
+        # Mask before the non-linearity (not after, not by a product): a
+        # non-finite prediction on an ignored row must leak NaN into neither
+        # the loss nor the gradient.
+        diff = torch.where(positive[:, None], pred.float() - target.float(), 0.0).abs()
+        per_coord = torch.where(diff < 1.0 / sigma2, 0.5 * sigma2 * diff**2, diff - 0.5 / sigma2)
+        per_row = per_coord.sum(dim=-1)
         return per_row.sum() / positive.sum().clamp(min=1)
 
     def extra_repr(self) -> str:
