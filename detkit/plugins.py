@@ -19,6 +19,7 @@ components that ship with detkit are always available.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 
@@ -66,17 +67,26 @@ def discover(force: bool = False) -> None:
         seen: set[tuple[str | None, str]] = set()
         for ep in entrypoints.get_group_all(GROUP_PREFIX + kind):
             dist = ep.distro
-            dist_name = dist.name if dist is not None else None
-            if allowed is not None and _normalise(dist_name or "") not in allowed:
+            # dist-info folders spell names with underscores; show the project name.
+            dist_name = _normalise(dist.name) if dist is not None else None
+            if allowed is not None and (dist_name or "") not in allowed:
                 continue
             target = f"{ep.module_name}:{ep.object_name}" if ep.object_name else ep.module_name
             # The same distribution can appear twice on sys.path (an editable
             # install and a copy); the first one wins, as for imports.
-            key = (_normalise(dist_name) if dist_name else None, ep.name)
+            key = (dist_name, ep.name)
             if key in seen:
                 continue
             seen.add(key)
-            provider = Provider(dist_name, dist.version if dist is not None else None, target)
+            version = dist.version if dist is not None else None
+            if dist_name and not version:
+                # An .egg-info folder (a source checkout on sys.path) carries no
+                # version in its name; ask the installed metadata instead.
+                try:
+                    version = importlib.metadata.version(dist_name)
+                except importlib.metadata.PackageNotFoundError:
+                    version = None
+            provider = Provider(dist_name, version, target)
             reg.add_lazy(ep.name, provider, ep.load)
 
 

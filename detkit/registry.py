@@ -272,7 +272,7 @@ class Registry:
             raise ComponentValidationError([(("type",), f"must be a name, got {name!r}")])
         try:
             entry = self.get(name)
-        except RegistryError as exc:
+        except (RegistryError, PluginLoadError) as exc:
             raise ComponentValidationError([(("type",), str(exc))]) from None
         params = {k: v for k, v in cfg.items() if k != "type"}
         try:
