@@ -51,12 +51,23 @@ class _FrozenBNMixin:
 
 
 class TailSequential(_FrozenBNMixin, nn.Sequential):
-    """The RoI tail of a backbone: an ``nn.Sequential`` whose frozen BN stays frozen.
+    """The RoI tail of a backbone: ``[R, C, s, s] -> [R, out_features]``.
 
-    The tail is owned by the RoI head (its parameters live under
-    ``head.classifier``), so it keeps its own frozen-BN state instead of
-    relying on the backbone's ``train()``.
+    An ``nn.Sequential`` (so its layers keep the reference checkpoint's
+    indices) that flattens its input first when ``flatten_input`` is set and
+    always flattens its output.  The tail is owned by the RoI head (its
+    parameters live under ``head.classifier``), so it keeps its own frozen-BN
+    state instead of relying on the backbone's ``train()``.
     """
+
+    def __init__(self, *layers: nn.Module, flatten_input: bool = False):
+        super().__init__(*layers)
+        self.flatten_input = flatten_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten_input:
+            x = x.flatten(1)
+        return super().forward(x).flatten(1)
 
 
 class FreezableBNBackbone(_FrozenBNMixin, Backbone):

@@ -65,9 +65,9 @@ class TinyBackbone(FreezableBNBackbone):
         self.tail_features = tail_features
         self._set_tail(
             TailSequential(
-                nn.Flatten(1),
                 nn.Linear(channels[-1] * roi_size * roi_size, tail_features),
                 nn.ReLU(inplace=True),
+                flatten_input=True,
             )
         )
         if freeze_stages:

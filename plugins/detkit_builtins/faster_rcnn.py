@@ -1,0 +1,356 @@
+"""The Faster R-CNN detector: backbone + RPN + RoI head, with end-to-end ``predict``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.ops import batched_nms
+from torchvision.transforms.v2 import functional as TF
+
+from detkit import boxes as box_ops
+from detkit.errors import CheckpointError
+from detkit.interfaces import Detector, RPNOutput
+from detkit.registry import BackboneSpec, ProposalGeneratorSpec, RoIHeadSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PreprocessParams(BaseModel):
+    """How ``predict`` resizes and normalises images (the detector's ``preprocess`` section).
+
+    The shorter side becomes ``min_size`` and the longer side is scaled by the
+    same factor and truncated to an integer; when that would exceed
+    ``max_size`` the longer side becomes ``max_size`` instead (``null``: no cap).
+    ``backend: pil`` resizes 8-bit images with PIL, bit-exact with pipelines
+    that do so; ``torch`` uses torchvision's antialiased resize on the tensor.
+    ``mean``/``std`` normalise 0..1 pixels inside the detector.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_size: int = Field(600, gt=0)
+    max_size: int | None = Field(1000, gt=0)
+    resample: Literal["bicubic", "bilinear"] = "bicubic"
+    backend: Literal["torch", "pil"] = "torch"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """``(h, w)`` with the shorter side ``min_size`` (or the longer ``max_size``), truncated."""
+    short, long = (height, width) if height <= width else (width, height)
+    if max_size is not None and long * min_size > max_size * short:
+        new_long, new_short = max_size, int(short * max_size / long)
+    else:
+        new_short, new_long = min_size, int(long * min_size / short)
+    new_short = max(new_short, 1)
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+class FasterRCNN(Detector):
+    """Faster R-CNN (Ren et al., 2015) assembled from registered components.
+
+    ``forward(images [N, 3, H, W] 0..1)`` -> ``(roi_cls_locs [R, (C+1)*4],
+    roi_scores [R, C+1], rois [R, 4], roi_indices [R])``; the ``extractor``,
+    ``rpn`` and ``head`` modes run one stage each (what a trainer calls).
+    ``predict(list of [3, H, W])`` returns detections in original pixels.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        backbone: BackboneSpec = Field(default_factory=lambda: {"type": "vgg16"}, validate_default=True)
+        rpn: ProposalGeneratorSpec = Field(default_factory=lambda: {"type": "rpn"}, validate_default=True)
+        roi_head: RoIHeadSpec = Field(
+            default_factory=lambda: {"type": "roi_head"}, validate_default=True
+        )
+        loc_normalize_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+        preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+        score_thresh: float = Field(0.5, ge=0.0, le=1.0)
+        nms_iou: float = Field(0.3, gt=0.0, le=1.0)
+        max_detections: int | None = Field(100, gt=0, description="per image; null = no cap")
+        clip_detections: bool = Field(True, description="clip final boxes to the image")
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: Any = "vgg16",
+        rpn: Any = "rpn",
+        roi_head: Any = "roi_head",
+        loc_normalize_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        preprocess: PreprocessParams | Mapping[str, Any] | None = None,
+        score_thresh: float = 0.5,
+        nms_iou: float = 0.3,
+        max_detections: int | None = 100,
+        clip_detections: bool = True,
+    ):
+        super().__init__()
+        from detkit.registry import registry
+
+        self.num_classes = num_classes
+        self.loc_normalize_std = tuple(float(s) for s in loc_normalize_std)
+        if not isinstance(preprocess, PreprocessParams):
+            preprocess = PreprocessParams.model_validate(dict(preprocess or {}))
+        self.preprocess = preprocess
+        self.score_thresh, self.nms_iou = score_thresh, nms_iou
+        self.max_detections, self.clip_detections = max_detections, clip_detections
+
+        self.extractor = registry("backbone").build(backbone)
+        stride = int(self.extractor.stride)
+        self.rpn = registry("proposal_generator").build(
+            rpn, in_channels=self.extractor.out_channels, feat_stride=stride
+        )
+        self.head = registry("roi_head").build(
+            roi_head,
+            num_classes=num_classes,
+            in_channels=self.extractor.out_channels,
+            tail=self.extractor.roi_tail(),
+            feat_stride=stride,
+        )
+        # Non-persistent: they come from the config, not from trained weights.
+        self.register_buffer("pixel_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        self._feature_sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    def forward(self, x: Tensor, mode: str = "forward", **kw: Any) -> Any:
+        if mode == "extractor":
+            return self.extractor(self.normalize(x))
+        if mode == "rpn":
+            return self._rpn(x, kw.get("image_sizes"), kw.get("scale", 1.0))
+        if mode == "head":
+            return self.head(x, kw["rois"], kw["roi_indices"], tuple(kw["input_size"]))
+        if mode == "forward":
+            input_size = (int(x.shape[-2]), int(x.shape[-1]))
+            features = self.extractor(self.normalize(x))
+            out = self._rpn(features, kw.get("image_sizes"), kw.get("scale", 1.0), x.shape[0], input_size)
+            roi_cls_locs, roi_scores = self.head(features, out.rois, out.roi_indices, input_size)
+            return roi_cls_locs, roi_scores, out.rois, out.roi_indices
+        raise ValueError(f"unknown mode {mode!r}; expected forward, extractor, rpn or head")
+
+    def _rpn(
+        self,
+        features: Tensor,
+        image_sizes: Tensor | None,
+        scale: float | Tensor,
+        n: int | None = None,
+        input_size: tuple[int, int] | None = None,
+    ) -> RPNOutput:
+        if image_sizes is None:
+            if input_size is None:
+                raise ValueError("mode='rpn' needs image_sizes ([N, 2] true (h, w) of each image)")
+            n = features.shape[0] if n is None else n
+            image_sizes = torch.tensor([input_size], device=features.device).expand(n, 2)
+        return self.rpn(features, image_sizes, scale)
+
+    # ----------------------------------------------------------------- anchors
+    def feature_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """The backbone's ``(h, w)`` output for an ``(H, W)`` input, computed without data."""
+        key = (int(input_size[0]), int(input_size[1]))
+        if key not in self._feature_sizes:
+            # Shape propagation on the meta device: no memory, no FLOPs.
+            state = {k: v.to("meta") for k, v in self.extractor.state_dict(keep_vars=True).items()}
+            x = torch.empty(1, 3, *key, device="meta")
+            out = torch.func.functional_call(self.extractor, state, (x,))
+            self._feature_sizes[key] = (int(out.shape[-2]), int(out.shape[-1]))
+        return self._feature_sizes[key]
+
+    def anchors(self, input_size: tuple[int, int]) -> Tensor:
+        """``[A, 4]`` anchors, in input pixels, for an ``(H, W)`` network input."""
+        fh, fw = self.feature_size(input_size)
+        return self.rpn.anchors(fh, fw, self.device)
+
+    # ----------------------------------------------------------------- predict
+    def _prepare(self, image: Tensor) -> Tensor:
+        """``[3, H, W]`` uint8 or float image -> same dtype with exactly 3 channels."""
+        if image.dim() == 2:
+            image = image.unsqueeze(0)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        elif image.shape[0] == 4:  # RGBA: drop alpha as PIL's convert("RGB") does
+            image = image[:3]
+        if image.shape[0] != 3:
+            raise ValueError(f"expected a [3, H, W] image, got shape {tuple(image.shape)}")
+        return image
+
+    def _resize(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """Resize a ``[3, H, W]`` image to ``size`` and return float32 0..1."""
+        p = self.preprocess
+        if p.backend == "pil":
+            if image.dtype != torch.uint8:
+                image = (image.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+            pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+            resample = Image.BICUBIC if p.resample == "bicubic" else Image.BILINEAR
+            pil = pil.resize((size[1], size[0]), resample)
+            arr = np.asarray(pil, dtype=np.float32) / 255.0
+            return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        interp = TF.InterpolationMode.BICUBIC if p.resample == "bicubic" else TF.InterpolationMode.BILINEAR
+        if tuple(image.shape[-2:]) != tuple(size):
+            image = TF.resize(image, list(size), interpolation=interp, antialias=True)
+        if image.dtype == torch.uint8:
+            return image.float() / 255.0
+        return image.float().clamp(0.0, 1.0)  # bicubic overshoots on float input
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Sequence[Tensor],
+        score_thresh: float | None = None,
+        nms_iou: float | None = None,
+        resize: bool = True,
+    ) -> list[dict[str, Tensor]]:
+        """Detect objects in images of any size, in one batched pass.
+
+        ``images``: ``[3, H, W]`` tensors, float 0..1 or uint8.  Returns per
+        image ``{"boxes" float32 [K, 4] in original pixels, "scores" [K],
+        "labels" int64 [K] in 0..C-1}``.  ``resize=False`` feeds the images as
+        they are (already at network size).
+        """
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_iou = self.nms_iou if nms_iou is None else nms_iou
+        if len(images) == 0:
+            return []
+        device = self.device
+        orig_sizes, batch = [], []
+        for image in images:
+            image = self._prepare(image)
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            orig_sizes.append((h, w))
+            if resize:
+                size = resized_size(h, w, self.preprocess.min_size, self.preprocess.max_size)
+                batch.append(self._resize(image, size))
+            elif image.dtype == torch.uint8:
+                batch.append(image.float() / 255.0)
+            else:
+                batch.append(image.float())
+        sizes = [tuple(b.shape[-2:]) for b in batch]
+        H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        x = torch.zeros(len(batch), 3, H, W, device=device)
+        for i, b in enumerate(batch):
+            x[i, :, : b.shape[1], : b.shape[2]].copy_(b)
+        image_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
+        orig = torch.tensor(orig_sizes, dtype=torch.float32, device=device)
+
+        was_training = self.training
+        self.eval()
+        try:
+            roi_cls_locs, roi_scores, rois, roi_indices = self(x, image_sizes=image_sizes, scale=1.0)
+        finally:
+            self.train(was_training)
+        return self.postprocess(
+            roi_cls_locs, roi_scores, rois, roi_indices, image_sizes, orig, len(batch), score_thresh, nms_iou
+        )
+
+    def postprocess(
+        self,
+        roi_cls_locs: Tensor,
+        roi_scores: Tensor,
+        rois: Tensor,
+        roi_indices: Tensor,
+        image_sizes: Tensor,
+        orig_sizes: Tensor,
+        num_images: int,
+        score_thresh: float,
+        nms_iou: float,
+    ) -> list[dict[str, Tensor]]:
+        """Decode, threshold and NMS the head's outputs for a whole batch at once.
+
+        ``image_sizes``/``orig_sizes``: ``[N, 2]`` (h, w) of each network input
+        and original image.  NMS runs per (image, class) in one ``batched_nms``.
+        """
+        c = self.num_classes
+        r = rois.shape[0]
+        locs = roi_cls_locs.float().view(r, c + 1, 4)[:, 1:]
+        boxes = box_ops.decode(rois.float().unsqueeze(1), locs, self.loc_normalize_std)  # [R, C, 4]
+        sizes = image_sizes.to(boxes.dtype)[roi_indices]  # [R, 2]
+        if self.clip_detections:
+            boxes = box_ops.clip(boxes, sizes[:, 0:1], sizes[:, 1:2])
+        # Back to original pixels: x by orig_w / input_w, y by orig_h / input_h.
+        ratio = orig_sizes.to(boxes.dtype)[roi_indices] / sizes  # [R, 2] (h, w)
+        boxes = boxes * ratio[:, [1, 0, 1, 0]].unsqueeze(1)
+        probs = F.softmax(roi_scores.float(), dim=-1)[:, 1:]  # [R, C]
+
+        labels = torch.arange(c, device=boxes.device).expand(r, c)
+        image_idx = roi_indices.unsqueeze(1).expand(r, c)
+        keep = probs > score_thresh
+        boxes, scores, labels, image_idx = boxes[keep], probs[keep], labels[keep], image_idx[keep]
+        keep = batched_nms(boxes, scores, image_idx * c + labels, nms_iou)  # best first
+        # Group by image (stable: still best first) and cap each image's count.
+        order = torch.sort(image_idx[keep], stable=True).indices
+        keep = keep[order]
+        counts = torch.bincount(image_idx[keep], minlength=num_images)
+        if self.max_detections is not None:
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(keep.numel(), device=keep.device) - starts[image_idx[keep]]
+            keep = keep[rank < self.max_detections]
+            counts = counts.clamp(max=self.max_detections)
+        # One transfer of N counts to split the flat result into per-image lists.
+        splits = counts.tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": l}
+            for b, s, l in zip(
+                boxes[keep].split(splits), scores[keep].split(splits), labels[keep].split(splits)
+            )
+        ]
+
+    # ------------------------------------------------------------------ import
+    def import_state_dict(self, state_dict: Mapping[str, Tensor], source: str = "faster-rcnn-pytorch") -> None:
+        """Load weights saved by another implementation (``source``) into this model.
+
+        ``faster-rcnn-pytorch``: ``extractor.*`` is the backbone trunk (an
+        ``nn.Sequential``), ``rpn.{conv1,score,loc}``, ``head.classifier.*``
+        (the RoI tail), ``head.{cls_loc,score}``.  Missing or unexpected keys and
+        wrong shapes raise a CheckpointError listing them.
+        """
+        if source != "faster-rcnn-pytorch":
+            raise CheckpointError(f"unknown checkpoint source {source!r}; supported: faster-rcnn-pytorch")
+        trunk = getattr(self.extractor, "trunk_name", None)
+        if trunk is None:
+            raise CheckpointError(
+                f"backbone {type(self.extractor).__name__} has no faster-rcnn-pytorch layout "
+                "(use vgg16 or resnet50)"
+            )
+
+        def to_ours(key: str) -> str:
+            if key.startswith("extractor."):
+                return f"extractor.{trunk}." + key[len("extractor."):]
+            return key
+
+        def to_theirs(key: str) -> str:
+            prefix = f"extractor.{trunk}."
+            return "extractor." + key[len(prefix):] if key.startswith(prefix) else key
+
+        mapped = {to_ours(k): v for k, v in state_dict.items()}
+        own = self.state_dict()
+        missing = sorted(to_theirs(k) for k in own.keys() - mapped.keys())
+        unexpected = sorted(to_theirs(k) for k in mapped.keys() - own.keys())
+        wrong = sorted(
+            f"{to_theirs(k)} {tuple(mapped[k].shape)} (expected {tuple(own[k].shape)})"
+            for k in own.keys() & mapped.keys()
+            if tuple(getattr(mapped[k], "shape", ())) != tuple(own[k].shape)
+        )
+        problems = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+                problems.append(f"{label}: {shown}")
+        if problems:
+            raise CheckpointError(
+                f"{source} checkpoint does not fit this model ({type(self.extractor).__name__}, "
+                f"{self.num_classes} classes); " + "; ".join(problems)
+            )
+        self.load_state_dict(mapped, strict=True)
