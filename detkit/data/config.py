@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from detkit.registry import DatasetSpec
 
@@ -23,12 +23,25 @@ class TransformConfig(BaseModel):
         None, description="random factor range applied to min_size (train)"
     )
 
+    @model_validator(mode="after")
+    def _ranges(self) -> "TransformConfig":
+        if self.fixed_size is not None and min(self.fixed_size) <= 0:
+            raise ValueError(f"fixed_size {self.fixed_size}: both sides must be > 0")
+        if self.scale_jitter is not None and not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
+            raise ValueError(f"scale_jitter {self.scale_jitter}: need 0 < low <= high")
+        return self
+
 
 class DataConfig(BaseModel):
+    """Which data sets to read and how to batch them."""
+
     model_config = ConfigDict(extra="forbid")
 
     train: DatasetSpec
     val: DatasetSpec | None = None
     batch_size: int = Field(1, gt=0)
     num_workers: int = Field(0, ge=0)
+    size_divisor: int = Field(
+        0, ge=0, description="pad batches up to a multiple of this (e.g. the backbone stride); 0 = none"
+    )
     transforms: TransformConfig = TransformConfig()
