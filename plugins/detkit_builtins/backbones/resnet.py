@@ -1,0 +1,97 @@
+"""ResNet50 backbone (He et al., 2016) cut after layer3, with layer4 as the RoI tail."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torchvision.models import resnet50
+from torchvision.models.resnet import Bottleneck
+
+from detkit.interfaces import RoITail
+
+from detkit_builtins.backbones.common import (
+    FreezableBNBackbone,
+    TailSequential,
+    freeze_modules,
+    load_torchvision_weights,
+    resolve_pretrained,
+)
+
+WEIGHTS_FILE = "resnet50-0676ba61.pth"  # torchvision's ImageNet weights (IMAGENET1K_V1)
+
+
+def _move_stride_to_1x1(layer: nn.Sequential) -> None:
+    """Put a down-sampling bottleneck's stride on its first 1x1 conv (the Caffe/MSRA layout)."""
+    for block in layer:
+        assert isinstance(block, Bottleneck)
+        if block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+class ResNet50Backbone(FreezableBNBackbone):
+    """``conv1 .. layer3`` of ResNet50: ``[N, 3, H, W] -> [N, 1024, ~H/16, ~W/16]``.
+
+    The RoI tail is ``layer4`` + global average pooling on 14x14 pooled
+    features: ``[R, 1024, 14, 14] -> [R, 2048]``.  Stages for
+    ``freeze_stages``: 1 = stem (conv1, bn1), 2 = layer1, 3 = layer2,
+    4 = layer3.  ``freeze_bn`` (default on: detection batches are too small
+    for batch statistics) keeps every BatchNorm, the tail's included, in eval
+    mode with frozen affine parameters.  ``stride_in_1x1`` and
+    ``maxpool_ceil_mode``/``maxpool_padding`` (``true``/``0`` in the
+    faster-rcnn-pytorch layout) change only strides and padding, so
+    torchvision's ImageNet weights load either way.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        pretrained: str | bool | None = None
+        freeze_stages: int = Field(0, ge=0, le=4)
+        freeze_bn: bool = True
+        stride_in_1x1: bool = False
+        maxpool_ceil_mode: bool = False
+        maxpool_padding: int = Field(1, ge=0, le=1)
+
+    out_channels = 1024
+    stride = 16
+    trunk_name = "features"  # the faster-rcnn-pytorch ``extractor`` Sequential
+
+    def __init__(
+        self,
+        pretrained: str | bool | None = None,
+        freeze_stages: int = 0,
+        freeze_bn: bool = True,
+        stride_in_1x1: bool = False,
+        maxpool_ceil_mode: bool = False,
+        maxpool_padding: int = 1,
+    ):
+        super().__init__()
+        net = resnet50(weights=None)
+        path = resolve_pretrained(pretrained, WEIGHTS_FILE, "resnet50")
+        if path is not None:
+            load_torchvision_weights(net, path, "resnet50")
+        if stride_in_1x1:
+            for layer in (net.layer2, net.layer3, net.layer4):
+                _move_stride_to_1x1(layer)
+        net.maxpool = nn.MaxPool2d(3, stride=2, padding=maxpool_padding, ceil_mode=maxpool_ceil_mode)
+        self.features = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
+        )
+        self._set_tail(TailSequential(net.layer4, nn.AdaptiveAvgPool2d(1)))
+        if freeze_stages:
+            self.freeze_stages(freeze_stages)
+        if freeze_bn:
+            self.freeze_bn()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def roi_tail(self) -> RoITail:
+        return RoITail(self._tail, 14, 2048)
+
+    def freeze_stages(self, n: int) -> None:
+        """Freeze the stem (1), then layer1 (2), layer2 (3), layer3 (4)."""
+        if not 0 <= n <= 4:
+            raise ValueError(f"freeze_stages must be in 0..4, got {n}")
+        stages = [self.features[0:2], self.features[4], self.features[5], self.features[6]]
+        freeze_modules(stages[:n])
