@@ -1,0 +1,132 @@
+"""Region proposal network and proposal creator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from detkit.interfaces import RPNOutput
+from detkit.registry import registry
+from detkit_builtins.rpn import ProposalCreator, RegionProposalNetwork
+
+
+def creator(**kw) -> ProposalCreator:
+    pc = ProposalCreator(**kw)
+    return pc.eval()
+
+
+def test_hand_computed_decode_clip_min_size_and_order():
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 20.0, 20.0],  # moved right by 0.5 * 20 = 10 px -> [10, 0, 30, 20]
+            [40.0, 40.0, 60.0, 60.0],  # grows x2 around its centre -> [30, 30, 70, 70], clipped to 64
+            [0.0, 0.0, 10.0, 10.0],  # 10 px < min_size 16: dropped
+        ]
+    )
+    locs = torch.tensor([[[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.6931472, 0.6931472], [0.0, 0.0, 0.0, 0.0]]])
+    scores = torch.tensor([[0.2, 0.9, 0.99]])
+    sizes = torch.tensor([[64, 64]])
+    rois, idx = creator()(locs, scores, anchors, sizes)
+    expected = torch.tensor([[30.0, 30.0, 64.0, 64.0], [10.0, 0.0, 30.0, 20.0]])  # best first
+    assert torch.allclose(rois, expected, atol=1e-4)
+    assert idx.tolist() == [0, 0] and idx.dtype == torch.int64
+
+
+def test_min_size_scales_with_scale_argument_per_image():
+    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0]])
+    locs = torch.zeros(2, 1, 4)
+    scores = torch.ones(2, 1)
+    sizes = torch.tensor([[100, 100], [100, 100]])
+    # min size 16 * 2 = 32 > 20 for image 1 only.
+    rois, idx = creator()(locs, scores, anchors, sizes, scale=torch.tensor([1.0, 2.0]))
+    assert idx.tolist() == [0]
+    rois, idx = creator()(locs, scores, anchors, sizes, scale=2.0)
+    assert rois.shape == (0, 4)
+
+
+def test_nms_and_topk_limits():
+    # Five nearly identical boxes and one apart; NMS leaves two; post_nms=1 leaves the best.
+    anchors = torch.tensor(
+        [[0.0, 0, 32, 32], [1.0, 0, 33, 32], [0.0, 1, 32, 33], [1.0, 1, 33, 33], [2.0, 2, 34, 34], [60.0, 60, 92, 92]]
+    )
+    locs = torch.zeros(1, 6, 4)
+    scores = torch.tensor([[0.5, 0.6, 0.7, 0.8, 0.9, 0.1]])
+    sizes = torch.tensor([[100, 100]])
+    rois, _ = creator()(locs, scores, anchors, sizes)
+    assert torch.allclose(rois, anchors[[4, 5]])
+    rois, _ = creator(test_post_nms=1)(locs, scores, anchors, sizes)
+    assert torch.allclose(rois, anchors[[4]])
+    # pre_nms=2 keeps only the two best before NMS: both overlap, one survives.
+    rois, _ = creator(test_pre_nms=2)(locs, scores, anchors, sizes)
+    assert torch.allclose(rois, anchors[[4]])
+
+
+def test_train_and_test_counts_follow_module_mode():
+    pc = ProposalCreator(train_post_nms=2, test_post_nms=1)
+    anchors = torch.tensor([[0.0, 0, 20, 20], [50.0, 50, 70, 70], [0.0, 50, 20, 70]])
+    args = (torch.zeros(1, 3, 4), torch.tensor([[0.3, 0.2, 0.1]]), anchors, torch.tensor([[100, 100]]))
+    assert pc.train()(*args)[0].shape[0] == 2
+    assert pc.eval()(*args)[0].shape[0] == 1
+
+
+@pytest.fixture
+def rpn() -> RegionProposalNetwork:
+    torch.manual_seed(0)
+    net = registry("proposal_generator").build(
+        {"type": "rpn", "mid_channels": 16, "proposal": {"test_pre_nms": 200, "test_post_nms": 30}},
+        in_channels=8,
+        feat_stride=16,
+    )
+    # Larger weights than the 0.01 init so that deltas and scores vary.
+    for p in net.parameters():
+        p.data.normal_(0, 0.3)
+    return net.eval()
+
+
+def test_rpn_output_shapes_and_invariants(rpn):
+    feats = torch.randn(2, 8, 6, 8)
+    sizes = torch.tensor([[96, 128], [70, 90]])
+    out = rpn(feats, sizes)
+    assert isinstance(out, RPNOutput)
+    assert out.locs.shape == (2, 6 * 8 * 9, 4) and out.scores.shape == (2, 6 * 8 * 9, 2)
+    assert out.anchors.shape == (6 * 8 * 9, 4)
+    assert out.rois.shape[0] == out.roi_indices.shape[0] > 0
+    for i in range(2):
+        r = out.rois[out.roi_indices == i]
+        h, w = sizes[i].tolist()
+        assert 0 < r.shape[0] <= 30
+        assert (r[:, 0] >= 0).all() and (r[:, 2] <= w).all() and (r[:, 1] >= 0).all() and (r[:, 3] <= h).all()
+        assert ((r[:, 2] - r[:, 0]) >= 16).all() and ((r[:, 3] - r[:, 1]) >= 16).all()
+        iou = box_iou(r, r).fill_diagonal_(0)
+        assert iou.max() <= 0.7 + 1e-6
+    # grouped by image in batch order
+    assert (out.roi_indices.diff() >= 0).all()
+
+
+def test_rpn_batch_independence(rpn):
+    feats = torch.randn(3, 8, 6, 8)
+    sizes = torch.tensor([[96, 128], [70, 90], [96, 100]])
+    batch = rpn(feats, sizes)
+    for i in range(3):
+        alone = rpn(feats[i : i + 1], sizes[i : i + 1])
+        # Convolutions may round differently for a batch of 1: compare closely, not bitwise.
+        mine = batch.rois[batch.roi_indices == i]
+        assert mine.shape == alone.rois.shape
+        assert torch.allclose(mine, alone.rois, atol=1e-3)
+    # The proposal creator itself is exactly independent of the other images.
+    pc = rpn.proposal_creator
+    fg = torch.softmax(batch.scores, -1)[..., 1]
+    rois, idx = pc(batch.locs, fg, batch.anchors, sizes)
+    for i in range(3):
+        alone, _ = pc(batch.locs[i : i + 1], fg[i : i + 1], batch.anchors, sizes[i : i + 1])
+        assert torch.equal(rois[idx == i], alone)
+
+
+def test_rpn_layout_matches_reference_reshape(rpn):
+    # Channel k*2+j of the score conv at cell (y, x) is anchor (y*W + x)*9 + k, class j.
+    feats = torch.randn(1, 8, 3, 4)
+    out = rpn(feats, torch.tensor([[48, 64]]))
+    raw = rpn.score(torch.relu(rpn.conv1(feats)))
+    y, x, k = 2, 1, 5
+    assert torch.allclose(out.scores[0, (y * 4 + x) * 9 + k], raw[0, 2 * k : 2 * k + 2, y, x])
