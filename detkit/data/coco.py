@@ -1,0 +1,127 @@
+"""COCO-format data sets: an image directory and an instances JSON file.
+
+Category ids become contiguous labels ``0..C-1`` in sorted id order and the
+class names come from the categories.  Boxes ``[x, y, w, h]`` become xyxy.
+Crowd annotations are kept only with ``use_crowd`` and are then flagged
+``difficult`` (evaluation ignores them).  Images without annotations stay.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from detkit.data.image import image_size, load_image
+from detkit.errors import DataError
+from detkit.interfaces import DetectionDataset
+
+
+def _require(cond: bool, path: Path, field: str, problem: str) -> None:
+    if not cond:
+        raise DataError(f"{path}: {field}: {problem}")
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """The parsed instances file, with its top-level structure checked."""
+    if not path.is_file():
+        raise DataError(f"{path}: COCO annotation file not found (annotations: should name an instances_*.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    _require(isinstance(data, dict), path, "<root>", "expected an object with images, annotations, categories")
+    for key in ("images", "categories"):
+        _require(isinstance(data.get(key), list), path, key, "missing or not a list")
+    _require(isinstance(data.get("annotations", []), list), path, "annotations", "not a list")
+    return data
+
+
+class COCODataset(DetectionDataset):
+    """A COCO-format split; ``dataset[i] -> (image [3, H, W], target)``, images in id order."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        root: str = Field(description="directory the images' file_name is relative to")
+        annotations: str = Field(description="instances JSON file")
+        use_crowd: bool = Field(
+            False, description="keep iscrowd boxes (flagged difficult); set true for evaluation splits"
+        )
+
+    def __init__(self, **params: Any):
+        p = self.params = self.Params(**params)
+        self.root = Path(p.root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: COCO image directory not found (root:)")
+        path = Path(p.annotations).expanduser()
+        data = read_coco_json(path)
+
+        cats = data["categories"]
+        for k, c in enumerate(cats):
+            _require(isinstance(c, dict) and isinstance(c.get("id"), int), path, f"categories[{k}].id", "missing or not an int")
+            _require(isinstance(c.get("name"), str), path, f"categories[{k}].name", "missing or not a string")
+        cats = sorted(cats, key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in cats]
+        _require(len(set(self.category_ids)) == len(cats), path, "categories", "duplicate ids")
+        self.classes = [c["name"] for c in cats]
+        label_of = {cid: i for i, cid in enumerate(self.category_ids)}
+
+        images = data["images"]
+        for k, im in enumerate(images):
+            _require(isinstance(im, dict) and "id" in im, path, f"images[{k}].id", "missing")
+            _require(isinstance(im.get("file_name"), str), path, f"images[{k}].file_name", "missing or not a string")
+        self.images = sorted(images, key=lambda im: im["id"])
+        row_of = {im["id"]: i for i, im in enumerate(self.images)}
+        _require(len(row_of) == len(images), path, "images", "duplicate ids")
+
+        per_image: list[list[tuple[list[float], int, bool]]] = [[] for _ in self.images]
+        for k, a in enumerate(data.get("annotations", [])):
+            where = f"annotations[{k}]"
+            _require(isinstance(a, dict), path, where, "not an object")
+            _require(a.get("image_id") in row_of, path, f"{where}.image_id", f"unknown image id {a.get('image_id')!r}")
+            _require(
+                a.get("category_id") in label_of, path, f"{where}.category_id",
+                f"unknown category id {a.get('category_id')!r}",
+            )
+            bbox = a.get("bbox")
+            _require(
+                isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox),
+                path, f"{where}.bbox", f"expected [x, y, w, h] numbers, got {bbox!r}",
+            )
+            crowd = bool(a.get("iscrowd", 0))
+            if bbox[2] <= 0 or bbox[3] <= 0 or (crowd and not p.use_crowd):
+                continue  # empty boxes carry no signal; COCO has a few
+            x, y, w, h = (float(v) for v in bbox)
+            per_image[row_of[a["image_id"]]].append(([x, y, x + w, y + h], label_of[a["category_id"]], crowd))
+
+        self.targets = []
+        for objs in per_image:
+            self.targets.append({
+                "boxes": torch.tensor([o[0] for o in objs], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor([o[1] for o in objs], dtype=torch.int64),
+                "difficult": torch.tensor([o[2] for o in objs], dtype=torch.bool),
+            })  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _target(self, index: int) -> dict[str, Any]:
+        t = self.targets[index]
+        return {**{k: v.clone() for k, v in t.items()}, "image_id": str(self.images[index]["id"])}
+
+    def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
+        """``((height, width), target)`` from the JSON (the image header if sizes are missing)."""
+        im = self.images[index]
+        if isinstance(im.get("height"), int) and isinstance(im.get("width"), int):
+            size = (im["height"], im["width"])
+        else:
+            size = image_size(self.root / im["file_name"])
+        return size, self._target(index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        return load_image(self.root / self.images[index]["file_name"]), self._target(index)

@@ -1,0 +1,191 @@
+"""PASCAL VOC data sets read from a VOCdevkit directory.
+
+Layout: ``<root>/Annotations/<id>.xml``, ``<root>/JPEGImages/<file>``,
+``<root>/ImageSets/Main/<split>.txt``.  VOC boxes are 1-based inclusive
+pixel indices; they become 0-based continuous corners by ``x1 - 1, y1 - 1``
+(``x2, y2`` unchanged), so a box covering pixels 1..10 is ``[0, 10]``.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from detkit.data.image import load_image
+from detkit.errors import DataError
+from detkit.interfaces import DetectionDataset
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+_HOW_TO_GET = (
+    "download VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar (PASCAL VOC 2007) and extract them "
+    "so that <root>/Annotations exists (the archives unpack to VOCdevkit/VOC2007)"
+)
+
+
+def find_voc_root(root: str | Path) -> Path:
+    """The directory holding ``Annotations``: ``root`` itself or ``root/[VOCdevkit/]VOC2007``."""
+    root = Path(root).expanduser()
+    candidates = [root, root / "VOC2007", root / "VOCdevkit" / "VOC2007"]
+    for c in candidates:
+        if (c / "Annotations").is_dir():
+            return c
+    looked = ", ".join(str(c / "Annotations") for c in candidates)
+    raise DataError(f"VOC data not found: looked for {looked}; {_HOW_TO_GET}")
+
+
+def _text(node: ET.Element, tag: str, xml: Path, where: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise DataError(f"{xml}: {where}{tag}: missing")
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str, xml: Path, where: str) -> float:
+    text = _text(node, tag, xml, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{xml}: {where}{tag}: not a number: {text!r}") from None
+
+
+def parse_voc_xml(
+    xml: Path, class_index: dict[str, int], ignore_other_classes: bool = False
+) -> dict[str, Any]:
+    """One annotation file -> ``{"filename", "size", "boxes" [G,4], "labels" [G], "difficult" [G]}``."""
+    try:
+        tree = ET.parse(xml)
+    except FileNotFoundError:
+        raise DataError(f"{xml}: annotation file not found") from None
+    except ET.ParseError as exc:
+        raise DataError(f"{xml}: invalid XML: {exc}") from None
+    ann = tree.getroot()
+    filename_node = ann.find("filename")
+    filename = filename_node.text.strip() if filename_node is not None and filename_node.text else None
+    size_node = ann.find("size")
+    size = None
+    if size_node is not None:
+        h, w = int(_number(size_node, "height", xml, "size.")), int(_number(size_node, "width", xml, "size."))
+        size = (h, w) if h > 0 and w > 0 else None  # some tools write 0 for unknown
+    boxes, labels, difficult = [], [], []
+    for k, obj in enumerate(ann.findall("object")):
+        where = f"object[{k}]."
+        name = _text(obj, "name", xml, where)
+        if name not in class_index:
+            if ignore_other_classes:
+                continue
+            raise DataError(
+                f"{xml}: {where}name: unknown class {name!r}; known classes: {', '.join(class_index)} "
+                "(set ignore_other_classes: true to skip objects of other classes)"
+            )
+        diff_node = obj.find("difficult")
+        try:
+            diff = bool(int(diff_node.text)) if diff_node is not None and diff_node.text else False
+        except ValueError:
+            raise DataError(f"{xml}: {where}difficult: expected 0 or 1, got {diff_node.text!r}") from None
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise DataError(f"{xml}: {where}bndbox: missing")
+        bwhere = where + "bndbox."
+        x1, y1, x2, y2 = (_number(bb, t, xml, bwhere) for t in ("xmin", "ymin", "xmax", "ymax"))
+        box = (x1 - 1, y1 - 1, x2, y2)
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise DataError(f"{xml}: {where}bndbox: empty box xmin={x1:g} ymin={y1:g} xmax={x2:g} ymax={y2:g}")
+        boxes.append(box)
+        labels.append(class_index[name])
+        difficult.append(diff)
+    return {
+        "filename": filename,
+        "size": size,
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "difficult": torch.tensor(difficult, dtype=torch.bool),
+    }
+
+
+class VOCDataset(DetectionDataset):
+    """A PASCAL VOC split; ``dataset[i] -> (image [3, H, W], target)``.
+
+    All annotations are parsed when the data set is built, so a bad file
+    fails at once with its name rather than in the middle of an epoch.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        root: str = Field(description="VOC2007 directory (holding Annotations/), or a parent VOCdevkit")
+        split: str = Field("trainval", min_length=1, description="ImageSets/Main/<split>.txt")
+        classes: list[str] = Field(default_factory=lambda: list(VOC_CLASSES), min_length=1)
+        use_difficult: bool = Field(
+            False, description="keep boxes marked difficult (flagged); set true for evaluation splits"
+        )
+        ignore_other_classes: bool = Field(False, description="skip objects whose class is not in classes")
+
+        @field_validator("classes")
+        @classmethod
+        def _unique(cls, v: list[str]) -> list[str]:
+            if len(set(v)) != len(v):
+                raise ValueError("classes must be unique")
+            return v
+
+    def __init__(self, **params: Any):
+        p = self.params = self.Params(**params)
+        self.classes = list(p.classes)
+        self.root = find_voc_root(p.root)
+        split_file = self.root / "ImageSets" / "Main" / f"{p.split}.txt"
+        if not split_file.is_file():
+            have = sorted(f.stem for f in (self.root / "ImageSets" / "Main").glob("*.txt") if "_" not in f.stem)
+            raise DataError(
+                f"{split_file}: split file not found (split: {p.split!r}); available splits: "
+                f"{', '.join(have) or 'none'}"
+            )
+        self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.annotations = [
+            parse_voc_xml(self.root / "Annotations" / f"{i}.xml", index, p.ignore_other_classes) for i in self.ids
+        ]
+        if not p.use_difficult:
+            for a in self.annotations:
+                keep = ~a["difficult"]
+                a["boxes"], a["labels"], a["difficult"] = a["boxes"][keep], a["labels"][keep], a["difficult"][keep]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        ann = self.annotations[index]
+        if ann["filename"]:
+            path = self.root / "JPEGImages" / ann["filename"]
+            if path.is_file():
+                return path
+        return self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
+
+    def _target(self, index: int) -> dict[str, Any]:
+        ann = self.annotations[index]
+        return {
+            "boxes": ann["boxes"].clone(),
+            "labels": ann["labels"].clone(),
+            "difficult": ann["difficult"].clone(),
+            "image_id": self.ids[index],
+        }
+
+    def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
+        """``((height, width), target)`` from the XML (the image header if the XML has no size)."""
+        size = self.annotations[index]["size"]
+        if size is None:
+            from detkit.data.image import image_size
+
+            size = image_size(self.image_path(index))
+        return size, self._target(index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        return load_image(self.image_path(index)), self._target(index)
