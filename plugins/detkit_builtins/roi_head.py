@@ -63,6 +63,9 @@ class RoIHead(RoIHeadBase):
         self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
     ) -> Tensor:
         """``[R, in_channels, roi_size, roi_size]`` features of each RoI."""
+        if features.device.type == "cpu" and features.dtype == torch.bfloat16:
+            # torchvision has no bfloat16 CPU kernels for roi_pool/roi_align (CPU autocast).
+            features = features.float()
         rois = rois.to(features.dtype)
         if self.mapping == "feature_ratio":
             fh, fw = features.shape[-2:]

@@ -1,0 +1,211 @@
+"""Faster R-CNN training: targets, the four losses, and one optimisation step."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from detkit.interfaces import Detector, Trainer
+from detkit.registry import ComponentSpec, LossSpec, TargetCreatorSpec
+
+
+class LossTuple(NamedTuple):
+    """The Faster R-CNN losses of one batch; ``total`` is the plain sum of the other four."""
+
+    rpn_loc: Tensor
+    rpn_cls: Tensor
+    roi_loc: Tensor
+    roi_cls: Tensor
+    total: Tensor
+
+
+def _build(spec: Any, kind: str) -> Any:
+    if isinstance(spec, ComponentSpec):
+        return spec.build()
+    from detkit.registry import registry
+
+    return registry(kind).build(spec)
+
+
+class FasterRCNNTrainer(Trainer):
+    """Trains a :class:`~detkit_builtins.faster_rcnn.FasterRCNN` end to end (approximate joint training).
+
+    ``forward(imgs [N, 3, H, W] 0..1, bboxes: list of [G_i, 4], labels: list of
+    [G_i] in 0..C-1, scale=1.0, image_sizes [N, 2] or None) -> LossTuple``.
+
+    Batch averaging: every loss pools the samples of all images before
+    normalising.  ``rpn_loc``/``roi_loc`` sum the smooth L1 of the positive
+    anchors / foreground RoIs of the whole batch and divide by their total
+    count; ``rpn_cls``/``roi_cls`` average the cross entropy over all sampled
+    (non-ignored) anchors / RoIs of the batch.  With the usual full samples
+    (``n_sample`` anchors and RoIs in every image) the classification losses
+    equal the mean of the per-image losses; the box losses weight each image
+    by its number of positives.
+
+    Targets are created in float32 with autocast disabled; only the network
+    runs in reduced precision under ``fp16``.  ``seed`` fixes the random
+    sampling of anchors and RoIs (one ``torch.Generator`` per device).
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        anchor_target: TargetCreatorSpec = Field(
+            default_factory=lambda: {"type": "anchor_target"}, validate_default=True
+        )
+        proposal_target: TargetCreatorSpec = Field(
+            default_factory=lambda: {"type": "proposal_target"}, validate_default=True
+        )
+        rpn_loc_loss: LossSpec = Field(
+            default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
+        )
+        rpn_cls_loss: LossSpec = Field(
+            default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
+        )
+        roi_loc_loss: LossSpec = Field(
+            default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
+        )
+        roi_cls_loss: LossSpec = Field(
+            default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
+        )
+        grad_clip: float | None = Field(None, gt=0, description="max total gradient norm; null: no clipping")
+        seed: int | None = Field(None, description="seed of the target sampling; null: torch's global RNG")
+
+    def __init__(
+        self,
+        model: Detector,
+        optimizer: torch.optim.Optimizer | None = None,
+        anchor_target: Any = "anchor_target",
+        proposal_target: Any = "proposal_target",
+        rpn_loc_loss: Any = None,
+        rpn_cls_loss: Any = "cross_entropy",
+        roi_loc_loss: Any = None,
+        roi_cls_loss: Any = "cross_entropy",
+        grad_clip: float | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optimizer = optimizer
+        self.anchor_target = _build(anchor_target, "target_creator")
+        self.proposal_target = _build(proposal_target, "target_creator")
+        self.rpn_loc_loss = _build(rpn_loc_loss or {"type": "smooth_l1", "sigma": 1.0}, "loss")
+        self.rpn_cls_loss = _build(rpn_cls_loss, "loss")
+        self.roi_loc_loss = _build(roi_loc_loss or {"type": "smooth_l1", "sigma": 1.0}, "loss")
+        self.roi_cls_loss = _build(roi_cls_loss, "loss")
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The sampling generator for ``device`` (created and seeded on first use), or None."""
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def forward(
+        self,
+        imgs: Tensor,
+        bboxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        scale: float | Tensor = 1.0,
+        image_sizes: Tensor | None = None,
+    ) -> LossTuple:
+        n = imgs.shape[0]
+        if len(bboxes) != n or len(labels) != n:
+            raise ValueError(f"{n} images but {len(bboxes)} box lists and {len(labels)} label lists")
+        device = imgs.device
+        input_size = (int(imgs.shape[-2]), int(imgs.shape[-1]))
+        if image_sizes is None:
+            image_sizes = torch.tensor([input_size], dtype=torch.int64, device=device).expand(n, 2)
+        else:
+            image_sizes = image_sizes.to(device)
+        bboxes = [b.to(device) for b in bboxes]
+        labels = [l.to(device) for l in labels]
+
+        features = self.model(imgs, mode="extractor")
+        rpn = self.model(
+            features, mode="rpn", image_sizes=image_sizes, scale=scale, input_size=input_size
+        )
+
+        generator = self.generator(device)
+        # IoU and box coding in half precision would move the 0.7 / 0.5 thresholds.
+        with torch.autocast(device.type, enabled=False):
+            gt_rpn_locs, gt_rpn_labels = self.anchor_target(
+                bboxes, rpn.anchors, image_sizes, generator=generator
+            )
+            sample_rois, sample_indices, gt_roi_locs, gt_roi_labels = self.proposal_target(
+                rpn.rois.detach(),
+                rpn.roi_indices,
+                bboxes,
+                labels,
+                self.model.loc_normalize_std,
+                generator=generator,
+            )
+
+        roi_cls_locs, roi_scores = self.model(
+            features, mode="head", rois=sample_rois, roi_indices=sample_indices, input_size=input_size
+        )
+
+        flat_labels = gt_rpn_labels.reshape(-1)
+        rpn_loc = self.rpn_loc_loss(rpn.locs.reshape(-1, 4), gt_rpn_locs.reshape(-1, 4), flat_labels)
+        rpn_cls = self.rpn_cls_loss(rpn.scores.reshape(-1, rpn.scores.shape[-1]), flat_labels)
+
+        # Each sample's deltas for its own class; background/padding rows are
+        # masked by the loss (labels <= 0), class 0's slot is a harmless pick.
+        s = roi_cls_locs.shape[0]
+        per_class = roi_cls_locs.reshape(s, -1, 4)
+        index = gt_roi_labels.clamp(min=0).reshape(s, 1, 1).expand(s, 1, 4)
+        roi_locs = per_class.gather(1, index).squeeze(1)
+        roi_loc = self.roi_loc_loss(roi_locs, gt_roi_locs, gt_roi_labels)
+        roi_cls = self.roi_cls_loss(roi_scores, gt_roi_labels)
+
+        total = rpn_loc + rpn_cls + roi_loc + roi_cls
+        return LossTuple(rpn_loc, rpn_cls, roi_loc, roi_cls, total)
+
+    def train_step(
+        self,
+        imgs: Tensor,
+        bboxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        scale: float | Tensor = 1.0,
+        image_sizes: Tensor | None = None,
+        fp16: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> LossTuple:
+        """One optimiser step on a batch; returns the losses, detached.
+
+        ``fp16`` runs the network under autocast: float16 on CUDA, bfloat16 on
+        CPU (no float16 kernels there).  An enabled ``scaler`` scales the loss,
+        unscales before clipping and steps the optimiser (skipping steps with
+        inf/NaN gradients).  The mode (train/eval) is left as the caller set it.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("FasterRCNNTrainer.train_step needs an optimizer; build it with optimizer=...")
+        device_type = imgs.device.type
+        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=fp16):
+            losses = self(imgs, bboxes, labels, scale=scale, image_sizes=image_sizes)
+        use_scaler = scaler is not None and scaler.is_enabled()
+        if use_scaler:
+            scaler.scale(losses.total).backward()
+        else:
+            losses.total.backward()
+        if self.grad_clip is not None:
+            if use_scaler:
+                scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if use_scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        return LossTuple(*(loss.detach() for loss in losses))
