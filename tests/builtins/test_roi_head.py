@@ -1,0 +1,64 @@
+"""RoI head: RoI mapping onto the feature map, pooling and output shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from detkit.interfaces import RoITail
+from detkit.registry import registry
+
+
+def head(pool="roi_pool", mapping="feature_ratio", roi_size=1, num_classes=3, tail_features=1):
+    tail = RoITail(nn.Flatten(1), roi_size, tail_features)
+    return registry("roi_head").build(
+        {"type": "roi_head", "pool": pool, "mapping": mapping},
+        num_classes=num_classes,
+        in_channels=1,
+        tail=tail,
+        feat_stride=16,
+    )
+
+
+FEATURES = torch.arange(16.0).view(1, 1, 4, 4)
+
+
+def test_feature_ratio_mapping_hand_computed():
+    # Input 120 x 64 with a 4x4 feature map: y scales by 4/120, x by 4/64.
+    rois = torch.tensor([[0.0, 0.0, 16.0, 60.0]])
+    pooled = head().pool_rois(FEATURES, rois, torch.tensor([0]), (120, 64))
+    # x: 0..1, y: 0..2 on the feature map -> max of rows 0-2, cols 0-1 = f[2, 1] = 9.
+    assert pooled.flatten().tolist() == [9.0]
+
+
+def test_stride_mapping_differs_hand_computed():
+    rois = torch.tensor([[0.0, 0.0, 16.0, 60.0]])
+    pooled = head(mapping="stride").pool_rois(FEATURES, rois, torch.tensor([0]), (120, 64))
+    # 60 / 16 = 3.75 rounds to row 3 -> max of rows 0-3, cols 0-1 = f[3, 1] = 13.
+    assert pooled.flatten().tolist() == [13.0]
+
+
+def test_roi_indices_select_the_image():
+    feats = torch.cat([FEATURES, FEATURES + 100])
+    rois = torch.tensor([[0.0, 0.0, 16.0, 60.0]] * 2)
+    pooled = head().pool_rois(feats, rois, torch.tensor([1, 0]), (120, 64))
+    assert pooled.flatten().tolist() == [109.0, 9.0]
+
+
+def test_roi_align_option_averages():
+    rois = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    # RoI [0, 4] x [0, 4] on the 4x4 map, one bin, 2x2 samples at 1 and 3 (no half-pixel
+    # offset): f[1,1]=5, f[1,3]=7, f[3,1]=13, f[3,3]=15 -> mean 10 (roi_pool would give 15).
+    pooled = head(pool="roi_align").pool_rois(FEATURES, rois, torch.tensor([0]), (64, 64))
+    assert pooled.flatten().tolist() == pytest.approx([10.0], abs=1e-5)
+
+
+def test_output_shapes_and_init():
+    torch.manual_seed(0)
+    h = head(roi_size=2, num_classes=5, tail_features=4)
+    locs, scores = h(FEATURES, torch.tensor([[0.0, 0, 32, 32], [8.0, 8, 60, 40]]), torch.tensor([0, 0]), (64, 64))
+    assert locs.shape == (2, 6 * 4) and scores.shape == (2, 6)
+    assert h.cls_loc.bias.abs().sum() == 0 and h.score.bias.abs().sum() == 0
+    assert 0.0003 < h.cls_loc.weight.std() < 0.003
+    assert h.num_classes == 5
