@@ -1,0 +1,159 @@
+"""PASCAL VOC average precision, following the VOC devkit rules.
+
+Per class, detections of all images are ranked by score.  A detection is
+matched to the ground-truth box of its class it overlaps most (IoU); it is a
+true positive if that IoU is at least ``iou_thresh`` and the box is not yet
+taken, a false positive if the box is taken (a duplicate) or the IoU is too
+low, and neither if the box is ``difficult``.  AP is the area under the
+interpolated precision/recall curve (all points; the 11 recall points 0,
+0.1, ..., 1 with ``use_07_metric``).  Classes without non-difficult ground
+truth get AP NaN and are left out of the mean.
+
+Matching is per image and independent of other images, so :meth:`update`
+resolves it at once (vectorised over an image's detections) and only keeps
+``(label, score, tp, ignored)`` per detection and the positive count per class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+
+def match_image(
+    boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+    gt_difficult: Tensor, iou_thresh: float,
+) -> tuple[Tensor, Tensor]:
+    """VOC matching of one image's ``[D]`` detections against its ``[G]`` ground truth.
+
+    Returns ``tp`` and ``ignored`` (bool ``[D]``, in the input order); a
+    detection that is neither is a false positive.
+    """
+    d = boxes.shape[0]
+    tp = torch.zeros(d, dtype=torch.bool)
+    ignored = torch.zeros(d, dtype=torch.bool)
+    if d == 0 or gt_boxes.shape[0] == 0:
+        return tp, ignored
+    # Higher score first; ties keep input order (stable), as matching is order dependent.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    iou = box_iou(boxes[order].double(), gt_boxes.double())
+    iou[labels[order][:, None] != gt_labels[None, :]] = -1.0  # only boxes of the same class compete
+    best_iou, best_gt = iou.max(dim=1)
+    hit = best_iou >= iou_thresh
+    diff = gt_difficult[best_gt] & hit
+    # Each gt box is a TP for the first (highest-scored) detection whose best match
+    # it is; later detections whose best match is the same box are duplicates (FP),
+    # even if they overlap another free box well (the devkit's rule).
+    cand = hit & ~diff
+    pos = torch.arange(d)
+    first = torch.full((gt_boxes.shape[0],), d, dtype=torch.long)
+    first.scatter_reduce_(0, best_gt[cand], pos[cand], reduce="amin")
+    tp_sorted = cand & (first[best_gt] == pos)
+    tp[order] = tp_sorted
+    ignored[order] = diff
+    return tp, ignored
+
+
+def average_precision(recall: Tensor, precision: Tensor, use_07_metric: bool = False) -> float:
+    """AP from ``[D]`` recall/precision in rank order (the devkit's two interpolations)."""
+    if recall.numel() == 0:
+        return 0.0
+    recall, precision = recall.double(), precision.double()
+    if use_07_metric:
+        points = torch.linspace(0, 1, 11, dtype=torch.float64)
+        reached = recall[None, :] >= points[:, None] - 1e-12  # [11, D]
+        best = torch.where(reached, precision[None, :], torch.zeros((), dtype=torch.float64)).amax(dim=1)
+        return float(best.mean())
+    # Precision made monotonically decreasing (max over all later ranks), then
+    # summed over the recall steps.
+    interp = precision.flip(0).cummax(0).values.flip(0)
+    prev = torch.cat((recall.new_zeros(1), recall[:-1]))
+    return float(((recall - prev) * interp).sum())
+
+
+class VOCEvaluator:
+    """Accumulates predictions and targets, then computes per-class AP and mAP.
+
+    ``update(predictions, targets)``: per image ``{"boxes" [K, 4], "scores" [K],
+    "labels" [K]}`` and ``{"boxes" [G, 4], "labels" [G], "difficult" [G]}``
+    (``difficult`` optional), boxes in the same pixel frame.
+    """
+
+    def __init__(self, classes: Sequence[str], iou_thresh: float = 0.5, use_07_metric: bool = False):
+        self.classes = list(classes)
+        self.iou_thresh = float(iou_thresh)
+        self.use_07_metric = use_07_metric
+        self.reset()
+
+    def reset(self) -> None:
+        self._labels: list[Tensor] = []
+        self._scores: list[Tensor] = []
+        self._tp: list[Tensor] = []
+        self._ignored: list[Tensor] = []
+        self._npos = torch.zeros(len(self.classes), dtype=torch.long)
+        self.num_images = 0
+
+    def update(self, predictions: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Any]]) -> None:
+        if len(predictions) != len(targets):
+            raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+        c = len(self.classes)
+        for pred, tgt in zip(predictions, targets):
+            boxes = pred["boxes"].detach().float().cpu().reshape(-1, 4)
+            scores = pred["scores"].detach().float().cpu().reshape(-1)
+            labels = pred["labels"].detach().long().cpu().reshape(-1)
+            gt_boxes = tgt["boxes"].detach().float().cpu().reshape(-1, 4)
+            gt_labels = tgt["labels"].detach().long().cpu().reshape(-1)
+            diff = tgt.get("difficult")
+            gt_diff = (
+                diff.detach().bool().cpu().reshape(-1) if diff is not None
+                else torch.zeros(len(gt_labels), dtype=torch.bool)
+            )
+            for name, lab in (("predicted", labels), ("target", gt_labels)):
+                if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= c):
+                    raise ValueError(f"{name} label out of range 0..{c - 1}: {lab.tolist()}")
+            tp, ignored = match_image(boxes, scores, labels, gt_boxes, gt_labels, gt_diff, self.iou_thresh)
+            self._labels.append(labels)
+            self._scores.append(scores)
+            self._tp.append(tp)
+            self._ignored.append(ignored)
+            self._npos += torch.bincount(gt_labels[~gt_diff], minlength=c)
+            self.num_images += 1
+
+    def compute(self) -> dict[str, Any]:
+        """``{"mAP": float, "AP": {class: float}, "iou_thresh": float}``; NaN AP for classes without gt."""
+        if self._labels:
+            labels = torch.cat(self._labels)
+            scores = torch.cat(self._scores)
+            tp = torch.cat(self._tp)
+            keep = ~torch.cat(self._ignored)
+            labels, scores, tp = labels[keep], scores[keep], tp[keep]
+        else:
+            labels = torch.zeros(0, dtype=torch.long)
+            scores = torch.zeros(0)
+            tp = torch.zeros(0, dtype=torch.bool)
+        # One global ranking: by class, then score descending (stable for ties).
+        order = torch.sort(scores, descending=True, stable=True).indices
+        order = order[torch.sort(labels[order], stable=True).indices]
+        labels, tp = labels[order], tp[order]
+        counts = torch.bincount(labels, minlength=len(self.classes)).tolist()
+        aps: dict[str, float] = {}
+        start = 0
+        for k, name in enumerate(self.classes):
+            seg = tp[start : start + counts[k]]
+            start += counts[k]
+            npos = int(self._npos[k])
+            if npos == 0:
+                aps[name] = math.nan
+                continue
+            ctp = seg.double().cumsum(0)
+            cfp = (~seg).double().cumsum(0)
+            recall = ctp / npos
+            precision = ctp / (ctp + cfp)
+            aps[name] = average_precision(recall, precision, self.use_07_metric)
+        valid = [v for v in aps.values() if not math.isnan(v)]
+        m_ap = sum(valid) / len(valid) if valid else math.nan
+        return {"mAP": m_ap, "AP": aps, "iou_thresh": self.iou_thresh}
