@@ -13,7 +13,7 @@ from detkit_builtins.backbones.common import (
     FreezableBNBackbone,
     TailSequential,
     freeze_modules,
-    load_torchvision_weights,
+    build_torchvision,
     resolve_pretrained,
 )
 
@@ -66,10 +66,8 @@ class ResNet50Backbone(FreezableBNBackbone):
         maxpool_padding: int = 1,
     ):
         super().__init__()
-        net = resnet50(weights=None)
         path = resolve_pretrained(pretrained, WEIGHTS_FILE, "resnet50")
-        if path is not None:
-            load_torchvision_weights(net, path, "resnet50")
+        net = build_torchvision(lambda: resnet50(weights=None), path, "resnet50")
         if stride_in_1x1:
             for layer in (net.layer2, net.layer3, net.layer4):
                 _move_stride_to_1x1(layer)

@@ -12,7 +12,7 @@ from detkit_builtins.backbones.common import (
     FreezableBNBackbone,
     TailSequential,
     freeze_modules,
-    load_torchvision_weights,
+    build_torchvision,
     resolve_pretrained,
 )
 
@@ -46,10 +46,8 @@ class VGG16Backbone(FreezableBNBackbone):
 
     def __init__(self, pretrained: str | bool | None = None, freeze_stages: int = 0, dropout: bool = False):
         super().__init__()
-        net = vgg16(weights=None)
         path = resolve_pretrained(pretrained, WEIGHTS_FILE, "vgg16")
-        if path is not None:
-            load_torchvision_weights(net, path, "vgg16")
+        net = build_torchvision(lambda: vgg16(weights=None), path, "vgg16")
         self.features = net.features[:30]
         fc6, fc7 = net.classifier[0], net.classifier[3]
         layers: list[nn.Module] = [fc6, nn.ReLU(inplace=True)]
