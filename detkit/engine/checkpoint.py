@@ -59,6 +59,21 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file (results, configs) via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_checkpoint(path: str | Path, **fields: Any) -> Path:
     """Write a detkit checkpoint with ``fields`` (model, config, classes, ...)."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **fields}

@@ -1,0 +1,154 @@
+"""Run outputs: a JSON-lines metrics file, a console display, the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+LOSS_NAMES = ("rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total")
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it.
+
+    A resumed run appends to the same file, so the curve stays continuous.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class TrainDisplay:
+    """A rich progress bar on a terminal; plain log lines elsewhere (CI, files)."""
+
+    def __init__(self, console: Console, total_steps: int, start_step: int):
+        self.console = console
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch="-", info="")
+
+    def __enter__(self) -> "TrainDisplay":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def advance(self, epoch: int, epochs: int) -> None:
+        self.progress.update(self.task, advance=1, epoch=f"{epoch + 1}/{epochs}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        info = format_train_record(record)
+        self.progress.update(self.task, info=info)
+        if not self.live:
+            self.console.print(
+                f"epoch {record['epoch'] + 1} step {record['step']}  {info}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+
+    def message(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def format_train_record(r: dict[str, Any]) -> str:
+    losses = " ".join(f"{k} {r[k]:.3f}" for k in LOSS_NAMES if k in r)
+    return f"{losses}  lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s"
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Draw each loss against the step; written atomically. None without data."""
+    records = [r for r in read_metrics(metrics_path) if r.get("type") == "train"]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name in LOSS_NAMES:
+        ax.plot(steps, [r[name] for r in records], label=name, linewidth=2 if name == "total" else 1)
+    evals = [r for r in read_metrics(metrics_path) if r.get("type") == "eval" and "mAP" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["mAP"] for r in evals], "k--o", label="val mAP@0.5")
+        ax2.set_ylabel("mAP@0.5")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+class Throughput:
+    """Images per second over the last logging window."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.t0, 1e-9)
+        self.t0, self.images = now, 0
+        return rate
+
+
+def mean_records(records: Iterable[dict[str, float]]) -> dict[str, float]:
+    records = list(records)
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]} if records else {}
