@@ -190,6 +190,52 @@ def evaluate(
     evaluate_checkpoint(checkpoint, config_path=config, overrides=overrides or [], out=out)
 
 
+# ----------------------------------------------------------------------- data
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="Directory to write the data set into."),
+    format: str = typer.Option("voc", "--format", "-f", help="Layout: voc (VOCdevkit) or coco."),
+    num_images: int = typer.Option(100, "--num-images", "-n", min=1, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Base seed of the synthetic data."),
+    split: str = typer.Option("train", "--split", help="Split name (mixed into the seed; names the split file)."),
+    image_size: int = typer.Option(128, "--image-size", min=32, help="Square image side in pixels."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated shapes, e.g. circle,square,triangle."),
+    image_format: str = typer.Option("png", "--image-format", help="png (lossless) or jpg (quality 95)."),
+) -> None:
+    """Write synthetic shapes to disk in VOC or COCO layout, for the file readers."""
+    from pydantic import ValidationError
+
+    from detkit.data.export import export_synthetic
+    from detkit.data.synthetic import SyntheticShapes
+    from detkit.errors import ConfigError
+
+    params: dict[str, Any] = {"num_images": num_images, "seed": seed, "split": split,
+                              "image_size": (image_size, image_size)}
+    if classes:
+        params["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
+    try:
+        dataset = SyntheticShapes(**params)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise ConfigError(f"data synth: {'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}") from None
+    written = export_synthetic(out, format, dataset, image_format=image_format)  # type: ignore[arg-type]
+    console.print(f"wrote {num_images} {split} images in {format} layout to {written}", markup=False, highlight=False)
+
+
+@data_app.command("stats")
+def data_stats(
+    config: Path = typer.Argument(..., help="Config file."),
+    overrides: Optional[List[str]] = SetOption,
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Only the first N training images."),
+) -> None:
+    """Box statistics and anchor coverage of the training split, with suggested anchors."""
+    from detkit.config import load_config
+    from detkit.data.stats import dataset_stats, print_report
+
+    cfg = load_config(config, overrides or [])
+    print_report(dataset_stats(cfg, max_images, source=str(config)), console)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="detkit")

@@ -1,0 +1,364 @@
+"""Data statistics and anchor coverage (``detkit data stats``).
+
+For a config's training split, after its deterministic (eval-mode)
+transforms: image and box size distributions, boxes per class, and how well
+the configured anchors cover the ground truth.  A box's *best anchor IoU* is
+its largest IoU with any anchor of an input of its image's size; the RPN
+only learns a box as a positive if some anchor reaches its positive
+threshold (0.7, or failing that the best anchor), so a low share at 0.7 and
+0.5 means boxes the detector will find hard to propose.
+
+The suggestion clusters ``sqrt(area) / base_size`` and the aspect ratios of
+the boxes (1-D k-means in log space, as many clusters as the config has
+scales and ratios, so the RPN head keeps its size), measures the coverage
+of the anchors the detector builds from it, and prints the YAML to paste.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+THRESHOLDS: tuple[float, ...] = (0.7, 0.5, 0.3)
+PERCENTILES: tuple[int, ...] = (5, 25, 50, 75, 95)
+
+
+# ------------------------------------------------------------------ coverage
+def best_anchor_iou(boxes: Tensor, anchors: Tensor, chunk: int = 256) -> Tensor:
+    """``[G]`` largest IoU of each of ``[G, 4]`` boxes with any of ``[A, 4]`` anchors."""
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros(0)
+    if anchors.shape[0] == 0:
+        return boxes.new_zeros(boxes.shape[0])
+    anchors = anchors.to(boxes)
+    # Chunked: [G, A] for a VOC-sized input is ~20k anchors per box.
+    return torch.cat([box_iou(b, anchors).amax(dim=1) for b in boxes.split(chunk)])
+
+
+def coverage(best: Tensor, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, float]:
+    """``{">=0.7": share, ">=0.5": ..., ">=0.3": ..., "median": median best IoU}``."""
+    if best.numel() == 0:
+        return {**{f">={t:g}": math.nan for t in thresholds}, "median": math.nan}
+    out = {f">={t:g}": float((best >= t).double().mean()) for t in thresholds}
+    out["median"] = float(best.double().quantile(0.5))
+    return out
+
+
+def grid_anchors(
+    height: int,
+    width: int,
+    scales: Sequence[float],
+    ratios: Sequence[float],
+    base_size: float = 16.0,
+    stride: int = 16,
+    offset: float = 0.0,
+) -> Tensor:
+    """``[ceil(H/stride) * ceil(W/stride) * K, 4]`` anchors, ``K = len(ratios) * len(scales)``.
+
+    A ratio is height / width: ``h = base_size * s * sqrt(r)``, ``w = base_size * s / sqrt(r)``,
+    centred on ``((x + offset) * stride, (y + offset) * stride)`` for every feature cell.
+    """
+    r = torch.tensor(ratios, dtype=torch.float32).view(-1, 1)
+    s = torch.tensor(scales, dtype=torch.float32).view(1, -1)
+    h = (base_size * s * r.sqrt()).reshape(-1)
+    w = (base_size * s / r.sqrt()).reshape(-1)
+    base = torch.stack((-w / 2, -h / 2, w / 2, h / 2), dim=1)  # [K, 4]
+    ys = (torch.arange(math.ceil(height / stride), dtype=torch.float32) + offset) * stride
+    xs = (torch.arange(math.ceil(width / stride), dtype=torch.float32) + offset) * stride
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    shifts = torch.stack((cx, cy, cx, cy), dim=-1).reshape(-1, 1, 4)
+    return (shifts + base).reshape(-1, 4)
+
+
+def kmeans_1d(x: Tensor, k: int, iters: int = 20) -> Tensor:
+    """``[k]`` sorted cluster centres of values ``[G]`` (Lloyd's algorithm from quantile centres)."""
+    x = x.double()
+    centres = x.quantile((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    for _ in range(iters):
+        assign = (x[:, None] - centres[None, :]).abs().argmin(dim=1)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).double()
+        # An emptied cluster keeps its centre rather than collapsing.
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    return centres.sort().values
+
+
+def suggest_anchors(
+    boxes: Tensor, num_scales: int, num_ratios: int, base_size: float = 16.0
+) -> tuple[list[float], list[float]]:
+    """Anchor ``(scales, ratios)`` for ``[G, 4]`` boxes; ratios are height / width."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3).double()
+    log_scale = (wh.prod(dim=1).sqrt() / base_size).log()
+    log_ratio = (wh[:, 1] / wh[:, 0]).log()
+    scales = [_round(math.exp(v)) for v in kmeans_1d(log_scale, num_scales).tolist()]
+    ratios = [_round(math.exp(v)) for v in kmeans_1d(log_ratio, num_ratios).tolist()]
+    return _dedupe(scales), _dedupe(ratios)
+
+
+def _round(v: float) -> float:
+    """Two significant digits: readable in a config, precise enough for anchors."""
+    return float(f"{v:.2g}")
+
+
+def _dedupe(values: list[float]) -> list[float]:
+    return sorted(set(values))
+
+
+# --------------------------------------------------------------- annotations
+@dataclass
+class Annotations:
+    """The boxes of a split: image sizes ``[N, 2]``, boxes ``[G, 4]``, labels / image index ``[G]``."""
+
+    classes: list[str]
+    sizes: Tensor
+    boxes: Tensor
+    labels: Tensor
+    image_index: Tensor
+    difficult: Tensor
+
+
+def collect_annotations(dataset: Any, max_images: int | None = None) -> Annotations:
+    """Sizes and boxes of ``dataset`` (a :class:`TransformedDataset` in eval mode), no pixels if possible."""
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    sizes, boxes, labels, index, difficult = [], [], [], [], []
+    for i in range(n):
+        if hasattr(dataset, "annotation"):
+            size, t = dataset.annotation(i)
+        else:
+            image, t = dataset[i]
+            size = tuple(image.shape[-2:])
+        sizes.append(list(size))
+        boxes.append(t["boxes"].float().reshape(-1, 4))
+        labels.append(t["labels"].long().reshape(-1))
+        difficult.append(t.get("difficult", torch.zeros(len(t["labels"]), dtype=torch.bool)).reshape(-1))
+        index.append(torch.full((len(t["labels"]),), i, dtype=torch.long))
+    return Annotations(
+        classes=list(dataset.classes),
+        sizes=torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+        boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4),
+        labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        image_index=torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
+        difficult=torch.cat(difficult).bool() if difficult else torch.zeros(0, dtype=torch.bool),
+    )
+
+
+def anchor_coverage(
+    ann: Annotations, anchors_for: Callable[[tuple[int, int]], Tensor], size_divisor: int = 0
+) -> Tensor:
+    """``[G]`` best anchor IoU of every box, with anchors for its image's (padded) input size."""
+    best = torch.zeros(ann.boxes.shape[0])
+    if ann.boxes.shape[0] == 0:
+        return best
+    sizes = ann.sizes[ann.image_index]
+    if size_divisor > 1:
+        sizes = (sizes + size_divisor - 1) // size_divisor * size_divisor
+    uniq, group = torch.unique(sizes, dim=0, return_inverse=True)
+    for k, (h, w) in enumerate(uniq.tolist()):  # one anchor set per distinct input size
+        sel = group == k
+        best[sel] = best_anchor_iou(ann.boxes[sel], anchors_for((h, w)).detach().float().cpu())
+    return best
+
+
+def percentiles(x: Tensor, ps: Sequence[int] = PERCENTILES) -> list[float]:
+    if x.numel() == 0:
+        return [math.nan] * len(ps)
+    return x.double().quantile(torch.tensor(ps, dtype=torch.float64) / 100).tolist()
+
+
+# -------------------------------------------------------------------- report
+@dataclass
+class StatsReport:
+    """Everything ``detkit data stats`` prints."""
+
+    source: str
+    num_images: int
+    classes: list[str]
+    distributions: dict[str, list[float]]  # name -> percentiles
+    per_class: list[tuple[str, int, int]]  # (class, boxes, difficult)
+    anchors: dict[str, Any]  # the configured anchor parameters
+    anchor_path: list[str] | None  # where they live in the config
+    current: dict[str, float]
+    suggested: dict[str, Any] | None = None
+    suggested_coverage: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def find_anchor_section(section: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Path of the first mapping with ``scales`` and ``ratios`` keys in a component config."""
+    if isinstance(section, dict):
+        if "scales" in section and "ratios" in section:
+            return path
+        for key, value in section.items():
+            found = find_anchor_section(value, (*path, key))
+            if found is not None:
+                return found
+    return None
+
+
+def _get(d: dict[str, Any], path: Sequence[str]) -> Any:
+    for key in path:
+        d = d[key]
+    return d
+
+
+def _with_anchors(model_cfg: dict[str, Any], path: Sequence[str], scales: list[float], ratios: list[float]) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(model_cfg)
+    sec = _get(out, path)
+    sec["scales"], sec["ratios"] = list(scales), list(ratios)
+    return out
+
+
+def _detector_anchors(model_cfg: dict[str, Any], num_classes: int) -> Callable[[tuple[int, int]], Tensor]:
+    """``size -> anchors`` of the detector built from ``model_cfg`` (no pretrained weights)."""
+    from detkit.engine.checkpoint import without_pretrained
+    from detkit.registry import registry
+
+    model = registry("detector").build(without_pretrained(model_cfg), num_classes=num_classes)
+    cache: dict[tuple[int, int], Tensor] = {}
+
+    def anchors_for(size: tuple[int, int]) -> Tensor:
+        if size not in cache:
+            with torch.no_grad():
+                cache[size] = model.anchors(size).detach().cpu()
+        return cache[size]
+
+    return anchors_for
+
+
+def _better(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether coverage ``a`` beats ``b`` (shares at 0.7 and 0.5, then the median)."""
+    key = lambda c: (round(c[">=0.7"] + c[">=0.5"], 4), c["median"])  # noqa: E731
+    return key(a) > key(b)
+
+
+def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<config>") -> StatsReport:
+    """Statistics of ``cfg``'s training split (a :class:`detkit.config.Config`)."""
+    from detkit.data.loader import build_dataset
+
+    dataset = build_dataset(cfg.data, "train", augment=False)
+    ann = collect_annotations(dataset, max_images)
+    n_img = ann.sizes.shape[0]
+    wh = (ann.boxes[:, 2:] - ann.boxes[:, :2]).clamp(min=0)
+    per_image = torch.bincount(ann.image_index, minlength=n_img)
+    dist = {
+        "image height": percentiles(ann.sizes[:, 0].float()),
+        "image width": percentiles(ann.sizes[:, 1].float()),
+        "boxes per image": percentiles(per_image.float()),
+        "box width": percentiles(wh[:, 0]),
+        "box height": percentiles(wh[:, 1]),
+        "box sqrt(area)": percentiles(wh.prod(dim=1).sqrt()),
+        "box height/width": percentiles(wh[:, 1] / wh[:, 0].clamp(min=1e-6)),
+    }
+    counts = torch.bincount(ann.labels, minlength=len(ann.classes)).tolist()
+    diffs = torch.bincount(ann.labels[ann.difficult], minlength=len(ann.classes)).tolist()
+    per_class = list(zip(ann.classes, counts, diffs))
+
+    model_cfg = cfg.model.to_dict()
+    path = find_anchor_section(model_cfg)
+    size_divisor = cfg.data.size_divisor
+    num_classes = len(ann.classes)
+    current = coverage(anchor_coverage(ann, _detector_anchors(model_cfg, num_classes), size_divisor))
+    report = StatsReport(
+        source=source, num_images=n_img, classes=ann.classes, distributions=dist, per_class=per_class,
+        anchors=dict(_get(model_cfg, path)) if path is not None else {}, anchor_path=list(path) if path else None,
+        current=current,
+    )  # fmt: skip
+    if ann.boxes.shape[0] == 0:
+        report.notes.append("no boxes: nothing to cover")
+        return report
+    if path is None:
+        report.notes.append("the model config has no section with 'scales' and 'ratios'; no suggestion")
+        return report
+
+    sec = report.anchors
+    base = float(sec.get("base_size", 16.0))
+    scales, ratios = suggest_anchors(ann.boxes, len(sec["scales"]), len(sec["ratios"]), base)
+    # Ratios are height/width here; a detector may define them the other way round.
+    # Build both and keep the one that covers better, so the printed values are the
+    # ones this detector needs.
+    candidates = [ratios]
+    inverted = _dedupe([_round(1 / r) for r in ratios])
+    if inverted != ratios:
+        candidates.append(inverted)
+    best_cov, best_ratios = None, ratios
+    for cand in candidates:
+        anchors_for = _detector_anchors(_with_anchors(model_cfg, path, scales, cand), num_classes)
+        cov = coverage(anchor_coverage(ann, anchors_for, size_divisor))
+        if best_cov is None or _better(cov, best_cov):
+            best_cov, best_ratios = cov, cand
+    report.suggested = {"scales": scales, "ratios": best_ratios}
+    report.suggested_coverage = best_cov
+    if best_cov is not None and not _better(best_cov, current):
+        report.notes.append("the configured anchors already cover these boxes as well as the suggestion")
+    return report
+
+
+def yaml_snippet(path: Sequence[str], scales: list[float], ratios: list[float]) -> str:
+    """The config lines setting anchor scales and ratios at ``model.<path>``."""
+    lines, indent = [], ""
+    for key in ("model", *path):
+        lines.append(f"{indent}{key}:")
+        indent += "  "
+    fmt = lambda xs: "[" + ", ".join(f"{x:g}" for x in xs) + "]"  # noqa: E731
+    lines.append(f"{indent}scales: {fmt(scales)}")
+    lines.append(f"{indent}ratios: {fmt(ratios)}")
+    return "\n".join(lines)
+
+
+def print_report(report: StatsReport, console: Any) -> None:
+    """Rich tables of a :class:`StatsReport`."""
+    from rich.table import Table
+
+    t = Table(title=f"{report.source}: training split, {report.num_images} images (eval-mode transforms)")
+    t.add_column("")
+    for p in PERCENTILES:
+        t.add_column(f"p{p}", justify="right")
+    for name, vals in report.distributions.items():
+        t.add_row(name, *(f"{v:.3g}" if not math.isnan(v) else "-" for v in vals))
+    console.print(t)
+
+    total = sum(n for _, n, _ in report.per_class) or 1
+    c = Table(title="boxes per class")
+    for col in ("class", "boxes", "share", "difficult"):
+        c.add_column(col, justify="left" if col == "class" else "right")
+    for name, n, d in report.per_class:
+        c.add_row(name, str(n), f"{n / total:.1%}", str(d))
+    console.print(c)
+
+    a = Table(title="anchor coverage: share of boxes whose best anchor IoU reaches")
+    a.add_column("anchors")
+    for key in (*(f">={t:g}" for t in THRESHOLDS), "median"):
+        a.add_column(key if key == "median" else f"IoU {key}", justify="right")
+
+    def row(label: str, cov: dict[str, float]) -> list[str]:
+        cells = [f"{cov[f'>={t:g}']:.1%}" for t in THRESHOLDS] + [f"{cov['median']:.3f}"]
+        return [label, *(x if "nan" not in x else "-" for x in cells)]
+
+    sec = report.anchors
+    if sec:
+        a.add_row(*row(f"configured: scales {sec.get('scales')} ratios {sec.get('ratios')}", report.current))
+    else:
+        a.add_row(*row("configured", report.current))
+    if report.suggested is not None and report.suggested_coverage is not None:
+        s = report.suggested
+        a.add_row(*row(f"suggested: scales {s['scales']} ratios {s['ratios']}", report.suggested_coverage))
+    console.print(a)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    if report.suggested is not None and report.anchor_path is not None:
+        s = report.suggested
+        console.print("To use the suggested anchors, put this in the config:", markup=False, highlight=False)
+        console.print(yaml_snippet(report.anchor_path, s["scales"], s["ratios"]), markup=False, highlight=False)
+        dotted = ".".join(("model", *report.anchor_path))
+        fmt = lambda xs: "[" + ",".join(f"{x:g}" for x in xs) + "]"  # noqa: E731
+        console.print(
+            f"or: --set {dotted}.scales={fmt(s['scales'])} --set {dotted}.ratios={fmt(s['ratios'])}",
+            markup=False, highlight=False, soft_wrap=True,
+        )
