@@ -60,8 +60,10 @@ class SyntheticShapes(DetectionDataset):
         seed: int = Field(0, description="base seed; image i depends only on (seed, split, i)")
         split: str = Field("train", min_length=1, description="name mixed into the seed, so splits differ")
         objects: tuple[int, int] = Field((1, 4), description="(min, max) objects per image")
-        object_size: tuple[int, int] = Field(
-            (16, 64), description="(min, max) sqrt(box area) in pixels, sampled log-uniformly"
+        object_size: tuple[int, int] | None = Field(
+            None,
+            description="(min, max) sqrt(box area) in pixels, sampled log-uniformly; "
+            "default (short side / 8, short side / 2), e.g. (16, 64) for 128 px images",
         )
         aspect_range: tuple[float, float] = Field(
             (0.75, 1.33), description="(min, max) box height / width, sampled log-uniformly"
@@ -93,6 +95,9 @@ class SyntheticShapes(DetectionDataset):
             lo, hi = self.objects
             if not 0 <= lo <= hi:
                 raise ValueError(f"objects {self.objects}: need 0 <= min <= max")
+            if self.object_size is None:
+                side = min(h, w)
+                self.object_size = (max(4, side // 8), side // 2)
             smin, smax = self.object_size
             if not 4 <= smin <= smax:
                 raise ValueError(f"object_size {self.object_size}: need 4 <= min <= max")
