@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import platform
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,8 +34,9 @@ FORMAT_VERSION = 1
 def versions() -> dict[str, str]:
     return {
         "detkit": detkit.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # TorchVersion is a str subclass that weights_only loading refuses.
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
     }
 
@@ -88,8 +90,10 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(exc).splitlines()]
+        # torch's weights_only message names the offending object on a later line.
+        detail = next((l for l in lines if "Unsupported global" in l), next((l for l in lines if l), ""))
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail or type(exc).__name__})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""End to end: `detkit train` on a tiny config, checkpoints, metrics, resume, eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkit.config import load_config
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.train import train
+
+TINY = """
+name: tiny
+model:
+  type: faster_rcnn
+  backbone: {type: tiny, channels: [8, 16, 16, 32], tail_features: 32}
+  rpn:
+    type: rpn
+    mid_channels: 16
+    anchor: {scales: [1, 2, 4], offset: 0.5}
+    proposal: {train_pre_nms: 200, train_post_nms: 32, test_pre_nms: 200, test_post_nms: 16, min_size: 2}
+  roi_head: {type: roi_head, pool: roi_pool}
+  preprocess: {min_size: 64, max_size: 64}
+data:
+  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
+  val: {type: synthetic, num_images: 4, image_size: [64, 64], object_size: [16, 32], split: val}
+  batch_size: 4
+  transforms: {min_size: 64, max_size: 64}
+train:
+  epochs: 2
+  trainer:
+    type: faster_rcnn_trainer
+    anchor_target: {type: anchor_target, n_sample: 32}
+    proposal_target: {type: proposal_target, n_sample: 16}
+  optimizer: {type: sgd, lr: 0.01}
+  log_interval: 1
+eval: {interval: 1, score_thresh: 0.0}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_train_writes_checkpoints_metrics_and_plot(tiny_config, tmp_path):
+    run_dir = train(load_config(tiny_config), config_path=tiny_config, out_dir=tmp_path / "run")
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "losses.png"}
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 4  # 8 images / batch 4 = 2 iterations per epoch
+    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "config", "classes", "versions"}
+    assert last["classes"] == ["circle", "square", "triangle", "cross"]
+    train_records = records(run_dir, "train")
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert all(set(r) >= {"rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total", "lr", "images_per_s"}
+               for r in train_records)
+    for r in train_records:
+        parts = r["rpn_loc"] + r["rpn_cls"] + r["roi_loc"] + r["roi_cls"]
+        assert r["total"] == pytest.approx(parts, rel=1e-5)
+    evals = records(run_dir, "eval")
+    assert [e["epoch"] for e in evals] == [0, 1] and all(0.0 <= e["mAP"] <= 1.0 for e in evals)
+    assert (run_dir / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_from_the_saved_step(tiny_config, tmp_path):
+    cfg1 = load_config(tiny_config, ["train.epochs=1", "eval.interval=0"])
+    run_dir = train(cfg1, out_dir=tmp_path / "run")
+    first = load_checkpoint(run_dir / "last.pt")
+    assert (first["epoch"], first["step"]) == (1, 2)
+    cfg2 = load_config(tiny_config, ["train.epochs=2", "eval.interval=0"])
+    train(cfg2, out_dir=run_dir, resume=run_dir / "last.pt")
+    second = load_checkpoint(run_dir / "last.pt")
+    assert (second["epoch"], second["step"]) == (2, 4)
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+    # Resuming restored the optimizer: SGD momentum buffers exist from the first run.
+    assert any("momentum_buffer" in s for s in second["optimizer"]["state"].values())
+    changed = [k for k, v in second["model"].items() if v.is_floating_point() and not torch.equal(v, first["model"][k])]
+    assert changed, "the second epoch trained the model"
+
+
+def test_cli_train_and_eval(tiny_config, tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "detkit.cli", "train", str(tiny_config), "--out", str(tmp_path / "r"),
+         "--set", "train.epochs=1"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "done in" in run.stdout
+    out = tmp_path / "metrics.json"
+    ev = subprocess.run(
+        [sys.executable, "-m", "detkit.cli", "eval", str(tmp_path / "r" / "last.pt"), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4
+
+
+def test_missing_voc_data_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "detkit.cli", "train", "configs/frcnn_vgg.yaml",
+         "--set", "model.backbone.pretrained=null", "--set", f"data.train.root={tmp_path}/VOCdevkit/VOC2007"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "VOC2007" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
