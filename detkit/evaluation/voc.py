@@ -42,7 +42,10 @@ def match_image(
     order = torch.sort(scores, descending=True, stable=True).indices
     iou = box_iou(boxes[order].double(), gt_boxes.double())
     iou[labels[order][:, None] != gt_labels[None, :]] = -1.0  # only boxes of the same class compete
-    best_iou, best_gt = iou.max(dim=1)
+    # argmax + gather, not max(dim=1): the values-and-indices reduction is
+    # pathologically slow on small tensors under OpenMP on a busy CPU.
+    best_gt = iou.argmax(dim=1)
+    best_iou = iou.gather(1, best_gt[:, None])[:, 0]
     hit = best_iou >= iou_thresh
     diff = gt_difficult[best_gt] & hit
     # Each gt box is a TP for the first (highest-scored) detection whose best match
