@@ -171,14 +171,14 @@ class AnchorTargetCreator(TargetCreator):
                 & (anchors[None, :, 3] <= h + b)
             )
 
-        # [A, N*G] -> [N, A, G]; padding gt and ignored anchors get IoU -1 so
-        # they neither match nor win a gt's "best anchor".
-        iou = box_iou(anchors, gt.reshape(-1, 4)).reshape(a, n, g).permute(1, 0, 2)
-        iou = iou.masked_fill(~(valid[:, None, :] & inside[:, :, None]), -1.0)
+        # [N*G, A] -> [N, G, A] (contiguous, anchors innermost); padding gt and
+        # ignored anchors get IoU -1 so they neither match nor win a gt's "best anchor".
+        iou = box_iou(gt.reshape(-1, 4), anchors).reshape(n, g, a)
+        iou = iou.masked_fill(~(valid[:, :, None] & inside[:, None, :]), -1.0)
 
-        max_iou, argmax = iou.max(dim=2)  # [N, A]
-        gt_best = iou.max(dim=1, keepdim=True).values  # [N, 1, G]
-        is_gt_best = ((iou == gt_best) & (gt_best > 0)).any(dim=2)
+        max_iou, argmax = iou.max(dim=1)  # [N, A]
+        gt_best = iou.max(dim=2, keepdim=True).values  # [N, G, 1]
+        is_gt_best = ((iou == gt_best) & (gt_best > 0)).any(dim=1)
 
         # Images without gt: max_iou is -1 for every anchor, so all are negatives.
         negative = inside & (max_iou < self.neg_iou_thresh)
