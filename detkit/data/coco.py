@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -101,10 +102,11 @@ class COCODataset(DetectionDataset):
 
         self.targets = []
         for objs in per_image:
+            # numpy, not tensors: cheap to pickle to spawned workers.
             self.targets.append({
-                "boxes": torch.tensor([o[0] for o in objs], dtype=torch.float32).reshape(-1, 4),
-                "labels": torch.tensor([o[1] for o in objs], dtype=torch.int64),
-                "difficult": torch.tensor([o[2] for o in objs], dtype=torch.bool),
+                "boxes": np.asarray([o[0] for o in objs], dtype=np.float32).reshape(-1, 4),
+                "labels": np.asarray([o[1] for o in objs], dtype=np.int64),
+                "difficult": np.asarray([o[2] for o in objs], dtype=bool),
             })  # fmt: skip
 
     def __len__(self) -> int:
@@ -112,7 +114,7 @@ class COCODataset(DetectionDataset):
 
     def _target(self, index: int) -> dict[str, Any]:
         t = self.targets[index]
-        return {**{k: v.clone() for k, v in t.items()}, "image_id": str(self.images[index]["id"])}
+        return {**{k: torch.tensor(v) for k, v in t.items()}, "image_id": str(self.images[index]["id"])}
 
     def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
         """``((height, width), target)`` from the JSON (the image header if sizes are missing)."""

@@ -116,7 +116,7 @@ class SyntheticShapes(DetectionDataset):
     def __init__(self, **params: Any):
         p = self.params = self.Params(**params)
         self.classes = list(p.classes)
-        self._shape_ids = torch.tensor([SHAPES.index(c) for c in p.classes])
+        self._shape_ids = [SHAPES.index(c) for c in p.classes]
 
     def __len__(self) -> int:
         return self.params.num_images
@@ -191,7 +191,7 @@ class SyntheticShapes(DetectionDataset):
         colours = torch.rand(len(boxes), 5, 3, generator=g)
         shading = torch.rand(len(boxes), 2, generator=g)
         for k in range(len(boxes)):
-            self._draw(img, boxes[k], int(self._shape_ids[labels[k]]), int(orient[k]), colours[k], shading[k])
+            self._draw(img, boxes[k], self._shape_ids[int(labels[k])], int(orient[k]), colours[k], shading[k])
         if self.params.noise > 0:
             img.add_(torch.randn(img.shape, generator=g) * self.params.noise)
         img.clamp_(0, 1)

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
@@ -61,7 +62,7 @@ def _number(node: ET.Element, tag: str, xml: Path, where: str) -> float:
 def parse_voc_xml(
     xml: Path, class_index: dict[str, int], ignore_other_classes: bool = False
 ) -> dict[str, Any]:
-    """One annotation file -> ``{"filename", "size", "boxes" [G,4], "labels" [G], "difficult" [G]}``."""
+    """One annotation file -> ``{"filename", "size", "boxes" [G,4], "labels" [G], "difficult" [G]}`` (numpy)."""
     try:
         tree = ET.parse(xml)
     except FileNotFoundError:
@@ -103,12 +104,14 @@ def parse_voc_xml(
         boxes.append(box)
         labels.append(class_index[name])
         difficult.append(diff)
+    # numpy, not tensors: a data set pickled to spawned workers would otherwise
+    # put every small tensor in its own shared-memory file.
     return {
         "filename": filename,
         "size": size,
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "difficult": torch.tensor(difficult, dtype=torch.bool),
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "difficult": np.asarray(difficult, dtype=bool),
     }
 
 
@@ -172,9 +175,9 @@ class VOCDataset(DetectionDataset):
     def _target(self, index: int) -> dict[str, Any]:
         ann = self.annotations[index]
         return {
-            "boxes": ann["boxes"].clone(),
-            "labels": ann["labels"].clone(),
-            "difficult": ann["difficult"].clone(),
+            "boxes": torch.tensor(ann["boxes"]),
+            "labels": torch.tensor(ann["labels"]),
+            "difficult": torch.tensor(ann["difficult"]),
             "image_id": self.ids[index],
         }
 
