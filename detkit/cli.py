@@ -218,7 +218,12 @@ def data_synth(
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise ConfigError(f"data synth: {'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}") from None
-    written = export_synthetic(out, format, dataset, image_format=image_format)  # type: ignore[arg-type]
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(f"writing {split} images", total=num_images)
+        written = export_synthetic(out, format, dataset, image_format=image_format,  # type: ignore[arg-type]
+                                   progress=lambda done, total: bar.update(task, completed=done))
     console.print(f"wrote {num_images} {split} images in {format} layout to {written}", markup=False, highlight=False)
 
 
