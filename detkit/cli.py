@@ -224,7 +224,8 @@ def data_synth(
         task = bar.add_task(f"writing {split} images", total=num_images)
         written = export_synthetic(out, format, dataset, image_format=image_format,  # type: ignore[arg-type]
                                    progress=lambda done, total: bar.update(task, completed=done))
-    console.print(f"wrote {num_images} {split} images in {format} layout to {written}", markup=False, highlight=False)
+    console.print(f"wrote {num_images} {split} images in {format} layout to {written}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("stats")
