@@ -242,6 +242,45 @@ def data_stats(
     print_report(dataset_stats(cfg, max_images, source=str(config)), console)
 
 
+# ------------------------------------------------------- import and predict
+@app.command("import-weights")
+def import_weights_cmd(
+    src: Path = typer.Argument(..., help="Checkpoint in the faster-rcnn-pytorch layout (.pth)."),
+    dst: Path = typer.Argument(..., help="detkit checkpoint to write."),
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone of SRC: vgg16 or resnet50."),
+    classes: Path = typer.Option(..., "--classes", help="Text file with the foreground class names, one per line, in label order."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Import config (default: configs/import/faster_rcnn_pytorch_<backbone>.yaml)."
+    ),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Convert faster-rcnn-pytorch weights into a detkit checkpoint with the same detections."""
+    from detkit.engine.import_weights import default_import_config, import_weights
+
+    config_path = config if config is not None else default_import_config(backbone)
+    written = import_weights(src, dst, config_path, classes, overrides or [])
+    console.print(f"wrote {written} (config {config_path})", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("predict")
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A detkit checkpoint."),
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Directory for one JSON file per image."),
+    score_thresh: Optional[float] = typer.Option(None, "--score-thresh", min=0.0, max=1.0, help="Default: the model's."),
+    nms_iou: Optional[float] = typer.Option(None, "--nms-iou", min=0.0, max=1.0, help="Default: the model's."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+) -> None:
+    """Detect objects in images; writes OUT/<image stem>.json (boxes in original pixels)."""
+    from detkit.engine.predict import predict_files
+
+    records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
+                            device=device, batch_size=batch_size)
+    total = sum(len(r["detections"]) for r in records)
+    console.print(f"{len(records)} images, {total} detections -> {out}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="detkit")

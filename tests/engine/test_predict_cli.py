@@ -1,0 +1,85 @@
+"""``detkit predict`` and ``detkit import-weights`` on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from detkit.cli import app
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.registry import registry
+
+runner = CliRunner()
+
+CONFIG = {
+    "model": {
+        "type": "faster_rcnn",
+        "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
+        "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"test_post_nms": 20}},
+        "preprocess": {"min_size": 64, "max_size": 96},
+    },
+    "data": {"train": {"type": "synthetic", "num_images": 4}},
+}
+
+
+def tiny_checkpoint(path, confident: bool):
+    from detkit.config import validate
+
+    cfg = validate(CONFIG).to_dict()
+    torch.manual_seed(0)
+    model = registry("detector").build(cfg["model"], num_classes=2)
+    if confident:  # every RoI becomes a sure "b" with the RoI as its box
+        with torch.no_grad():
+            model.head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    save_checkpoint(path, model=model.state_dict(), config=cfg, classes=["a", "b"])
+    return path
+
+
+def test_predict_writes_one_json_per_image(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+    img = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(img)
+    grey = tmp_path / "sub" / "photo.png"
+    grey.parent.mkdir()
+    Image.fromarray(np.zeros((30, 40), dtype=np.uint8)).save(grey)
+    result = runner.invoke(app, ["predict", str(ckpt), str(img), str(grey), "--out", str(tmp_path / "out"),
+                                 "--nms-iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "out" / "photo.json").read_text())
+    second = json.loads((tmp_path / "out" / "photo_1.json").read_text())  # same stem: not overwritten
+    assert (first["width"], first["height"]) == (80, 48) and (second["width"], second["height"]) == (40, 30)
+    assert len(first["detections"]) > 0
+    for d in first["detections"]:
+        assert d["label"] == 1 and d["name"] == "b" and d["score"] > 0.99
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= 80 and 0 <= y1 < y2 <= 48
+
+
+def test_predict_errors_are_one_line(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=False)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    result = runner.invoke(app, ["predict", str(ckpt), str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert f"error: {bad}: cannot read image" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path / "none.pt"), str(bad)])
+    assert result.exit_code == 1 and "checkpoint not found" in result.output
+
+
+def test_import_weights_command_errors(tmp_path):
+    src = tmp_path / "w.pth"
+    torch.save({"rpn.conv1.weight": torch.zeros(1)}, src)
+    classes = tmp_path / "c.txt"
+    classes.write_text("x\n")
+    result = runner.invoke(app, ["import-weights", str(src), str(tmp_path / "o.pt"), "--backbone", "vgg16",
+                                 "--classes", str(classes)])
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert "\n" not in line and "missing keys" in line and "wrong shapes: rpn.conv1.weight" in line
+    result = runner.invoke(app, ["import-weights", str(src), str(tmp_path / "o.pt"), "--backbone", "vgg19",
+                                 "--classes", str(classes)])
+    assert result.exit_code == 2 and "vgg16, resnet50" in result.output
