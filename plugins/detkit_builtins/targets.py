@@ -40,8 +40,10 @@ def pad_ground_truth(
     # A length-1 dummy keeps Gmax >= 1; it is dropped again right away.
     dummy = torch.zeros(1, 4, device=device)
     padded = pad_sequence([*boxes, dummy], batch_first=True)[:n]
-    counts = torch.tensor([b.shape[0] for b in boxes], device=device)  # host -> device copy only
-    valid = torch.arange(padded.shape[1], device=device)[None, :] < counts[:, None]
+    # The mask is padded the same way rather than built from a tensor of
+    # counts: torch.tensor(list, device="cuda") is a blocking host-to-device copy.
+    ones = [torch.ones(b.shape[0], dtype=torch.bool, device=device) for b in boxes]
+    valid = pad_sequence([*ones, torch.zeros(1, dtype=torch.bool, device=device)], batch_first=True)[:n]
     labels = None
     if gt_labels is not None:
         lab = [l.to(device=device, dtype=torch.int64).reshape(-1) for l in gt_labels]
@@ -80,6 +82,19 @@ def rank_within(
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(key.numel(), device=key.device) - first[group[order]]
     return ranks
+
+
+def _std_tensor(std: Sequence[float] | Tensor, like: Tensor, cache: dict) -> Tensor:
+    """``std`` as a tensor on ``like``'s device, made once per (values, device).
+
+    Creating it on every call would be a blocking host-to-device copy on CUDA.
+    """
+    if isinstance(std, Tensor):
+        return std.to(device=like.device, dtype=like.dtype)
+    key = (tuple(float(s) for s in std), str(like.device), like.dtype)
+    if key not in cache:
+        cache[key] = torch.tensor(key[0], dtype=like.dtype, device=like.device)
+    return cache[key]
 
 
 def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -256,6 +271,7 @@ class ProposalTargetCreator(TargetCreator):
         self.pos_iou_thresh = pos_iou_thresh
         self.neg_iou_thresh_hi = neg_iou_thresh_hi
         self.neg_iou_thresh_lo = neg_iou_thresh_lo
+        self._std_cache: dict = {}
 
     @torch.no_grad()
     def forward(
@@ -323,7 +339,7 @@ class ProposalTargetCreator(TargetCreator):
         matched_gt = gt[cand_img, argmax]
         label = gt_lab[cand_img, argmax] + 1
         label = torch.where(keep_pos, label, torch.zeros_like(label))
-        locs = encode(cand, matched_gt, loc_normalize_std)
+        locs = encode(cand, matched_gt, _std_tensor(loc_normalize_std, cand, self._std_cache))
         locs = torch.where(keep_pos[:, None], locs, locs.new_zeros(()))
 
         sample_rois = rois.new_zeros(n * s + 1, 4)

@@ -123,7 +123,9 @@ class FasterRCNNTrainer(Trainer):
         device = imgs.device
         input_size = (int(imgs.shape[-2]), int(imgs.shape[-1]))
         if image_sizes is None:
-            image_sizes = torch.tensor([input_size], dtype=torch.int64, device=device).expand(n, 2)
+            # Filled on the device: torch.tensor(..., device="cuda") would block on a copy.
+            image_sizes = torch.empty(n, 2, dtype=torch.int64, device=device)
+            image_sizes[:, 0], image_sizes[:, 1] = input_size
         else:
             image_sizes = image_sizes.to(device)
         bboxes = [b.to(device) for b in bboxes]

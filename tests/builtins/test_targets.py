@@ -297,3 +297,32 @@ def test_target_creators_built_through_registry():
     assert isinstance(ptc, ProposalTargetCreator) and ptc.n_sample == 16
     with pytest.raises(ComponentValidationError, match="neg_iou_thresh"):
         registry("target_creator").validate({"type": "anchor_target", "neg_iou_thresh": 0.8})
+
+
+# ---------------------------------------------------------- no host syncs
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Make every Python-level read of tensor data fail (what would sync a GPU)."""
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("tensor data read on the host")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
+def test_target_creators_never_read_tensor_data(crowded, no_host_reads):
+    gt, anchors = crowded
+    image_sizes = sizes([96, 96], [96, 96])
+    locs, labels = AnchorTargetCreator(n_sample=16, allowed_border=0)([gt, NO_BOX], anchors, image_sizes, gen())
+    out = ProposalTargetCreator(n_sample=8)(
+        anchors, torch.zeros(32, dtype=torch.int64), [gt, NO_BOX], [torch.tensor([1]), NO_LABEL], STD, gen()
+    )
+    assert labels.shape == (2, 32) and out[3].shape == (16,)
+
+
+def test_no_host_reads_fixture_catches_a_read(no_host_reads):
+    with pytest.raises(AssertionError, match="host"):
+        torch.ones(2).sum().item()
+    with pytest.raises(AssertionError, match="host"):
+        bool(torch.ones(()) > 0)
