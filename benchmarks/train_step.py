@@ -214,7 +214,7 @@ def bench_targets(device: torch.device, reps: int = 10) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["vgg16", "resnet50"])
+    parser.add_argument("--backbones", nargs="*", default=["vgg16", "resnet50"], help="none: only the conv and target-creation figures")
     parser.add_argument("--size", type=int, default=600)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1)
