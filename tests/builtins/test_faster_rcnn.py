@@ -156,3 +156,18 @@ def test_pil_backend_resizes_like_pil(image):
     out = m._resize(u8, (96, 144))
     ref = Image.fromarray(u8.permute(1, 2, 0).numpy()).resize((144, 96), Image.BICUBIC)
     assert torch.equal(out, torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255).permute(2, 0, 1))
+
+
+def test_channels_last_changes_layout_not_results(image):
+    a = confident(build(channels_last=True))
+    b = confident(build(channels_last=False))
+    b.load_state_dict(a.state_dict())
+    assert a.extractor.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert b.extractor.stages[0][0].weight.is_contiguous()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    x = image.unsqueeze(0)
+    fa, fb = a(x, mode="extractor"), b(x, mode="extractor")
+    assert fa.is_contiguous(memory_format=torch.channels_last) and torch.allclose(fa, fb, atol=1e-5)
+    pa, pb = a.predict([image])[0], b.predict([image])[0]
+    assert pa["boxes"].shape[0] > 0
+    assert torch.allclose(pa["boxes"], pb["boxes"], atol=1e-3) and torch.equal(pa["labels"], pb["labels"])

@@ -63,10 +63,13 @@ class TailSequential(_FrozenBNMixin, nn.Sequential):
     def __init__(self, *layers: nn.Module, flatten_input: bool = False):
         super().__init__(*layers)
         self.flatten_input = flatten_input
+        self.channels_last = False  # set by a detector that runs in channels-last layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.flatten_input:
-            x = x.flatten(1)
+            x = x.flatten(1)  # flatten follows the logical (C, H, W) order in any layout
+        elif self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x).flatten(1)
 
 
