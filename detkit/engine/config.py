@@ -38,7 +38,6 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     amp: bool = Field(False, description="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
-    grad_clip: float | None = Field(None, gt=0)
     freeze_backbone_epochs: int = Field(0, ge=0)
     freeze_batch_size: int | None = Field(None, gt=0)
     max_iters_per_epoch: int | None = Field(None, gt=0)

@@ -187,7 +187,7 @@ def train(
                         if not all(math.isfinite(v) for v in values):
                             raise DetkitError(
                                 f"loss became {values[-1]} at step {step}: lower train.optimizer.lr, "
-                                "set train.grad_clip, or check the data (see `detkit data stats`)"
+                                "set train.trainer.grad_clip, or check the data (see `detkit data stats`)"
                             )
                         record = {"type": "train", "epoch": epoch, "step": step,
                                   **dict(zip(LOSS_NAMES, values)),

@@ -246,7 +246,7 @@ class ProposalTargetCreator(TargetCreator):
         model_config = ConfigDict(extra="forbid")
 
         n_sample: int = Field(128, gt=0, description="RoIs sampled per image")
-        pos_ratio: float = Field(0.25, ge=0, le=1, description="largest share of foreground in a sample")
+        pos_ratio: float = Field(0.5, ge=0, le=1, description="largest share of foreground in a sample")
         pos_iou_thresh: float = Field(0.5, gt=0, le=1)
         neg_iou_thresh_hi: float = Field(0.5, ge=0, le=1)
         neg_iou_thresh_lo: float = Field(0.0, ge=0, le=1)
@@ -260,7 +260,7 @@ class ProposalTargetCreator(TargetCreator):
     def __init__(
         self,
         n_sample: int = 128,
-        pos_ratio: float = 0.25,
+        pos_ratio: float = 0.5,
         pos_iou_thresh: float = 0.5,
         neg_iou_thresh_hi: float = 0.5,
         neg_iou_thresh_lo: float = 0.0,

@@ -33,6 +33,9 @@ class TinyBackbone(FreezableBNBackbone):
         channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
         tail_features: int = Field(256, gt=0)
         roi_size: int = Field(7, gt=0)
+        blocks_per_stage: int = Field(
+            1, ge=1, le=4, description="3x3 convs per stage (the first strided); more widens the receptive field"
+        )
         freeze_stages: int = Field(0, ge=0, le=4)
         freeze_bn: bool = False
 
@@ -52,13 +55,16 @@ class TinyBackbone(FreezableBNBackbone):
         roi_size: int = 7,
         freeze_stages: int = 0,
         freeze_bn: bool = False,
+        blocks_per_stage: int = 1,
     ):
         super().__init__()
         channels = list(channels)
         self.out_channels = channels[-1]
         blocks, cin = [], 3
         for c in channels:
-            blocks.append(_conv_bn_relu(cin, c, stride=2))
+            layers = [_conv_bn_relu(cin, c, stride=2)]
+            layers += [_conv_bn_relu(c, c, stride=1) for _ in range(blocks_per_stage - 1)]
+            blocks.append(layers[0] if blocks_per_stage == 1 else nn.Sequential(*layers))
             cin = c
         self.stages = nn.Sequential(*blocks)
         self.roi_size = roi_size
