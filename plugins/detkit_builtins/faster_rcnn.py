@@ -123,6 +123,7 @@ class FasterRCNN(Detector):
         # Non-persistent: they come from the config, not from trained weights.
         self.register_buffer("pixel_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("loc_std", torch.tensor(self.loc_normalize_std), persistent=False)
         self._feature_sizes: dict[tuple[int, int], tuple[int, int]] = {}
         self.channels_last = channels_last
         if channels_last:
@@ -170,7 +171,8 @@ class FasterRCNN(Detector):
             if input_size is None:
                 raise ValueError("mode='rpn' needs image_sizes ([N, 2] true (h, w) of each image)")
             n = features.shape[0] if n is None else n
-            image_sizes = torch.tensor([input_size], device=features.device).expand(n, 2)
+            image_sizes = torch.full((n, 2), input_size[0], dtype=torch.int64, device=features.device)
+            image_sizes[:, 1] = input_size[1]  # filled on the device: no host-to-device copy
         return self.rpn(features, image_sizes, scale)
 
     # ----------------------------------------------------------------- anchors
@@ -291,13 +293,13 @@ class FasterRCNN(Detector):
         c = self.num_classes
         r = rois.shape[0]
         locs = roi_cls_locs.float().view(r, c + 1, 4)[:, 1:]
-        boxes = box_ops.decode(rois.float().unsqueeze(1), locs, self.loc_normalize_std)  # [R, C, 4]
+        boxes = box_ops.decode(rois.float().unsqueeze(1), locs, self.loc_std.float())  # [R, C, 4]
         sizes = image_sizes.to(boxes.dtype)[roi_indices]  # [R, 2]
         if self.clip_detections:
             boxes = box_ops.clip(boxes, sizes[:, 0:1], sizes[:, 1:2])
         # Back to original pixels: x by orig_w / input_w, y by orig_h / input_h.
         ratio = orig_sizes.to(boxes.dtype)[roi_indices] / sizes  # [R, 2] (h, w)
-        boxes = boxes * ratio[:, [1, 0, 1, 0]].unsqueeze(1)
+        boxes = boxes * ratio.flip(1).repeat(1, 2).unsqueeze(1)  # (w, h, w, h) ratios
         probs = F.softmax(roi_scores.float(), dim=-1)[:, 1:]  # [R, C]
 
         labels = torch.arange(c, device=boxes.device).expand(r, c)

@@ -72,9 +72,10 @@ class RoIHead(RoIHeadBase):
             h, w = input_size
             # Divide then multiply, in this order, as the reference does: RoIPool rounds
             # the mapped coordinates, so a different rounding of x/w*fw could move a bin.
-            size = rois.new_tensor([w, h, w, h])
-            feat = rois.new_tensor([fw, fh, fw, fh])
-            rois = rois / size * feat
+            # Python-scalar arithmetic per axis: no small tensors copied to the device.
+            xs = rois[:, 0::2] / w * fw
+            ys = rois[:, 1::2] / h * fh
+            rois = torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), dim=1)
             spatial_scale = 1.0
         else:
             spatial_scale = 1.0 / self.feat_stride

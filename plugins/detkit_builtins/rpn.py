@@ -77,8 +77,11 @@ class ProposalCreator(nn.Module):
         sizes = image_sizes.to(device=device, dtype=boxes.dtype)
         boxes = box_ops.clip(boxes, sizes[:, 0:1], sizes[:, 1:2])
 
-        min_size = self.min_size * torch.as_tensor(scale, dtype=boxes.dtype, device=device)
-        min_size = min_size.reshape(-1, 1) if min_size.dim() else min_size  # [N, 1] or scalar
+        if isinstance(scale, Tensor):
+            min_size = self.min_size * scale.to(device=device, dtype=boxes.dtype)
+            min_size = min_size.reshape(-1, 1) if min_size.dim() else min_size  # [N, 1] or scalar
+        else:
+            min_size = self.min_size * float(scale)  # a Python number: no host-to-device copy
         ws = boxes[..., 2] - boxes[..., 0]
         hs = boxes[..., 3] - boxes[..., 1]
         valid = (ws >= min_size) & (hs >= min_size)
