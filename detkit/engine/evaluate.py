@@ -49,7 +49,7 @@ def evaluate(
 
 
 def metrics_table(result: dict[str, Any], title: str = "validation") -> Table:
-    table = Table(title=f"{title}: mAP@{result.get('iou_thresh', 0.5)} = {result['mAP']:.4f}")
+    table = Table(title=title, caption=f"mAP = {result['mAP']:.4f}")
     table.add_column("class")
     table.add_column("AP", justify="right")
     for name, ap in result.get("AP", {}).items():

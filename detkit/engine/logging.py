@@ -114,7 +114,7 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
         ax2.plot([r["step"] for r in evals], [r["mAP"] for r in evals], "k--o", label="val mAP@0.5")
         ax2.set_ylabel("mAP@0.5")
         ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper center")
+        ax2.legend(loc="center right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

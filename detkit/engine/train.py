@@ -222,7 +222,7 @@ def train(
     plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "losses.png")
     minutes = (time.perf_counter() - t_start) / 60
     if last_result is not None:
-        console.print(metrics_table(last_result, title=f"final validation ({len(val_set)} images)"))
+        console.print(metrics_table(last_result, title=f"val AP ({len(val_set)} images)"))
     summary = f"done in {minutes:.1f} min: {run_dir / 'last.pt'}"
     if val_set is not None and best_map > -math.inf:
         summary += f", best val mAP@{cfg.eval.iou_thresh} {best_map:.4f} ({run_dir / 'best.pt'})"
