@@ -8,7 +8,7 @@ import pytest
 
 from detkit import plugins
 from detkit.errors import PluginLoadError, RegistryError
-from detkit.registry import registry
+from detkit.registry import ComponentValidationError, registry
 
 GOOD = """
 from pydantic import BaseModel, ConfigDict
@@ -45,8 +45,15 @@ def test_broken_plugin_is_recorded_and_does_not_break_others(fake_site):
     entries = {e.name: e for e in plugins.load_all() if e.kind == "loss"}
     assert entries["broken_loss"].status == "failed: RuntimeError: boom at import"
     assert entries["good_loss"].status == "ok"
-    with pytest.raises(PluginLoadError, match=r"fake-broken 9\.9 \(fake_broken:Nope\) failed to load: RuntimeError: boom at import"):
+    # Building it fails with the plugin's own error, located at the component's `type`.
+    with pytest.raises(ComponentValidationError) as info:
         registry("loss").build("broken_loss")
+    assert info.value.errors == [
+        (("type",), "loss 'broken_loss' from fake-broken 9.9 (fake_broken:Nope) failed to load: "
+                    "RuntimeError: boom at import")
+    ]
+    with pytest.raises(PluginLoadError, match="boom at import"):
+        registry("loss").get("broken_loss")
     assert registry("loss").build("good_loss").weight == 1.0
 
 
