@@ -12,17 +12,22 @@ from torch import Tensor
 from detkit.errors import DataError
 
 
-def load_image(path: str | Path) -> Tensor:
-    """An RGB image file as float32 ``[3, H, W]`` in 0..1; unreadable files raise DataError."""
+def read_image_uint8(path: str | Path) -> Tensor:
+    """An image file as uint8 ``[3, H, W]`` RGB (grey and RGBA converted as PIL does)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An RGB image file as float32 ``[3, H, W]`` in 0..1; unreadable files raise DataError."""
+    return read_image_uint8(path).float().div_(255)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -64,7 +64,7 @@ def evaluate_checkpoint(
     from detkit.config import apply_overrides, load_config, validate
     from detkit.data.loader import build_dataset, build_loader
     from detkit.engine.checkpoint import atomic_write_text, load_detector
-    from detkit.engine.train import resolve_device
+    from detkit.engine.device import resolve_device
 
     cfg = load_config(config_path, overrides) if config_path is not None else None
     model, ckpt = load_detector(checkpoint)

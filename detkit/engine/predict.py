@@ -6,36 +6,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-
+from detkit.data.image import read_image_uint8
+from detkit.engine.device import resolve_device
 from detkit.errors import ConfigError, DataError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r} requested but CUDA is not available on this machine")
-    return device
-
-
-def read_image_uint8(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 ``[3, H, W]`` RGB (grey and RGBA converted as PIL does)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def _out_names(images: Sequence[Path]) -> list[str]:
@@ -73,7 +46,7 @@ def predict_files(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     model, ckpt = load_detector(checkpoint, map_location="cpu")
     model.to(dev)
     classes = list(ckpt["classes"])

@@ -25,24 +25,13 @@ import yaml
 from rich.console import Console
 
 from detkit.config import Config
+from detkit.engine.device import resolve_device
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import LOSS_NAMES, MetricsWriter, Throughput, TrainDisplay, plot_losses
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import registry
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available on this machine")
-    return device
 
 
 def seed_everything(seed: int) -> None:
