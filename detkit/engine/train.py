@@ -130,7 +130,7 @@ def train(
                           markup=False, highlight=False, soft_wrap=True)
 
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard)
     backbone_params = _backbone_only_params(model)
     trainable = {id(p): p.requires_grad for p in backbone_params}
     console.print(

@@ -118,3 +118,53 @@ def test_missing_voc_data_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "VOC2007" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_frozen_backbone_phase_then_unfrozen(tiny_config, tmp_path):
+    cfg = load_config(tiny_config, ["train.epochs=2", "eval.interval=0", "train.freeze_backbone_epochs=1",
+                                    "train.freeze_batch_size=2"])
+    run_dir = train(load_config(tiny_config, ["train.epochs=1", "eval.interval=0", "train.freeze_backbone_epochs=1",
+                                              "train.freeze_batch_size=2", "train.optimizer.weight_decay=0"]),
+                    out_dir=tmp_path / "frozen")
+    after_frozen = load_checkpoint(run_dir / "last.pt")
+    # The frozen epoch used its own batch size: 8 images / 2 = 4 steps.
+    assert after_frozen["step"] == 4
+    torch.manual_seed(0)  # the same initial weights as the run above (seeded by train.seed)
+    from detkit.registry import registry
+
+    fresh = registry("detector").build(cfg.model, num_classes=4)
+    trunk = [k for k in after_frozen["model"] if k.startswith("extractor.stages.") and k.endswith(".weight")]
+    head = [k for k in after_frozen["model"] if k.startswith("head.score")]
+    assert trunk and head
+    assert all(torch.equal(after_frozen["model"][k], fresh.state_dict()[k]) for k in trunk)
+    assert not all(torch.equal(after_frozen["model"][k], fresh.state_dict()[k]) for k in head)
+    # Unfrozen afterwards: the second epoch (batch 4) changes the trunk.
+    train(cfg, out_dir=run_dir, resume=run_dir / "last.pt")
+    after = load_checkpoint(run_dir / "last.pt")
+    assert after["step"] == 4 + 2
+    assert not all(torch.equal(after["model"][k], after_frozen["model"][k]) for k in trunk)
+
+
+def test_amp_flag_trains_on_cpu(tiny_config, tmp_path):
+    run_dir = train(load_config(tiny_config, ["train.epochs=1", "eval.interval=0", "train.amp=true"]),
+                    out_dir=tmp_path / "amp")
+    steps = records(run_dir, "train")
+    assert len(steps) == 2 and all(r["total"] > 0 for r in steps)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_config, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    from detkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.tensorboard: the tensorboard package is not installed"):
+        train(load_config(tiny_config, ["train.epochs=1", "eval.interval=0", "train.tensorboard=true"]),
+              out_dir=tmp_path / "tb")
