@@ -93,3 +93,26 @@ def test_third_party_plugin_installed_to_a_target_dir(tmp_path):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("detkit ")
+
+
+def test_config_schema_lists_each_installed_plugin_with_its_parameters():
+    result = runner.invoke(app, ["config", "schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    assert set(schema["properties"]) == {"name", "model", "data", "train", "eval"}
+    defs = schema["$defs"]
+    assert defs["backbone_vgg16"]["properties"]["type"]["const"] == "vgg16"
+    assert "freeze_stages" in defs["backbone_vgg16"]["properties"]
+    assert defs["dataset_voc"]["properties"]["type"]["const"] == "voc"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "frcnn_vgg", "frcnn_resnet50"])
+def test_shipped_configs_validate_and_show_resolved_defaults(name):
+    import yaml
+
+    result = runner.invoke(app, ["config", "show", f"{REPO}/configs/{name}.yaml", "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output)
+    assert resolved["train"]["epochs"] == 2
+    assert resolved["model"]["rpn"]["proposal"]["nms_iou"] == 0.7  # a default filled in by the rpn plugin
+    assert resolved["model"]["roi_head"]["type"] == "roi_head"
