@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.text import Text
 
 from detkit.errors import ConfigError
 from rich.progress import (
@@ -70,24 +71,39 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+class _ProgressWithInfo(Progress):
+    """A progress bar with a free-text line under it (the losses, too long for a column)."""
+
+    info = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        if self.info:
+            yield Text(self.info, overflow="fold")
+
+
 class TrainDisplay:
-    """A rich progress bar on a terminal; plain log lines elsewhere (CI, files)."""
+    """A rich progress bar on a terminal; plain log lines elsewhere (CI, files).
+
+    Bar line: epoch, bar, step/total, elapsed, ETA, images/s; under it the
+    five losses and the learning rate of the last logging window.
+    """
 
     def __init__(self, console: Console, total_steps: int, start_step: int):
         self.console = console
         self.live = console.is_terminal
-        self.progress = Progress(
+        self.progress = _ProgressWithInfo(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[rate]}"),
             console=console,
             disable=not self.live,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch="-", info="")
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch="-", rate="")
 
     def __enter__(self) -> "TrainDisplay":
         self.progress.__enter__()
@@ -101,7 +117,8 @@ class TrainDisplay:
 
     def log(self, record: dict[str, Any]) -> None:
         info = format_train_record(record)
-        self.progress.update(self.task, info=info)
+        self.progress.info = info
+        self.progress.update(self.task, rate=f"{record['images_per_s']:.1f} img/s")
         if not self.live:
             self.console.print(
                 f"epoch {record['epoch'] + 1} step {record['step']}  {info}",
