@@ -123,6 +123,10 @@ def train(
             if ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])
         start_epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+        if ckpt.get("rng_state") is not None:
+            torch.set_rng_state(ckpt["rng_state"].cpu())
+        if ckpt.get("cuda_rng_state") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng_state"]])
         best_map = float(ckpt.get("best_map", -math.inf))
         console.print(f"resumed from {resume}: epoch {start_epoch}, step {step}", markup=False, highlight=False, soft_wrap=True)
         if start_epoch >= tc.epochs:
@@ -145,6 +149,10 @@ def train(
             path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), epoch=epoch_done, step=step, best_map=best_map,
             config=cfg.to_dict(), classes=classes, metrics=result or {},
+            # Target sampling draws from the global generators: restoring them
+            # makes a resumed run continue exactly as an uninterrupted one.
+            rng_state=torch.get_rng_state(),
+            cuda_rng_state=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         )
 
     t_start = time.perf_counter()

@@ -168,3 +168,18 @@ def test_tensorboard_without_the_package_is_a_clear_error(tiny_config, tmp_path,
     with pytest.raises(ConfigError, match="train.tensorboard: the tensorboard package is not installed"):
         train(load_config(tiny_config, ["train.epochs=1", "eval.interval=0", "train.tensorboard=true"]),
               out_dir=tmp_path / "tb")
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
+    overrides = ["eval.interval=0", "data.transforms.hflip=0.5"]
+    straight = train(load_config(tiny_config, ["train.epochs=2", *overrides]), out_dir=tmp_path / "straight")
+    split = train(load_config(tiny_config, ["train.epochs=1", *overrides]), out_dir=tmp_path / "split")
+    train(load_config(tiny_config, ["train.epochs=2", *overrides]), out_dir=split, resume=split / "last.pt")
+    a = load_checkpoint(straight / "last.pt")["model"]
+    b = load_checkpoint(split / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    la = [r["total"] for r in records(straight, "train")]
+    lb = [r["total"] for r in records(split, "train")]
+    assert la == pytest.approx(lb, rel=1e-5)
