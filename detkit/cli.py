@@ -271,12 +271,13 @@ def predict_cmd(
     nms_iou: Optional[float] = typer.Option(None, "--nms-iou", min=0.0, max=1.0, help="Default: the model's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+    draw: bool = typer.Option(False, "--draw", help="Also write OUT/<image stem>.detections.png with the boxes."),
 ) -> None:
     """Detect objects in images; writes OUT/<image stem>.json (boxes in original pixels)."""
     from detkit.engine.predict import predict_files
 
     records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
-                            device=device, batch_size=batch_size)
+                            device=device, batch_size=batch_size, draw=draw)
     total = sum(len(r["detections"]) for r in records)
     console.print(f"{len(records)} images, {total} detections -> {out}", markup=False, highlight=False, soft_wrap=True)
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from detkit.data.image import read_image_uint8
 from detkit.engine.device import resolve_device
 from detkit.errors import ConfigError, DataError
@@ -30,13 +32,15 @@ def predict_files(
     nms_iou: float | None = None,
     device: str = "auto",
     batch_size: int = 1,
+    draw: bool = False,
 ) -> list[dict[str, Any]]:
     """Detect objects in ``images`` and write ``out_dir/<stem>.json`` for each.
 
     Boxes are ``[x1, y1, x2, y2]`` in the original image's pixels.  Returns
     the written records in input order.  ``batch_size > 1`` pads images of
     different sizes into one batch, which can change results slightly near
-    the borders; 1 reproduces per-image inference exactly.
+    the borders; 1 reproduces per-image inference exactly.  ``draw`` also
+    writes ``out_dir/<stem>.detections.png`` with the boxes drawn on the image.
     """
     from detkit.engine.checkpoint import atomic_write_text, load_detector
 
@@ -71,5 +75,33 @@ def predict_files(
                 ],
             }
             atomic_write_text(out_dir / name, json.dumps(record, indent=1) + "\n")
+            if draw:
+                draw_detections(image, record["detections"], out_dir / name.replace(".json", ".detections.png"))
             records.append(record)
     return records
+
+
+def draw_detections(image: torch.Tensor, detections: list[dict[str, Any]], path: Path) -> Path:
+    """Write ``image`` (uint8 ``[3, H, W]``) with labelled boxes as a PNG, atomically."""
+    import os
+    import tempfile
+
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes
+
+    if detections:
+        boxes = torch.tensor([d["box"] for d in detections], dtype=torch.float32)
+        labels = [f"{d['name']} {d['score']:.2f}" for d in detections]
+        palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+        colors = [palette[d["label"] % len(palette)] for d in detections]
+        width = max(1, round(max(image.shape[1:]) / 300))
+        image = draw_bounding_boxes(image, boxes, labels, colors=colors, width=width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

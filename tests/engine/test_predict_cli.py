@@ -83,3 +83,18 @@ def test_import_weights_command_errors(tmp_path):
     result = runner.invoke(app, ["import-weights", str(src), str(tmp_path / "o.pt"), "--backbone", "vgg19",
                                  "--classes", str(classes)])
     assert result.exit_code == 2 and "vgg16, resnet50" in result.output
+
+
+def test_predict_draw_writes_an_annotated_png_beside_the_json(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+    pixels = np.full((48, 80, 3), 128, dtype=np.uint8)
+    img = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(img)
+    out = tmp_path  # the input's own folder: the drawing must not overwrite photo.png
+    result = runner.invoke(app, ["predict", str(ckpt), str(img), "--out", str(out), "--draw"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(img)), pixels)
+    drawn = np.asarray(Image.open(out / "photo.detections.png").convert("RGB"))
+    assert drawn.shape == pixels.shape
+    assert json.loads((out / "photo.json").read_text())["detections"]
+    assert (drawn != pixels).any(), "boxes were drawn"
