@@ -310,13 +310,16 @@ class FasterRCNN(Detector):
         # Group by image (stable: still best first) and cap each image's count.
         order = torch.sort(image_idx[keep], stable=True).indices
         keep = keep[order]
-        counts = torch.bincount(image_idx[keep], minlength=num_images)
+        # index_add, not bincount: bincount on CUDA reads max() back to the host.
+        kept_images = image_idx[keep]
+        counts = torch.zeros(num_images, dtype=torch.int64, device=keep.device)
+        counts.index_add_(0, kept_images, torch.ones_like(kept_images))
         if self.max_detections is not None:
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(keep.numel(), device=keep.device) - starts[image_idx[keep]]
             keep = keep[rank < self.max_detections]
             counts = counts.clamp(max=self.max_detections)
-        # One transfer of N counts to split the flat result into per-image lists.
+        # The one host sync of predict: N counts to split the flat result per image.
         splits = counts.tolist()
         return [
             {"boxes": b, "scores": s, "labels": l}

@@ -63,10 +63,12 @@ class RoIHead(RoIHeadBase):
         self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
     ) -> Tensor:
         """``[R, in_channels, roi_size, roi_size]`` features of each RoI."""
-        if features.device.type == "cpu" and features.dtype == torch.bfloat16:
-            # torchvision has no bfloat16 CPU kernels for roi_pool/roi_align (CPU autocast).
-            features = features.float()
-        rois = rois.to(features.dtype)
+        # Pool in float32: RoI coordinates in fp16/bf16 lose up to pixels and
+        # move roi_pool's rounded bins, torchvision's pooling needs features and
+        # boxes of one dtype, and it has no bfloat16 CPU kernels. Cast back after.
+        out_dtype = features.dtype
+        features = features.float()
+        rois = rois.float()
         if self.mapping == "feature_ratio":
             fh, fw = features.shape[-2:]
             h, w = input_size
@@ -81,10 +83,12 @@ class RoIHead(RoIHeadBase):
             spatial_scale = 1.0 / self.feat_stride
         boxes = torch.cat((roi_indices.to(rois.dtype).unsqueeze(1), rois), dim=1)
         if self.pool == "roi_pool":
-            return roi_pool(features, boxes, self.roi_size, spatial_scale)
-        return roi_align(
-            features, boxes, self.roi_size, spatial_scale, self.sampling_ratio, self.aligned
-        )
+            pooled = roi_pool(features, boxes, self.roi_size, spatial_scale)
+        else:
+            pooled = roi_align(
+                features, boxes, self.roi_size, spatial_scale, self.sampling_ratio, self.aligned
+            )
+        return pooled.to(out_dtype)
 
     def forward(
         self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]

@@ -105,7 +105,9 @@ class ProposalCreator(nn.Module):
         kept_groups = flat_groups[keep]
         order = torch.sort(kept_groups, stable=True).indices
         keep, kept_groups = keep[order], kept_groups[order]
-        counts = torch.bincount(kept_groups, minlength=n + 1)
+        # index_add, not bincount: bincount on CUDA reads max() back to the host.
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=device)
+        counts.index_add_(0, kept_groups, torch.ones_like(kept_groups))
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(keep.numel(), device=device) - starts[kept_groups]
         selected = keep[(rank < post_nms) & (kept_groups < n)]

@@ -174,12 +174,16 @@ class AnchorTargetCreator(TargetCreator):
         gt, valid, _ = pad_ground_truth(gt_boxes, device)
         g = gt.shape[1]
 
-        inside = torch.ones(n, a, dtype=torch.bool, device=device)
+        sizes = image_sizes.to(device=device, dtype=torch.float32)
+        h, w = sizes[:, 0:1], sizes[:, 1:2]
+        # Anchors centred in the zero padding of a smaller image of the batch
+        # are not negatives of that image: they see no image at all.
+        cx = (anchors[None, :, 0] + anchors[None, :, 2]) * 0.5
+        cy = (anchors[None, :, 1] + anchors[None, :, 3]) * 0.5
+        inside = (cx < w) & (cy < h)
         if self.allowed_border is not None:
             b = float(self.allowed_border)
-            sizes = image_sizes.to(device=device, dtype=torch.float32)
-            h, w = sizes[:, 0:1], sizes[:, 1:2]
-            inside = (
+            inside = inside & (
                 (anchors[None, :, 0] >= -b)
                 & (anchors[None, :, 1] >= -b)
                 & (anchors[None, :, 2] <= w + b)

@@ -62,3 +62,12 @@ def test_output_shapes_and_init():
     assert h.cls_loc.bias.abs().sum() == 0 and h.score.bias.abs().sum() == 0
     assert 0.0003 < h.cls_loc.weight.std() < 0.003
     assert h.num_classes == 5
+
+
+def test_rois_are_mapped_in_float32_under_reduced_precision():
+    # bf16 stores 999 as 1000: mapped by 64/1024 that is cell 62.5 -> 63 instead of 62.4 -> 62.
+    features = (-torch.arange(64.0)).expand(1, 1, 64, 64).to(torch.bfloat16)
+    rois = torch.tensor([[999.0, 0.0, 1023.0, 15.0]])
+    pooled = head().pool_rois(features, rois, torch.tensor([0]), (1024, 1024))
+    assert pooled.dtype == torch.bfloat16
+    assert pooled.flatten().tolist() == [-62.0]

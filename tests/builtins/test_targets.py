@@ -326,3 +326,11 @@ def test_no_host_reads_fixture_catches_a_read(no_host_reads):
         torch.ones(2).sum().item()
     with pytest.raises(AssertionError, match="host"):
         bool(torch.ones(()) > 0)
+
+
+def test_anchors_in_the_padding_of_a_smaller_image_are_ignored():
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], [40.0, 40.0, 56.0, 56.0]])
+    gt = [torch.tensor([[30.0, 30.0, 60.0, 60.0]]), torch.zeros(0, 4)]
+    _, labels = AnchorTargetCreator(n_sample=100)(gt, anchors, sizes(64, 64, 32, 32), gen())
+    assert labels[0].tolist() == [0, 1]  # image 0 is 64x64: both anchors see it
+    assert labels[1].tolist() == [0, -1]  # image 1 is 32x32: the second anchor lies in its padding
