@@ -37,8 +37,22 @@ class _Group(TyperGroup):
         except DetkitError as exc:
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"error: {user_message(exc)}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+
+
+def user_message(exc: DetkitError) -> str:
+    """The error's own message, also when a DataLoader worker re-raised it.
+
+    A worker's exception comes back with the worker's whole traceback as its
+    message; the original message is its last line, after the class name.
+    """
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
 
 
 def _typer(help: str) -> typer.Typer:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import warnings
 
 import entrypoints
 
@@ -65,7 +66,12 @@ def discover(force: bool = False) -> None:
     allowed = _allowed_distributions()
     for kind, reg in REGISTRIES.items():
         seen: set[tuple[str | None, str]] = set()
-        for ep in entrypoints.get_group_all(GROUP_PREFIX + kind):
+        try:
+            found = entrypoints.get_group_all(GROUP_PREFIX + kind)
+        except Exception as exc:  # a malformed entry_points.txt somewhere on sys.path
+            warnings.warn(f"detkit: could not read the {GROUP_PREFIX + kind} entry points: {exc}", stacklevel=2)
+            continue
+        for ep in found:
             dist = ep.distro
             # dist-info folders spell names with underscores; show the project name.
             dist_name = _normalise(dist.name) if dist is not None else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,10 +35,14 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def lr_factor(cfg: SchedulerConfig, it: int, iters_per_epoch: int, total_iters: int) -> float:
-    """Multiplier of the base learning rate at iteration ``it`` (0-based)."""
+def lr_factor(cfg: SchedulerConfig, it: int, epoch_starts: Sequence[int], total_iters: int) -> float:
+    """Multiplier of the base learning rate at iteration ``it`` (0-based).
+
+    ``epoch_starts[e]`` is the first iteration of epoch ``e``: epochs may have
+    different lengths (a frozen-backbone phase with its own batch size).
+    """
     if cfg.type == "step":
-        epoch = it // max(iters_per_epoch, 1)
+        epoch = bisect.bisect_right(epoch_starts, it) - 1
         factor = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     elif cfg.type == "cosine":
         progress = min(it / max(total_iters, 1), 1.0)
@@ -50,10 +56,9 @@ def lr_factor(cfg: SchedulerConfig, it: int, iters_per_epoch: int, total_iters: 
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, iters_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epoch_iters: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler stepped once per iteration."""
-    total = iters_per_epoch * epochs
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, it, iters_per_epoch, total)
-    )
+    """A scheduler stepped once per iteration; ``epoch_iters`` are the epochs' lengths."""
+    starts = [sum(epoch_iters[:e]) for e in range(len(epoch_iters))]
+    total = sum(epoch_iters)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, starts, total))

@@ -43,7 +43,28 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
     if out_dir is not None:
         return Path(out_dir)
     name = cfg.name or (config_path.stem if config_path else "run")
-    return Path(cfg.train.out_dir.format(name=name))
+    try:
+        return Path(cfg.train.out_dir.format(name=name))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"train.out_dir: {cfg.train.out_dir!r} may only use the placeholder {{name}} ({exc})"
+        ) from None
+
+
+def _warn_if_predict_resizes_differently(model: torch.nn.Module, cfg: Config, console: Console) -> None:
+    """Training sizes come from data.transforms, `predict` sizes from the detector's own
+    preprocessing: a model trained at one size and used at another loses accuracy silently."""
+    pre = getattr(model, "preprocess", None)
+    t = cfg.data.transforms
+    if pre is None or t.fixed_size is not None or not hasattr(pre, "min_size"):
+        return
+    if (pre.min_size, getattr(pre, "max_size", None)) != (t.min_size, t.max_size):
+        console.print(
+            f"warning: data.transforms resizes to min_size {t.min_size} / max_size {t.max_size} but "
+            f"`detkit predict` will use model.preprocess min_size {pre.min_size} / max_size "
+            f"{getattr(pre, 'max_size', None)}; set them alike unless that is intended",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
 
 def _backbone_only_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -72,7 +93,10 @@ def train(
     device = resolve_device(tc.device)
     seed_everything(tc.seed)
     run_dir = run_dir_for(cfg, config_path, out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
 
     train_set = build_dataset(cfg.data, "train", seed=tc.seed)
     val_set = build_dataset(cfg.data, "val", seed=tc.seed) if cfg.data.val is not None and cfg.eval.interval else None
@@ -83,6 +107,7 @@ def train(
         raise DetkitError("data.train: the training split has no images")
 
     model = registry("detector").build(cfg.model, num_classes=len(classes)).to(device)
+    _warn_if_predict_resizes_differently(model, cfg, console)
     optimizer = build_optimizer(model, tc.optimizer)
     trainer = registry("trainer").build(tc.trainer, model=model, optimizer=optimizer)
     trainer.to(device)
@@ -108,8 +133,7 @@ def train(
 
     epoch_iters = [iters_in(e) for e in range(tc.epochs)]
     total_steps = sum(epoch_iters)
-    # The schedule counts iterations; milestones are in epochs of the unfrozen loader.
-    scheduler = build_scheduler(optimizer, tc.scheduler, epoch_iters[-1], tc.epochs)
+    scheduler = build_scheduler(optimizer, tc.scheduler, epoch_iters)
     use_scaler = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 

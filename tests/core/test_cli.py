@@ -116,3 +116,16 @@ def test_shipped_configs_validate_and_show_resolved_defaults(name):
     assert resolved["train"]["epochs"] == 2
     assert resolved["model"]["rpn"]["proposal"]["nms_iou"] == 0.7  # a default filled in by the rpn plugin
     assert resolved["model"]["roi_head"]["type"] == "roi_head"
+
+
+def test_errors_raised_in_dataloader_workers_keep_their_one_line_message():
+    from detkit.cli import user_message
+    from detkit.errors import DataError
+
+    text = (
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise DataError(...)\n'
+        "detkit.errors.DataError: Annotations/000005.xml: object 2: unknown class 'dog'\n"
+    )
+    assert user_message(DataError(text)) == "Annotations/000005.xml: object 2: unknown class 'dog'"
+    assert user_message(DataError("plain")) == "plain"

@@ -9,15 +9,15 @@ from detkit.engine.optim import build_optimizer, lr_factor, param_groups
 
 def test_step_schedule_with_warmup():
     cfg = SchedulerConfig(type="step", milestones=[2, 3], gamma=0.1, warmup_iters=4, warmup_factor=0.2)
-    f = [lr_factor(cfg, it, iters_per_epoch=10, total_iters=40) for it in (0, 2, 4, 19, 20, 30)]
+    f = [lr_factor(cfg, it, [0, 10, 20, 30], 40) for it in (0, 2, 4, 19, 20, 30)]
     assert f == pytest.approx([0.2, 0.6, 1.0, 1.0, 0.1, 0.01])
 
 
 def test_cosine_goes_from_one_to_floor():
     cfg = SchedulerConfig(type="cosine", min_lr_ratio=0.1)
-    assert lr_factor(cfg, 0, 10, 100) == pytest.approx(1.0)
-    assert lr_factor(cfg, 50, 10, 100) == pytest.approx(0.55)
-    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg, 0, list(range(0, 100, 10)), 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, list(range(0, 100, 10)), 100) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, list(range(0, 100, 10)), 100) == pytest.approx(0.1)
 
 
 def test_biases_and_norms_do_not_decay():
@@ -34,3 +34,11 @@ def test_shared_parameters_are_listed_once():
     model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared)})
     groups = param_groups(model, 0.0)
     assert sum(len(g["params"]) for g in groups) == 2
+
+
+def test_step_milestones_count_epochs_of_different_lengths():
+    # A frozen phase of 2 epochs x 4 iterations, then 2 epochs x 2: milestone at epoch 3.
+    cfg = SchedulerConfig(type="step", milestones=[3], gamma=0.1)
+    starts = [0, 4, 8, 10]
+    assert lr_factor(cfg, 9, starts, 12) == pytest.approx(1.0)  # still epoch 2
+    assert lr_factor(cfg, 10, starts, 12) == pytest.approx(0.1)  # first iteration of epoch 3

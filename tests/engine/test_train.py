@@ -183,3 +183,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
     la = [r["total"] for r in records(straight, "train")]
     lb = [r["total"] for r in records(split, "train")]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_bad_out_dir_placeholder_is_a_config_error(tiny_config):
+    from detkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.out_dir: 'runs/\{date\}' may only use the placeholder \{name\}"):
+        train(load_config(tiny_config, ["train.out_dir=runs/{date}"]))
