@@ -248,11 +248,14 @@ class Registry:
         )
 
     # ------------------------------------------------------ validate / build
-    def validate(self, cfg: Any) -> ComponentSpec:
+    def validate(self, cfg: Any, role: str | None = None) -> ComponentSpec:
         """Check ``{type: name, ...params}`` against the plugin's model.
 
         Raises :class:`ComponentValidationError` with the location of each problem.
-        A bare string is shorthand for ``{type: <string>}``.
+        A bare string is shorthand for ``{type: <string>}``.  ``role`` narrows the
+        kind (a trainer's box loss vs its classification loss): a factory that
+        declares another ``role`` class attribute is refused; one that declares
+        none is accepted.
         """
         if isinstance(cfg, ComponentSpec):
             if cfg.kind != self.kind:
@@ -274,6 +277,16 @@ class Registry:
             entry = self.get(name)
         except (RegistryError, PluginLoadError) as exc:
             raise ComponentValidationError([(("type",), str(exc))]) from None
+        declared = getattr(entry.factory, "role", None)
+        if role is not None and declared is not None and declared != role:
+            for other in self:  # only on this error path: import the kind to name what fits
+                self.load(other)
+            fitting = [e.name for e in self if e.loaded and getattr(e.factory, "role", None) == role]
+            hint = f" ({', '.join(fitting)})" if fitting else ""
+            raise ComponentValidationError(
+                [(("type",), f"{self.kind} '{name}' has the role '{declared}'; this field takes "
+                             f"the role '{role}'{hint}")]
+            )
         params = {k: v for k, v in cfg.items() if k != "type"}
         try:
             model = entry.params.model_validate(params)  # type: ignore[union-attr]
@@ -343,18 +356,21 @@ class Component:
 
     ``backbone: Annotated[ComponentSpec, Component("backbone")]`` accepts
     ``{type: vgg16, ...}`` (or just ``vgg16``), validates it with that plugin's
-    model at load time, and dumps back to the same mapping.
+    model at load time, and dumps back to the same mapping.  With a ``role``
+    (``Component("loss", role="box")``) a plugin that declares another role is
+    refused at load time instead of failing on its first call.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, role: str | None = None):
         self.kind = kind
+        self.role = role
 
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        kind = self.kind
+        kind, role = self.kind, self.role
 
         def validate(value: Any) -> ComponentSpec:
             try:
-                return registry(kind).validate(value)
+                return registry(kind).validate(value, role)
             except ComponentValidationError as exc:
                 raise PydanticCustomError(
                     "detkit_component", "{summary}", {"summary": str(exc), "detkit_errors": exc.errors}

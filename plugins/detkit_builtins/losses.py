@@ -25,6 +25,8 @@ class SmoothL1Loss(Loss):
     (the Fast R-CNN loss; ``sigma = 3`` is the usual RPN choice, 1 for the head).
     """
 
+    role = "box"  # which trainer slot it fits (see Component(role=...))
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +56,8 @@ class CrossEntropyLoss(Loss):
 
     ``forward(logits [M, K], labels [M] int64) -> scalar``; 0 when every row is ignored.
     """
+
+    role = "classification"  # which trainer slot it fits (see Component(role=...))
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

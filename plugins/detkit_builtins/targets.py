@@ -119,6 +119,8 @@ class AnchorTargetCreator(TargetCreator):
     are ignored and take no part in matching.
     """
 
+    role = "anchor"  # which trainer slot it fits (see Component(role=...))
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -245,6 +247,8 @@ class ProposalTargetCreator(TargetCreator):
     ``encode(roi, matched gt) / loc_normalize_std`` on foreground rows, zero
     elsewhere.
     """
+
+    role = "proposal"  # which trainer slot it fits (see Component(role=...))
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Annotated, Any, NamedTuple, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from detkit.interfaces import Detector, Trainer
-from detkit.registry import ComponentSpec, LossSpec, TargetCreatorSpec
+from detkit.registry import Component, ComponentSpec
+
+# The trainer's slots each take one role of their kind: a classification loss in a
+# box-loss slot would only fail at the first step, so configs are refused instead.
+AnchorTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="anchor")]
+ProposalTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="proposal")]
+BoxLossSpec = Annotated[ComponentSpec, Component("loss", role="box")]
+ClassLossSpec = Annotated[ComponentSpec, Component("loss", role="classification")]
 
 
 class LossTuple(NamedTuple):
@@ -53,22 +60,22 @@ class FasterRCNNTrainer(Trainer):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        anchor_target: TargetCreatorSpec = Field(
+        anchor_target: AnchorTargetSpec = Field(
             default_factory=lambda: {"type": "anchor_target"}, validate_default=True
         )
-        proposal_target: TargetCreatorSpec = Field(
+        proposal_target: ProposalTargetSpec = Field(
             default_factory=lambda: {"type": "proposal_target"}, validate_default=True
         )
-        rpn_loc_loss: LossSpec = Field(
+        rpn_loc_loss: BoxLossSpec = Field(
             default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
         )
-        rpn_cls_loss: LossSpec = Field(
+        rpn_cls_loss: ClassLossSpec = Field(
             default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
         )
-        roi_loc_loss: LossSpec = Field(
+        roi_loc_loss: BoxLossSpec = Field(
             default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
         )
-        roi_cls_loss: LossSpec = Field(
+        roi_cls_loss: ClassLossSpec = Field(
             default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
         )
         grad_clip: float | None = Field(None, gt=0, description="max total gradient norm; null: no clipping")

@@ -132,3 +132,27 @@ def test_load_failure_is_recorded_and_raised_on_use():
         reg.get("broken")
     assert "fake-dist 1.2" in str(info.value) and "needs libfoo" in str(info.value)
     assert entry.status == "failed: ImportError: needs libfoo"
+
+
+def test_role_narrows_a_kind():
+    reg = Registry("thing")
+
+    class Box(Widget):
+        role = "box"
+
+    class Cls(Widget):
+        role = "classification"
+
+    class Any_(Widget):  # declares no role: accepted in any slot
+        pass
+
+    reg.add("box", Box)
+    reg.add("cls", Cls)
+    reg.add("any", Any_)
+    assert reg.validate("box", role="box").type == "box"
+    assert reg.validate("any", role="box").type == "any"
+    with pytest.raises(ComponentValidationError) as info:
+        reg.validate({"type": "cls"}, role="box")
+    assert info.value.errors == [
+        (("type",), "thing 'cls' has the role 'classification'; this field takes the role 'box' (box)")
+    ]
