@@ -51,6 +51,13 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
         ) from None
 
 
+def _trainer_extra_state(trainer: torch.nn.Module) -> Any:
+    """A trainer's own state beyond the model and optimizer (its seeded generators), if it keeps any."""
+    if type(trainer).get_extra_state is torch.nn.Module.get_extra_state:
+        return None
+    return trainer.get_extra_state()
+
+
 def _warn_if_predict_resizes_differently(model: torch.nn.Module, cfg: Config, console: Console) -> None:
     """Training sizes come from data.transforms, `predict` sizes from the detector's own
     preprocessing: a model trained at one size and used at another loses accuracy silently."""
@@ -147,6 +154,8 @@ def train(
             if ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])
         start_epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+        if ckpt.get("trainer_state") is not None:
+            trainer.set_extra_state(ckpt["trainer_state"])
         if ckpt.get("rng_state") is not None:
             torch.set_rng_state(ckpt["rng_state"].cpu())
         if ckpt.get("cuda_rng_state") and torch.cuda.is_available():
@@ -176,6 +185,7 @@ def train(
             # Target sampling draws from the global generators: restoring them
             # makes a resumed run continue exactly as an uninterrupted one.
             rng_state=torch.get_rng_state(),
+            trainer_state=_trainer_extra_state(trainer),
             cuda_rng_state=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         )
 

@@ -107,6 +107,16 @@ class FasterRCNNTrainer(Trainer):
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
+    def get_extra_state(self) -> dict[str, Tensor]:
+        """The seeded sampling generators' states, so a resumed run samples on as before."""
+        return {key: g.get_state() for key, g in self._generators.items()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        for key, value in state.items():
+            g = torch.Generator(device=torch.device(key))
+            g.set_state(value.cpu())
+            self._generators[key] = g
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The sampling generator for ``device`` (created and seeded on first use), or None."""
         if self.seed is None:

@@ -170,8 +170,9 @@ def test_tensorboard_without_the_package_is_a_clear_error(tiny_config, tmp_path,
               out_dir=tmp_path / "tb")
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    overrides = ["eval.interval=0", "data.transforms.hflip=0.5"]
+@pytest.mark.parametrize("trainer_seed", [None, 7], ids=["global-generator", "trainer-seed"])
+def test_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path, trainer_seed):
+    overrides = ["eval.interval=0", "data.transforms.hflip=0.5", f"train.trainer.seed={trainer_seed or 'null'}"]
     straight = train(load_config(tiny_config, ["train.epochs=2", *overrides]), out_dir=tmp_path / "straight")
     split = train(load_config(tiny_config, ["train.epochs=1", *overrides]), out_dir=tmp_path / "split")
     train(load_config(tiny_config, ["train.epochs=2", *overrides]), out_dir=split, resume=split / "last.pt")
