@@ -56,7 +56,8 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
             for name, ap in (record.get("AP") or {}).items():
-                self._tb.add_scalar(f"{prefix}/AP/{name}", ap, record["step"])
+                if ap is not None:
+                    self._tb.add_scalar(f"{prefix}/AP/{name}", ap, record["step"])
 
     def close(self) -> None:
         self._fh.close()

@@ -26,6 +26,14 @@ from rich.console import Console
 
 from detkit.config import Config
 from detkit.engine.device import resolve_device
+from detkit.engine.distributed import (
+    DistInfo,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    init_from_env,
+    shutdown,
+)
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import LOSS_NAMES, MetricsWriter, Throughput, TrainDisplay, plot_losses
@@ -92,12 +100,37 @@ def train(
     out_dir: Path | None = None,
     console: Console | None = None,
 ) -> Path:
-    """Train as ``cfg`` says; returns the run directory."""
-    from detkit.data.loader import build_dataset, build_loader
+    """Train as ``cfg`` says; returns the run directory.
 
-    console = console or Console()
+    Under ``torchrun`` (WORLD_SIZE > 1) every process runs this, each on its
+    shard of the data; see :mod:`detkit.engine.distributed`.
+    """
     tc = cfg.train
     device = resolve_device(tc.device)
+    dist_info = init_from_env(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    # Only rank 0 talks and writes; the other processes train quietly.
+    console = console or Console(quiet=not dist_info.is_main)
+    try:
+        return _train(cfg, config_path, resume, out_dir, console, device, dist_info)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(
+    cfg: Config,
+    config_path: Path | None,
+    resume: Path | None,
+    out_dir: Path | None,
+    console: Console,
+    device: torch.device,
+    dist_info: DistInfo,
+) -> Path:
+    from detkit.data.loader import build_dataset, build_loader
+
+    tc = cfg.train
+    main = dist_info.is_main
     seed_everything(tc.seed)
     run_dir = run_dir_for(cfg, config_path, out_dir)
     try:
@@ -115,6 +148,9 @@ def train(
 
     model = registry("detector").build(cfg.model, num_classes=len(classes)).to(device)
     _warn_if_predict_resizes_differently(model, cfg, console)
+    if dist_info.enabled:
+        broadcast_parameters(model)
+        average_gradients(model, dist_info.world_size)
     optimizer = build_optimizer(model, tc.optimizer)
     trainer = registry("trainer").build(tc.trainer, model=model, optimizer=optimizer)
     trainer.to(device)
@@ -128,7 +164,8 @@ def train(
         if batch_size not in loaders:
             loaders[batch_size] = build_loader(
                 train_set, batch_size=batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                seed=tc.seed, drop_last=len(train_set) >= batch_size,
+                seed=tc.seed, drop_last=len(train_set) >= batch_size * dist_info.world_size,
+                num_replicas=dist_info.world_size, rank=dist_info.rank,
             )
         loader = loaders[batch_size]
         loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
@@ -166,18 +203,22 @@ def train(
             console.print(f"nothing to do: the checkpoint already finished {start_epoch} epochs",
                           markup=False, highlight=False, soft_wrap=True)
 
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard)
+    if main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard) if main else None
     backbone_params = _backbone_only_params(model)
     trainable = {id(p): p.requires_grad for p in backbone_params}
     console.print(
         f"training {cfg.model.type} ({cfg.model.params.model_dump().get('backbone', {}).get('type', '?')}) "
         f"on {len(train_set)} images, {len(classes)} classes, device {device}, "
-        f"{tc.epochs} epochs x {epoch_iters[-1]} iterations -> {run_dir}",
+        f"{tc.epochs} epochs x {epoch_iters[-1]} iterations"
+        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}",
         markup=False, highlight=False, soft_wrap=True,
     )
 
     def checkpoint(path: Path, epoch_done: int, result: dict[str, Any] | None) -> None:
+        if not main:
+            return
         save_checkpoint(
             path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), epoch=epoch_done, step=step, best_map=best_map,
@@ -208,7 +249,7 @@ def train(
                     )
                     scheduler.step()
                     step += 1
-                    throughput.add(len(batch))
+                    throughput.add(len(batch) * dist_info.world_size)
                     window.append(torch.stack([l.detach().float() for l in losses]))
                     display.advance(epoch, tc.epochs)
                     if step % tc.log_interval == 0 or i + 1 == epoch_iters[epoch]:
@@ -224,23 +265,26 @@ def train(
                                   **dict(zip(LOSS_NAMES, values)),
                                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": throughput.rate(),
                                   "backbone_frozen": frozen}
-                        metrics.write(record)
+                        if metrics is not None:
+                            metrics.write(record)
                         display.log(record)
                 epoch_done = epoch + 1
                 result = None
-                if val_set is not None and (epoch_done % cfg.eval.interval == 0 or epoch_done == tc.epochs):
+                if main and val_set is not None and (epoch_done % cfg.eval.interval == 0 or epoch_done == tc.epochs):
                     val_loader = build_loader(val_set, batch_size=cfg.data.batch_size, shuffle=False,
                                               num_workers=cfg.data.num_workers, seed=tc.seed)
                     result = evaluate(model, val_loader, classes, cfg.eval, device)
                     last_result = result
-                    metrics.write({"type": "eval", "epoch": epoch, "step": step, "mAP": result["mAP"],
-                                   "AP": result.get("AP", {})})
+                    # NaN (a class without ground truth) is not JSON: write null.
+                    aps = {k: (None if v is None or math.isnan(v) else v) for k, v in result.get("AP", {}).items()}
+                    metrics.write({"type": "eval", "epoch": epoch, "step": step, "mAP": result["mAP"], "AP": aps})
                     display.message(f"epoch {epoch_done}: val mAP@{cfg.eval.iou_thresh} {result['mAP']:.4f}")
                     if result["mAP"] > best_map:
                         best_map = result["mAP"]
                         checkpoint(run_dir / "best.pt", epoch_done, result)
                 if epoch_done % tc.checkpoint_interval == 0 or epoch_done == tc.epochs:
                     checkpoint(run_dir / "last.pt", epoch_done, result)
+                barrier(dist_info)  # the others wait while rank 0 evaluates and writes
     except KeyboardInterrupt:
         if (run_dir / "last.pt").exists():
             console.print(f"interrupted at step {step}; {run_dir / 'last.pt'} holds the last finished epoch "
@@ -248,7 +292,10 @@ def train(
                           soft_wrap=True)
         raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+    if not main:
+        return run_dir
 
     plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "losses.png")
     minutes = (time.perf_counter() - t_start) / 60
