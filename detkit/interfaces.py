@@ -19,6 +19,16 @@ import torch
 from torch import Tensor, nn
 
 
+def freeze_batchnorm(module: nn.Module, freeze_affine: bool = True) -> None:
+    """Put every BatchNorm in ``module`` in eval mode; optionally stop its affine gradients."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            if freeze_affine:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+
 class RoITail(NamedTuple):
     """The part of a backbone the RoI head runs on each pooled RoI.
 
@@ -45,12 +55,7 @@ class Backbone(nn.Module, ABC):
 
     def freeze_bn(self, freeze_affine: bool = True) -> None:
         """Keep BatchNorm statistics fixed (eval mode), optionally their affine weights too."""
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-                if freeze_affine:
-                    for p in m.parameters():
-                        p.requires_grad_(False)
+        freeze_batchnorm(self, freeze_affine)
 
     def freeze_stages(self, n: int) -> None:
         """Stop gradients in the first ``n`` stages. Backbones override this."""

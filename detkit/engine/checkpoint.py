@@ -113,21 +113,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists the mismatches."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def state_mismatches(
+    own: dict[str, Any], theirs: dict[str, Any], name: Any = lambda key: key, shown: int = 8
+) -> list[str]:
+    """Missing keys, unexpected keys and wrong shapes between two state dicts.
+
+    ``name`` turns a key into the spelling the user knows (their checkpoint's).
+    Empty when ``theirs`` fits ``own``.
+    """
+    missing = sorted(name(k) for k in own.keys() - theirs.keys())
+    unexpected = sorted(name(k) for k in theirs.keys() - own.keys())
     wrong = sorted(
-        f"{k} {tuple(state[k].shape)} (model expects {tuple(own[k].shape)})"
-        for k in set(own) & set(state)
-        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+        f"{name(k)} {tuple(getattr(theirs[k], 'shape', ()))} (model expects {tuple(own[k].shape)})"
+        for k in own.keys() & theirs.keys()
+        if tuple(getattr(theirs[k], "shape", ())) != tuple(own[k].shape)
     )
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if keys:
-            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-            problems.append(f"{label}: {shown}")
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            problems.append(f"{label}: {', '.join(keys[:shown])}{more}")
+    return problems
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists the mismatches."""
+    problems = state_mismatches(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(problems))
     model.load_state_dict(state)

@@ -14,6 +14,7 @@ from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
 
 from detkit import boxes as box_ops
+from detkit.engine.checkpoint import state_mismatches
 from detkit.errors import CheckpointError
 from detkit.interfaces import Detector, RPNOutput
 from detkit.registry import BackboneSpec, ProposalGeneratorSpec, RoIHeadSpec
@@ -357,18 +358,7 @@ class FasterRCNN(Detector):
 
         mapped = {to_ours(k): v for k, v in state_dict.items()}
         own = self.state_dict()
-        missing = sorted(to_theirs(k) for k in own.keys() - mapped.keys())
-        unexpected = sorted(to_theirs(k) for k in mapped.keys() - own.keys())
-        wrong = sorted(
-            f"{to_theirs(k)} {tuple(mapped[k].shape)} (expected {tuple(own[k].shape)})"
-            for k in own.keys() & mapped.keys()
-            if tuple(getattr(mapped[k], "shape", ())) != tuple(own[k].shape)
-        )
-        problems = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-                problems.append(f"{label}: {shown}")
+        problems = state_mismatches(own, mapped, to_theirs, shown=10)
         if problems:
             raise CheckpointError(
                 f"{source} checkpoint does not fit this model ({type(self.extractor).__name__}, "

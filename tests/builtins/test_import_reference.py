@@ -318,8 +318,8 @@ def test_import_errors_list_keys_and_shapes():
     with pytest.raises(CheckpointError) as err:
         model.import_state_dict(state)
     msg = str(err.value)
-    assert "wrong shapes" in msg and "head.cls_loc.weight (84, 4096) (expected (16, 4096))" in msg
-    assert "head.score.bias (21,) (expected (4,))" in msg
+    assert "wrong shapes" in msg and "head.cls_loc.weight (84, 4096) (model expects (16, 4096))" in msg
+    assert "head.score.bias (21,) (model expects (4,))" in msg
     del state["rpn.loc.bias"]
     state["extractor.99.weight"] = torch.zeros(1, device="meta")
     with pytest.raises(CheckpointError) as err:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from detkit.errors import ConfigError
-from detkit.interfaces import Backbone
+from detkit.interfaces import Backbone, freeze_batchnorm
 
 
 def freeze_modules(modules: Iterable[nn.Module]) -> None:
@@ -18,15 +18,6 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
-
-
-def _freeze_bn_in(module: nn.Module, freeze_affine: bool) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            if freeze_affine:
-                for p in m.parameters():
-                    p.requires_grad_(False)
 
 
 class _FrozenBNMixin:
@@ -41,12 +32,12 @@ class _FrozenBNMixin:
 
     def freeze_bn(self, freeze_affine: bool = True) -> None:
         self._frozen_bn, self._freeze_bn_affine = True, freeze_affine
-        _freeze_bn_in(self, freeze_affine)  # type: ignore[arg-type]
+        freeze_batchnorm(self, freeze_affine)  # type: ignore[arg-type]
 
     def train(self, mode: bool = True):
         super().train(mode)  # type: ignore[misc]
         if self._frozen_bn:
-            _freeze_bn_in(self, self._freeze_bn_affine)  # type: ignore[arg-type]
+            freeze_batchnorm(self, self._freeze_bn_affine)  # type: ignore[arg-type]
         return self
 
 
