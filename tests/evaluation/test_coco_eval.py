@@ -9,17 +9,7 @@ import torch
 
 from detkit.evaluation.coco import COCOEvaluator
 
-
-def P(boxes, scores, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-def T(boxes, labels, difficult=None):
-    t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.long)}
-    if difficult is not None:
-        t["difficult"] = torch.tensor(difficult)
-    return t
+from .records import P, T
 
 
 SMALL, MEDIUM, LARGE = [0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 100, 100]

@@ -10,17 +10,7 @@ from torchvision.ops import box_iou
 
 from detkit.evaluation.voc import VOCEvaluator, average_precision
 
-
-def P(boxes, scores, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-def T(boxes, labels, difficult=None):
-    t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.long)}
-    if difficult is not None:
-        t["difficult"] = torch.tensor(difficult)
-    return t
+from .records import P, T
 
 
 A, B, FAR = [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]
