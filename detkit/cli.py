@@ -279,7 +279,7 @@ def import_weights_cmd(
 @app.command("predict")
 def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="A detkit checkpoint."),
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    images: List[Path] = typer.Argument(..., help="Image files, or folders of images."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Directory for one JSON file per image."),
     score_thresh: Optional[float] = typer.Option(None, "--score-thresh", min=0.0, max=1.0, help="Default: the model's."),
     nms_iou: Optional[float] = typer.Option(None, "--nms-iou", min=0.0, max=1.0, help="Default: the model's."),

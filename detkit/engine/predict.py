@@ -13,6 +13,23 @@ from detkit.engine.device import resolve_device
 from detkit.errors import ConfigError, DataError
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_images(images: Sequence[str | Path]) -> list[Path]:
+    """The given files, with each folder replaced by the images directly inside it (sorted)."""
+    paths: list[Path] = []
+    for item in map(Path, images):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise DataError(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
 def _out_names(images: Sequence[Path]) -> list[str]:
     """``<stem>.json`` per image; repeated stems get ``_1``, ``_2``... so none is overwritten."""
     seen: dict[str, int] = {}
@@ -46,7 +63,7 @@ def predict_files(
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    paths = [Path(p) for p in images]
+    paths = expand_images(images)
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -98,3 +98,19 @@ def test_predict_draw_writes_an_annotated_png_beside_the_json(tmp_path):
     assert drawn.shape == pixels.shape
     assert json.loads((out / "photo.json").read_text())["detections"]
     assert (drawn != pixels).any(), "boxes were drawn"
+
+
+def test_predict_takes_folders_of_images(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for name in ("b.png", "a.jpg"):
+        Image.fromarray(np.full((40, 56, 3), 90, dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    result = runner.invoke(app, ["predict", str(ckpt), str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "b.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["predict", str(ckpt), str(empty)])
+    assert result.exit_code == 1 and "folder holds no images" in result.output
