@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from detkit.interfaces import Detector, Trainer
-from detkit.registry import Component, ComponentSpec
+from detkit.registry import Component, ComponentSpec, registry
 
 # The trainer's slots each take one role of their kind: a classification loss in a
 # box-loss slot would only fail at the first step, so configs are refused instead.
@@ -27,14 +27,6 @@ class LossTuple(NamedTuple):
     roi_loc: Tensor
     roi_cls: Tensor
     total: Tensor
-
-
-def _build(spec: Any, kind: str) -> Any:
-    if isinstance(spec, ComponentSpec):
-        return spec.build()
-    from detkit.registry import registry
-
-    return registry(kind).build(spec)
 
 
 class FasterRCNNTrainer(Trainer):
@@ -87,9 +79,9 @@ class FasterRCNNTrainer(Trainer):
         optimizer: torch.optim.Optimizer | None = None,
         anchor_target: Any = "anchor_target",
         proposal_target: Any = "proposal_target",
-        rpn_loc_loss: Any = None,
+        rpn_loc_loss: Any = "smooth_l1",
         rpn_cls_loss: Any = "cross_entropy",
-        roi_loc_loss: Any = None,
+        roi_loc_loss: Any = "smooth_l1",
         roi_cls_loss: Any = "cross_entropy",
         grad_clip: float | None = None,
         seed: int | None = None,
@@ -97,12 +89,13 @@ class FasterRCNNTrainer(Trainer):
         super().__init__()
         self.model = model
         self.optimizer = optimizer
-        self.anchor_target = _build(anchor_target, "target_creator")
-        self.proposal_target = _build(proposal_target, "target_creator")
-        self.rpn_loc_loss = _build(rpn_loc_loss or {"type": "smooth_l1", "sigma": 1.0}, "loss")
-        self.rpn_cls_loss = _build(rpn_cls_loss, "loss")
-        self.roi_loc_loss = _build(roi_loc_loss or {"type": "smooth_l1", "sigma": 1.0}, "loss")
-        self.roi_cls_loss = _build(roi_cls_loss, "loss")
+        # Each accepts a ComponentSpec (from a config) or a mapping/name (direct use).
+        self.anchor_target = registry("target_creator").build(anchor_target)
+        self.proposal_target = registry("target_creator").build(proposal_target)
+        self.rpn_loc_loss = registry("loss").build(rpn_loc_loss)
+        self.rpn_cls_loss = registry("loss").build(rpn_cls_loss)
+        self.roi_loc_loss = registry("loss").build(roi_loc_loss)
+        self.roi_cls_loss = registry("loss").build(roi_cls_loss)
         self.grad_clip = grad_clip
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
