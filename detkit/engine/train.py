@@ -232,6 +232,7 @@ def _train(
 
     t_start = time.perf_counter()
     last_result: dict[str, Any] | None = None
+    val_loader = None
     try:
         with TrainDisplay(console, total_steps, sum(epoch_iters[:start_epoch])) as display:
             for epoch in range(start_epoch, tc.epochs):
@@ -271,8 +272,9 @@ def _train(
                 epoch_done = epoch + 1
                 result = None
                 if main and val_set is not None and (epoch_done % cfg.eval.interval == 0 or epoch_done == tc.epochs):
-                    val_loader = build_loader(val_set, batch_size=cfg.data.batch_size, shuffle=False,
-                                              num_workers=cfg.data.num_workers, seed=tc.seed)
+                    if val_loader is None:  # built once: its workers persist between evaluations
+                        val_loader = build_loader(val_set, batch_size=cfg.data.batch_size, shuffle=False,
+                                                  num_workers=cfg.data.num_workers, seed=tc.seed)
                     result = evaluate(model, val_loader, classes, cfg.eval, device)
                     last_result = result
                     # NaN (a class without ground truth) is not JSON: write null.
