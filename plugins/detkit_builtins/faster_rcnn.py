@@ -18,6 +18,7 @@ from detkit.engine.checkpoint import state_mismatches
 from detkit.errors import CheckpointError
 from detkit.interfaces import Detector, RPNOutput
 from detkit.registry import BackboneSpec, ProposalGeneratorSpec, RoIHeadSpec
+from detkit_builtins.ops import group_and_cap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -308,18 +309,8 @@ class FasterRCNN(Detector):
         keep = probs > score_thresh
         boxes, scores, labels, image_idx = boxes[keep], probs[keep], labels[keep], image_idx[keep]
         keep = batched_nms(boxes, scores, image_idx * c + labels, nms_iou)  # best first
-        # Group by image (stable: still best first) and cap each image's count.
-        order = torch.sort(image_idx[keep], stable=True).indices
-        keep = keep[order]
-        # index_add, not bincount: bincount on CUDA reads max() back to the host.
-        kept_images = image_idx[keep]
-        counts = torch.zeros(num_images, dtype=torch.int64, device=keep.device)
-        counts.index_add_(0, kept_images, torch.ones_like(kept_images))
-        if self.max_detections is not None:
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(keep.numel(), device=keep.device) - starts[image_idx[keep]]
-            keep = keep[rank < self.max_detections]
-            counts = counts.clamp(max=self.max_detections)
+        # By image, best first, at most max_detections each.
+        keep, _, counts = group_and_cap(keep, image_idx, num_images, self.max_detections)
         # The one host sync of predict: N counts to split the flat result per image.
         splits = counts.tolist()
         return [

@@ -14,6 +14,7 @@ from detkit import boxes as box_ops
 from detkit.interfaces import ProposalGenerator, RPNOutput
 
 from detkit_builtins.anchors import AnchorGenerator, AnchorParams
+from detkit_builtins.ops import group_and_cap
 
 
 class ProposalParams(BaseModel):
@@ -101,16 +102,9 @@ class ProposalCreator(nn.Module):
         flat_groups = groups.reshape(-1)
         keep = batched_nms(flat_boxes, flat_scores, flat_groups, self.nms_iou)  # score order
 
-        # Reorder by image (stable: best first within an image) and rank within each image.
-        kept_groups = flat_groups[keep]
-        order = torch.sort(kept_groups, stable=True).indices
-        keep, kept_groups = keep[order], kept_groups[order]
-        # index_add, not bincount: bincount on CUDA reads max() back to the host.
-        counts = torch.zeros(n + 1, dtype=torch.int64, device=device)
-        counts.index_add_(0, kept_groups, torch.ones_like(kept_groups))
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(keep.numel(), device=device) - starts[kept_groups]
-        selected = keep[(rank < post_nms) & (kept_groups < n)]
+        # By image in batch order, best first, at most post_nms each; group n holds the too-small boxes.
+        keep, kept_groups, _ = group_and_cap(keep, flat_groups, n + 1, post_nms)
+        selected = keep[kept_groups < n]
         return flat_boxes[selected], flat_groups[selected]
 
 
