@@ -157,17 +157,21 @@ def without_pretrained(section: Any) -> Any:
     return section
 
 
-def build_detector(config: dict[str, Any], classes: list[str]) -> torch.nn.Module:
-    """Build the detector of a resolved config's ``model`` section, for loading weights into."""
+def build_detector(model: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """Build the detector of a resolved ``model`` section without ImageNet weights.
+
+    For weights that come from elsewhere (a checkpoint, an import) or are not
+    needed (anchor statistics).
+    """
     from detkit.registry import registry
 
-    return registry("detector").build(without_pretrained(config["model"]), num_classes=len(classes))
+    return registry("detector").build(without_pretrained(model), num_classes=num_classes)
 
 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu"):
     """``(model, checkpoint)`` from a detkit checkpoint, the model in eval mode."""
     ckpt = load_checkpoint(path, map_location)
-    model = build_detector(ckpt["config"], list(ckpt["classes"]))
+    model = build_detector(ckpt["config"]["model"], len(ckpt["classes"]))
     load_model_state(model, ckpt["model"], str(path))
     model.eval()
     return model, ckpt

@@ -85,15 +85,14 @@ def import_weights(
 ) -> Path:
     """Convert the checkpoint ``src`` into the detkit checkpoint ``dst``; returns ``dst``."""
     from detkit.config import load_config
-    from detkit.engine.checkpoint import load_file, save_checkpoint, without_pretrained
-    from detkit.registry import registry
+    from detkit.engine.checkpoint import build_detector, load_file, save_checkpoint, without_pretrained
 
     classes = read_classes(classes_file)
     cfg = load_config(config_path, overrides)
     state = extract_state_dict(load_file(src), src)
     config = cfg.to_dict()
     config["model"] = without_pretrained(config["model"])  # weights come from src
-    model = registry("detector").build(config["model"], num_classes=len(classes))
+    model = build_detector(config["model"], len(classes))
     if not hasattr(model, "import_state_dict"):
         raise ConfigError(f"{config_path}: model {config['model']['type']!r} cannot import {source} weights")
     try:
