@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -188,8 +188,3 @@ class Throughput:
         rate = self.images / max(now - self.t0, 1e-9)
         self.t0, self.images = now, 0
         return rate
-
-
-def mean_records(records: Iterable[dict[str, float]]) -> dict[str, float]:
-    records = list(records)
-    return {k: sum(r[k] for r in records) / len(records) for k in records[0]} if records else {}
