@@ -346,6 +346,28 @@ def add_kind(kind: str) -> Registry:
     return REGISTRIES.setdefault(kind, Registry(kind))
 
 
+def without_pretrained(section: Any) -> Any:
+    """A copy of a component mapping with every ``pretrained`` parameter cleared.
+
+    Weights about to be loaded from a checkpoint make ImageNet initialisation
+    pointless, and the file it named may not exist on this machine.
+    """
+    if isinstance(section, dict):
+        return {k: (None if k == "pretrained" else without_pretrained(v)) for k, v in section.items()}
+    if isinstance(section, list):
+        return [without_pretrained(v) for v in section]
+    return section
+
+
+def build_detector(model: Mapping[str, Any], num_classes: int) -> Any:
+    """Build the detector of a resolved ``model`` section without ImageNet weights.
+
+    For weights that come from elsewhere (a checkpoint, an import) or are not
+    needed (anchor statistics).
+    """
+    return registry("detector").build(without_pretrained(dict(model)), num_classes=num_classes)
+
+
 def _discover() -> None:
     # Imported here: plugins imports this module.
     importlib.import_module("detkit.plugins").discover()

@@ -217,7 +217,7 @@ def _with_anchors(model_cfg: dict[str, Any], path: Sequence[str], scales: list[f
 
 def _detector_anchors(model_cfg: dict[str, Any], num_classes: int) -> Callable[[tuple[int, int]], Tensor]:
     """``size -> anchors`` of the detector built from ``model_cfg`` (no pretrained weights)."""
-    from detkit.engine.checkpoint import build_detector
+    from detkit.registry import build_detector
 
     model = build_detector(model_cfg, num_classes)
     cache: dict[tuple[int, int], Tensor] = {}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -162,15 +160,12 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-    os.close(fd)
+    from detkit.io import atomic_write
+
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+        return atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return out
 
 
 class Throughput:

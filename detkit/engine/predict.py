@@ -100,9 +100,6 @@ def predict_files(
 
 def draw_detections(image: torch.Tensor, detections: list[dict[str, Any]], path: Path) -> Path:
     """Write ``image`` (uint8 ``[3, H, W]``) with labelled boxes as a PNG, atomically."""
-    import os
-    import tempfile
-
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes
 
@@ -113,12 +110,7 @@ def draw_detections(image: torch.Tensor, detections: list[dict[str, Any]], path:
         colors = [palette[d["label"] % len(palette)] for d in detections]
         width = max(1, round(max(image.shape[1:]) / 300))
         image = draw_bounding_boxes(image, boxes, labels, colors=colors, width=width)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    from detkit.io import atomic_write
+
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    return atomic_write(path, lambda fh: picture.save(fh, format="PNG"))

@@ -14,7 +14,7 @@ from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
 
 from detkit import boxes as box_ops
-from detkit.engine.checkpoint import state_mismatches
+from detkit.io import state_mismatches
 from detkit.errors import CheckpointError
 from detkit.interfaces import Detector, RPNOutput
 from detkit.registry import BackboneSpec, ProposalGeneratorSpec, RoIHeadSpec

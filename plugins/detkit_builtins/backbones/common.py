@@ -112,7 +112,7 @@ def resolve_pretrained(pretrained: str | bool | None, filename: str, backbone: s
 
 def load_torchvision_weights(net: nn.Module, path: Path, backbone: str) -> None:
     """Load a torchvision-format state dict into ``net`` (a torchvision model), strictly."""
-    from detkit.engine.checkpoint import load_file, load_model_state
+    from detkit.io import load_file, load_model_state
 
     state = load_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
