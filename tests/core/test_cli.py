@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +58,15 @@ def test_missing_config_file():
     assert proc.stderr.strip() == "error: no/such.yaml: config file not found"
 
 
+@pytest.mark.slow
 def test_third_party_plugin_installed_to_a_target_dir(tmp_path):
     target = tmp_path / "site"
+    # pip builds in the project folder (build/, *.egg-info): build a copy, never the source tree.
+    source = shutil.copytree(REPO / "plugins" / "detkit-example-backbone", tmp_path / "example",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(REPO / "plugins" / "detkit-example-backbone")],
+         "--target", str(target), str(source)],
         capture_output=True, text=True,
     )
     assert pip.returncode == 0, pip.stderr
