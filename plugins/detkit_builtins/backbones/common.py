@@ -1,16 +1,85 @@
-"""What the built-in backbones share: freezing and locally supplied ImageNet weights."""
+"""What the built-in backbones share: normalisation, initialisation, freezing and local ImageNet weights."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
 
 from detkit.errors import ConfigError
 from detkit.interfaces import Backbone, freeze_batchnorm
+
+
+Norm = Literal["frozen_bn", "bn", "sync_bn", "gn"]
+
+NORM_DESCRIPTION = (
+    "normalisation layers: frozen_bn (BatchNorm with fixed statistics and affine weights: for "
+    "pretrained weights and small batches), bn (trainable BatchNorm, per-device batch statistics), "
+    "sync_bn (BatchNorm with statistics over all GPUs of a distributed run; on one process it is bn), "
+    "gn (GroupNorm, 32 groups: independent of the batch size, the choice for training from scratch)"
+)
+
+GN_GROUPS = 32
+
+
+def gn_groups(channels: int, groups: int = GN_GROUPS) -> int:
+    """``groups`` when it divides ``channels``, else the largest divisor below it (16 channels -> 16)."""
+    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+
+
+def norm_layer(norm: Norm) -> Callable[[int], nn.Module]:
+    """A ``channels -> module`` factory for ``norm`` (``frozen_bn`` builds BatchNorm; freeze it after)."""
+    if norm in ("frozen_bn", "bn"):
+        return nn.BatchNorm2d
+    if norm == "sync_bn":
+        return nn.SyncBatchNorm
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(gn_groups(channels), channels)
+    raise ValueError(f"unknown norm {norm!r}; expected frozen_bn, bn, sync_bn or gn")
+
+
+def legacy_freeze_bn(data: Any, default_norm: Norm) -> Any:
+    """Map the old ``freeze_bn: true/false`` to ``norm: frozen_bn/<default_norm>`` (a ``before`` validator)."""
+    if isinstance(data, dict) and "freeze_bn" in data:
+        data = dict(data)
+        freeze = data.pop("freeze_bn")
+        if "norm" in data:
+            raise ValueError("freeze_bn is the old spelling of norm: frozen_bn; give only norm")
+        data["norm"] = "frozen_bn" if freeze else ("bn" if default_norm == "frozen_bn" else default_norm)
+    return data
+
+
+def init_weights(module: nn.Module) -> None:
+    """Initialise as the reference detectors do for training from scratch.
+
+    Convolutions: He (Kaiming) normal with ``fan_out``, zero bias; normalisation
+    layers: weight 1, bias 0; fully connected layers that feed a ReLU: He
+    uniform with ``a=1`` (Caffe2's "MSRA-Xavier" fill), zero bias.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            nn.init.zeros_(m.bias)
+
+
+def check_pretrained_norm(pretrained: str | bool | None, norm: Norm, backbone: str) -> None:
+    """ImageNet files hold BatchNorm statistics: GroupNorm layers cannot take them."""
+    if pretrained not in (None, False) and norm == "gn":
+        raise ConfigError(
+            f"model.backbone.norm: gn cannot load the BatchNorm ImageNet weights of {backbone} "
+            "(model.backbone.pretrained); use norm: frozen_bn, bn or sync_bn with them, or gn from scratch"
+        )
 
 
 def freeze_modules(modules: Iterable[nn.Module]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
@@ -10,10 +12,15 @@ from torchvision.models.resnet import Bottleneck
 from detkit.interfaces import RoITail
 
 from detkit_builtins.backbones.common import (
+    NORM_DESCRIPTION,
     FreezableBNBackbone,
+    Norm,
     TailSequential,
-    freeze_modules,
     build_torchvision,
+    check_pretrained_norm,
+    freeze_modules,
+    legacy_freeze_bn,
+    norm_layer,
     resolve_pretrained,
 )
 
@@ -32,14 +39,15 @@ class ResNet50Backbone(FreezableBNBackbone):
     """``conv1 .. layer3`` of ResNet50: ``[N, 3, H, W] -> [N, 1024, ~H/16, ~W/16]``.
 
     The RoI tail is ``layer4`` + global average pooling on 14x14 pooled
-    features: ``[R, 1024, 14, 14] -> [R, 2048]``.  Stages for
-    ``freeze_stages``: 1 = stem (conv1, bn1), 2 = layer1, 3 = layer2,
-    4 = layer3.  ``freeze_bn`` (default on: detection batches are too small
-    for batch statistics) keeps every BatchNorm, the tail's included, in eval
-    mode with frozen affine parameters.  ``stride_in_1x1`` and
-    ``maxpool_ceil_mode``/``maxpool_padding`` (``true``/``0`` in the
-    faster-rcnn-pytorch layout) change only strides and padding, so
-    torchvision's ImageNet weights load either way.
+    features: ``[R, 1024, 14, 14] -> [R, 2048]``; its normalisation follows
+    ``norm``.  Stages for ``freeze_stages``: 1 = stem (conv1, bn1),
+    2 = layer1, 3 = layer2, 4 = layer3.  ``norm: frozen_bn`` (the default:
+    detection batches are too small for batch statistics) keeps every
+    BatchNorm, the tail's included, in eval mode with frozen affine
+    parameters; ``gn`` (GroupNorm) is the choice without ImageNet weights.
+    ``stride_in_1x1`` and ``maxpool_ceil_mode``/``maxpool_padding``
+    (``true``/``0`` in the faster-rcnn-pytorch layout) change only strides
+    and padding, so torchvision's ImageNet weights load either way.
     """
 
     class Params(BaseModel):
@@ -47,38 +55,45 @@ class ResNet50Backbone(FreezableBNBackbone):
 
         pretrained: str | bool | None = None
         freeze_stages: int = Field(0, ge=0, le=4)
-        freeze_bn: bool = True
+        norm: Norm = Field("frozen_bn", description=NORM_DESCRIPTION)
+        zero_init_residual: bool = Field(
+            False,
+            description="from scratch: start each residual block's last norm at 0, so every block "
+            "begins as the identity (ignored with pretrained weights)",
+        )
         stride_in_1x1: bool = False
         maxpool_ceil_mode: bool = False
         maxpool_padding: int = Field(1, ge=0, le=1)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _old_freeze_bn(cls, data: Any) -> Any:
+            return legacy_freeze_bn(data, "frozen_bn")
 
     out_channels = 1024
     stride = 16
     trunk_name = "features"  # the faster-rcnn-pytorch ``extractor`` Sequential
 
-    def __init__(
-        self,
-        pretrained: str | bool | None = None,
-        freeze_stages: int = 0,
-        freeze_bn: bool = True,
-        stride_in_1x1: bool = False,
-        maxpool_ceil_mode: bool = False,
-        maxpool_padding: int = 1,
-    ):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        path = resolve_pretrained(pretrained, WEIGHTS_FILE, "resnet50")
-        net = build_torchvision(lambda: resnet50(weights=None), path, "resnet50")
-        if stride_in_1x1:
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        check_pretrained_norm(p.pretrained, p.norm, "resnet50")
+        path = resolve_pretrained(p.pretrained, WEIGHTS_FILE, "resnet50")
+        make = lambda: resnet50(  # noqa: E731
+            weights=None, norm_layer=norm_layer(p.norm), zero_init_residual=p.zero_init_residual
+        )
+        net = build_torchvision(make, path, "resnet50")
+        if p.stride_in_1x1:
             for layer in (net.layer2, net.layer3, net.layer4):
                 _move_stride_to_1x1(layer)
-        net.maxpool = nn.MaxPool2d(3, stride=2, padding=maxpool_padding, ceil_mode=maxpool_ceil_mode)
+        net.maxpool = nn.MaxPool2d(3, stride=2, padding=p.maxpool_padding, ceil_mode=p.maxpool_ceil_mode)
         self.features = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
         )
         self._set_tail(TailSequential(net.layer4, nn.AdaptiveAvgPool2d(1)))
-        if freeze_stages:
-            self.freeze_stages(freeze_stages)
-        if freeze_bn:
+        if p.freeze_stages:
+            self.freeze_stages(p.freeze_stages)
+        if p.norm == "frozen_bn":
             self.freeze_bn()
 
     def forward(self, x: Tensor) -> Tensor:

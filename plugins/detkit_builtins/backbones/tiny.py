@@ -1,30 +1,41 @@
-"""A small stride-16 backbone for tests and the CPU quickstart."""
+"""A small stride-16 backbone for tests, the CPU quickstart and training from scratch."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from detkit.interfaces import RoITail
 
-from detkit_builtins.backbones.common import FreezableBNBackbone, TailSequential, freeze_modules
+from detkit_builtins.backbones.common import (
+    NORM_DESCRIPTION,
+    FreezableBNBackbone,
+    Norm,
+    TailSequential,
+    freeze_modules,
+    init_weights,
+    legacy_freeze_bn,
+    norm_layer,
+)
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _conv_norm_relu(cin: int, cout: int, stride: int, norm: Norm) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
+        norm_layer(norm)(cout),
         nn.ReLU(inplace=True),
     )
 
 
 class TinyBackbone(FreezableBNBackbone):
-    """Four stride-2 stages of 3x3 conv + BN + ReLU: ``[N, 3, H, W] -> [N, channels[-1], H/16, W/16]``.
+    """Four stride-2 stages of 3x3 conv + norm + ReLU: ``[N, 3, H, W] -> [N, channels[-1], H/16, W/16]``.
 
     A stage is one ``stages[i]`` block; ``freeze_stages(n)`` freezes the first
     ``n`` of them.  The RoI tail flattens ``[R, channels[-1], roi_size,
     roi_size]`` pooled features into one hidden Linear layer of ``tail_features``.
-    No pretrained weights exist for it: it is for tests and quick CPU runs.
+    No pretrained weights exist for it: it always starts from He initialisation.
     """
 
     class Params(BaseModel):
@@ -37,7 +48,7 @@ class TinyBackbone(FreezableBNBackbone):
             1, ge=1, le=4, description="3x3 convs per stage (the first strided); more widens the receptive field"
         )
         freeze_stages: int = Field(0, ge=0, le=4)
-        freeze_bn: bool = False
+        norm: Norm = Field("bn", description=NORM_DESCRIPTION)
 
         @field_validator("channels")
         @classmethod
@@ -46,39 +57,38 @@ class TinyBackbone(FreezableBNBackbone):
                 raise ValueError("needs exactly 4 positive channel counts (one per stride-2 stage)")
             return v
 
+        @model_validator(mode="before")
+        @classmethod
+        def _old_freeze_bn(cls, data: Any) -> Any:
+            return legacy_freeze_bn(data, "bn")
+
     stride = 16
 
-    def __init__(
-        self,
-        channels: list[int] | tuple[int, ...] = (32, 64, 128, 256),
-        tail_features: int = 256,
-        roi_size: int = 7,
-        freeze_stages: int = 0,
-        freeze_bn: bool = False,
-        blocks_per_stage: int = 1,
-    ):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        channels = list(channels)
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        channels = list(p.channels)
         self.out_channels = channels[-1]
         blocks, cin = [], 3
         for c in channels:
-            layers = [_conv_bn_relu(cin, c, stride=2)]
-            layers += [_conv_bn_relu(c, c, stride=1) for _ in range(blocks_per_stage - 1)]
-            blocks.append(layers[0] if blocks_per_stage == 1 else nn.Sequential(*layers))
+            layers = [_conv_norm_relu(cin, c, 2, p.norm)]
+            layers += [_conv_norm_relu(c, c, 1, p.norm) for _ in range(p.blocks_per_stage - 1)]
+            blocks.append(layers[0] if p.blocks_per_stage == 1 else nn.Sequential(*layers))
             cin = c
         self.stages = nn.Sequential(*blocks)
-        self.roi_size = roi_size
-        self.tail_features = tail_features
-        self._set_tail(
-            TailSequential(
-                nn.Linear(channels[-1] * roi_size * roi_size, tail_features),
-                nn.ReLU(inplace=True),
-                flatten_input=True,
-            )
+        self.roi_size = p.roi_size
+        self.tail_features = p.tail_features
+        tail = TailSequential(
+            nn.Linear(channels[-1] * p.roi_size * p.roi_size, p.tail_features),
+            nn.ReLU(inplace=True),
+            flatten_input=True,
         )
-        if freeze_stages:
-            self.freeze_stages(freeze_stages)
-        if freeze_bn:
+        init_weights(self.stages)
+        init_weights(tail)
+        self._set_tail(tail)
+        if p.freeze_stages:
+            self.freeze_stages(p.freeze_stages)
+        if p.norm == "frozen_bn":
             self.freeze_bn()
 
     def forward(self, x: Tensor) -> Tensor:
