@@ -102,7 +102,7 @@ def list_plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the installed components: kind, name, distribution, version, target, status."""
-    from detkit.plugins import all_entries, load_all
+    from detkit.registry import all_entries, load_all
     from detkit.registry import registry
 
     if kind is not None:

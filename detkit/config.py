@@ -169,7 +169,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of a config with every installed plugin's parameters."""
-    from detkit.plugins import load_all
+    from detkit.registry import load_all
 
     load_all()
     return Config.model_json_schema()

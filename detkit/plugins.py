@@ -6,11 +6,13 @@ point in a group named ``detkit.<kind>``::
     [project.entry-points."detkit.backbone"]
     resnet18 = "my_detkit_plugin.backbones:ResNet18Backbone"
 
-:func:`discover` reads those declarations from the installed distributions'
-metadata without importing anything; an entry is imported when it is first
-built, or by :func:`load_all` (``detkit list-plugins --load``).  An import that
-raises is recorded on its entry with its distribution and version and never
-breaks other plugins or commands that do not use it.
+:func:`find_entry_points` reads those declarations from the installed
+distributions' metadata without importing anything.  This module knows
+nothing of the registries: :func:`detkit.registry.discover` asks it for the
+entries and records them, an entry is imported when it is first built, or by
+:func:`detkit.registry.load_all` (``detkit list-plugins --load``).  An import
+that raises is recorded on its entry with its distribution and version and
+never breaks other plugins or commands that do not use it.
 
 Set ``DETKIT_DISABLE_PLUGIN_AUTOLOAD=1`` to skip third-party distributions;
 ``DETKIT_PLUGINS=dist-a,dist-b`` then names the ones to load anyway.  The
@@ -23,17 +25,49 @@ import importlib.metadata
 import os
 import re
 import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import entrypoints
-
-from detkit.registry import REGISTRIES, Entry, Provider
 
 GROUP_PREFIX = "detkit."
 ENV_DISABLE = "DETKIT_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW = "DETKIT_PLUGINS"
 BUILTIN_DISTRIBUTION = "detkit"
 
-_discovered = False
+
+@dataclass(frozen=True)
+class Provider:
+    """Where an entry comes from: a distribution and an import target."""
+
+    distribution: str | None
+    version: str | None
+    target: str
+
+    def __str__(self) -> str:
+        if self.distribution:
+            return f"{self.distribution} {self.version} ({self.target})"
+        return self.target
+
+
+@dataclass(frozen=True)
+class FoundEntry:
+    """One ``detkit.<kind>`` entry point, not imported; ``load()`` imports it."""
+
+    kind: str
+    name: str
+    provider: Provider
+    load: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Found:
+    """What :func:`find_entry_points` saw: usable entries and switched-off ones."""
+
+    entries: list[FoundEntry]
+    # Entries of distributions left out by DETKIT_DISABLE_PLUGIN_AUTOLOAD/DETKIT_PLUGINS,
+    # so that asking for one says "disabled", not "unknown".
+    disabled: list[FoundEntry]
 
 
 def _normalise(name: str) -> str:
@@ -48,35 +82,30 @@ def _allowed_distributions() -> set[str] | None:
     return allowed | {BUILTIN_DISTRIBUTION}
 
 
-def discover(force: bool = False) -> None:
-    """Record every ``detkit.<kind>`` entry point on ``sys.path`` (no imports).
+def disabled_hint(provider: Provider) -> str:
+    """How to turn a disabled distribution's plugins back on."""
+    return (
+        f"turned off: {ENV_DISABLE} is set and {ENV_ALLOW} does not name {provider.distribution}; "
+        f"add it ({ENV_ALLOW}={provider.distribution}) or unset {ENV_DISABLE}"
+    )
 
-    ``force`` forgets earlier discoveries (not in-process registrations) and
-    reads the metadata again, for example after ``sys.path`` changed.
-    """
-    global _discovered
-    if _discovered and not force:
-        return
-    _discovered = True
-    if force:
-        for reg in REGISTRIES.values():
-            for entry in list(reg._entries.values()):
-                if entry._load is not None:
-                    reg.remove(entry.name)
+
+def find_entry_points(kinds: Iterable[str]) -> Found:
+    """Every ``detkit.<kind>`` entry point on ``sys.path``, without importing any."""
     allowed = _allowed_distributions()
-    for kind, reg in REGISTRIES.items():
+    entries: list[FoundEntry] = []
+    disabled: list[FoundEntry] = []
+    for kind in kinds:
         seen: set[tuple[str | None, str]] = set()
         try:
-            found = entrypoints.get_group_all(GROUP_PREFIX + kind)
+            group = entrypoints.get_group_all(GROUP_PREFIX + kind)
         except Exception as exc:  # a malformed entry_points.txt somewhere on sys.path
             warnings.warn(f"detkit: could not read the {GROUP_PREFIX + kind} entry points: {exc}", stacklevel=2)
             continue
-        for ep in found:
+        for ep in group:
             dist = ep.distro
             # dist-info folders spell names with underscores; show the project name.
             dist_name = _normalise(dist.name) if dist is not None else None
-            if allowed is not None and (dist_name or "") not in allowed:
-                continue
             target = f"{ep.module_name}:{ep.object_name}" if ep.object_name else ep.module_name
             # The same distribution can appear twice on sys.path (an editable
             # install and a copy); the first one wins, as for imports.
@@ -92,23 +121,9 @@ def discover(force: bool = False) -> None:
                     version = importlib.metadata.version(dist_name)
                 except importlib.metadata.PackageNotFoundError:
                     version = None
-            provider = Provider(dist_name, version, target)
-            reg.add_lazy(ep.name, provider, ep.load)
-
-
-def load_all() -> list[Entry]:
-    """Import every discovered entry; failures are recorded on the entries."""
-    discover()
-    entries: list[Entry] = []
-    for reg in REGISTRIES.values():
-        for entry in reg:
-            reg.load(entry)
-            entries.append(entry)
-    return entries
-
-
-def all_entries(kind: str | None = None) -> list[Entry]:
-    """Every known entry (loaded or not), optionally of one kind."""
-    discover()
-    kinds = [kind] if kind else list(REGISTRIES)
-    return [entry for k in kinds for entry in REGISTRIES[k]]
+            found = FoundEntry(kind, ep.name, Provider(dist_name, version, target), ep.load)
+            if allowed is not None and (dist_name or "") not in allowed:
+                disabled.append(found)
+            else:
+                entries.append(found)
+    return Found(entries, disabled)

@@ -13,15 +13,15 @@ them as :class:`ComponentSpec` objects and builds them with ``spec.build(...)``,
 so nested components are built recursively with the run-time values their
 parent knows.
 
-Entries come from Python entry points (see :mod:`detkit.plugins`) and are
-imported on first use, or from :meth:`Registry.register` for code that lives in
+Entries come from Python entry points, found by :mod:`detkit.plugins` and
+recorded here by :func:`discover` (the only direction of import between the
+two modules); they are imported on first use, or from :meth:`Registry.register` for code that lives in
 the running program (tests, notebooks).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterator, Mapping
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, core_schema
 
 from detkit.errors import PluginLoadError, RegistryError
+from detkit.plugins import Provider, disabled_hint, find_entry_points
 
 KINDS: tuple[str, ...] = (
     "backbone",
@@ -39,21 +40,8 @@ KINDS: tuple[str, ...] = (
     "detector",
     "trainer",
     "dataset",
+    "hook",
 )
-
-
-@dataclass(frozen=True)
-class Provider:
-    """Where an entry comes from: a distribution and an import target."""
-
-    distribution: str | None
-    version: str | None
-    target: str
-
-    def __str__(self) -> str:
-        if self.distribution:
-            return f"{self.distribution} {self.version} ({self.target})"
-        return self.target
 
 
 @dataclass
@@ -135,6 +123,7 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._disabled: dict[str, Provider] = {}  # turned off by DETKIT_PLUGINS
 
     # ----------------------------------------------------------- registration
     def register(
@@ -184,6 +173,15 @@ class Registry:
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)
 
+    def add_disabled(self, name: str, provider: Provider) -> None:
+        """Remember an entry point whose distribution is switched off, to say so if asked."""
+        self._disabled.setdefault(name, provider)
+
+    def forget_discovered(self) -> None:
+        """Drop what entry points brought (not in-process registrations)."""
+        self._entries = {n: e for n, e in self._entries.items() if e._load is None}
+        self._disabled.clear()
+
     def _set_factory(
         self, entry: Entry, factory: Callable[..., Any], params: type[BaseModel] | None
     ) -> None:
@@ -197,20 +195,20 @@ class Registry:
 
     # ---------------------------------------------------------------- lookup
     def __contains__(self, name: str) -> bool:
-        _discover()
+        discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry]:
-        _discover()
+        discover()
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def names(self) -> list[str]:
-        _discover()
+        discover()
         return sorted(self._entries)
 
     def get(self, name: str) -> Entry:
         """The loaded entry called ``name``; imports its plugin on first use."""
-        _discover()
+        discover()
         entry = self._entries.get(name)
         if entry is None:
             raise RegistryError(self._unknown_message(name))
@@ -238,6 +236,9 @@ class Registry:
             entry.error = f"{type(exc).__name__}: {exc}"
 
     def _unknown_message(self, name: str) -> str:
+        if name in self._disabled:
+            provider = self._disabled[name]
+            return f"{self.kind} '{name}' from {provider} is {disabled_hint(provider)}"
         installed = sorted(self._entries)
         close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -368,9 +369,45 @@ def build_detector(model: Mapping[str, Any], num_classes: int) -> Any:
     return registry("detector").build(without_pretrained(dict(model)), num_classes=num_classes)
 
 
-def _discover() -> None:
-    # Imported here: plugins imports this module.
-    importlib.import_module("detkit.plugins").discover()
+_discovered = False
+
+
+def discover(force: bool = False) -> None:
+    """Record every ``detkit.<kind>`` entry point on ``sys.path`` (no imports).
+
+    ``force`` forgets earlier discoveries (not in-process registrations) and
+    reads the metadata again, for example after ``sys.path`` changed.
+    """
+    global _discovered
+    if _discovered and not force:
+        return
+    _discovered = True
+    if force:
+        for reg in REGISTRIES.values():
+            reg.forget_discovered()
+    found = find_entry_points(list(REGISTRIES))
+    for ep in found.entries:
+        REGISTRIES[ep.kind].add_lazy(ep.name, ep.provider, ep.load)
+    for ep in found.disabled:
+        REGISTRIES[ep.kind].add_disabled(ep.name, ep.provider)
+
+
+def load_all() -> list[Entry]:
+    """Import every discovered entry; failures are recorded on the entries."""
+    discover()
+    entries: list[Entry] = []
+    for reg in REGISTRIES.values():
+        for entry in reg:
+            reg.load(entry)
+            entries.append(entry)
+    return entries
+
+
+def all_entries(kind: str | None = None) -> list[Entry]:
+    """Every known entry (loaded or not), optionally of one kind."""
+    discover()
+    kinds = [kind] if kind else list(REGISTRIES)
+    return [entry for k in kinds for entry in REGISTRIES[k]]
 
 
 class Component:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detkit import plugins
+from detkit import registry as plugin_registry
 from detkit.registry import REGISTRIES
 
 # Two cores: keep torch from oversubscribing when tests run beside other work.
@@ -44,7 +44,7 @@ def fake_site(tmp_path, monkeypatch):
 
     def make(dist, version, entry_points, modules):
         write_distribution(site, dist, version, entry_points, modules)
-        plugins.discover(force=True)
+        plugin_registry.discover(force=True)
 
     yield make
     # Forget the fake modules and entries so other tests see the real install.
@@ -52,7 +52,7 @@ def fake_site(tmp_path, monkeypatch):
         if name.startswith("fake_"):
             del sys.modules[name]
     monkeypatch.undo()
-    plugins.discover(force=True)
+    plugin_registry.discover(force=True)
 
 
 @pytest.fixture
