@@ -183,11 +183,9 @@ def train(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out_dir)."),
 ) -> None:
     """Train a detector as the config describes."""
-    from detkit.config import load_config
-    from detkit.engine.train import train as run_training
+    from detkit.api import train as run_training
 
-    cfg = load_config(config, overrides or [])
-    run_training(cfg, config_path=config, resume=resume, out_dir=out_dir)
+    run_training(config, overrides or [], resume=resume, out_dir=out_dir)
 
 
 # ----------------------------------------------------------------------- eval
@@ -196,12 +194,16 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A detkit checkpoint (best.pt, last.pt)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config to take the data from (default: the checkpoint's)."),
     overrides: Optional[List[str]] = SetOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o",
+        help="Directory for metrics.json, pr_curves.png, confusion_matrix.png and detections.json "
+        "(default: <checkpoint dir>/eval); a path ending in .json names the metrics file.",
+    ),
 ) -> None:
-    """Evaluate a checkpoint on the validation split (VOC mAP)."""
-    from detkit.engine.evaluate import evaluate_checkpoint
+    """Evaluate a checkpoint on the validation split (eval.metric: voc, coco or both)."""
+    from detkit.api import evaluate as run_evaluation
 
-    evaluate_checkpoint(checkpoint, config_path=config, overrides=overrides or [], out=out)
+    run_evaluation(checkpoint, config=config, overrides=overrides or [], out=out)
 
 
 # ----------------------------------------------------------------------- data
@@ -288,7 +290,7 @@ def predict_cmd(
     draw: bool = typer.Option(False, "--draw", help="Also write OUT/<image stem>.detections.png with the boxes."),
 ) -> None:
     """Detect objects in images; writes OUT/<image stem>.json (boxes in original pixels)."""
-    from detkit.engine.predict import predict_files
+    from detkit.api import predict_files
 
     records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
                             device=device, batch_size=batch_size, draw=draw)

@@ -40,6 +40,7 @@ KINDS: tuple[str, ...] = (
     "detector",
     "trainer",
     "dataset",
+    "evaluator",
     "hook",
 )
 
@@ -453,3 +454,4 @@ LossSpec = Annotated[ComponentSpec, Component("loss")]
 DetectorSpec = Annotated[ComponentSpec, Component("detector")]
 TrainerSpec = Annotated[ComponentSpec, Component("trainer")]
 DatasetSpec = Annotated[ComponentSpec, Component("dataset")]
+EvaluatorSpec = Annotated[ComponentSpec, Component("evaluator")]

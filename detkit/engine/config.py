@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from detkit.registry import TrainerSpec
+from detkit.registry import EvaluatorSpec, TrainerSpec
 
 
 class _Strict(BaseModel):
@@ -56,3 +56,33 @@ class EvalConfig(_Strict):
     iou_thresh: float = Field(0.5, gt=0, le=1)
     use_07_metric: bool = False
     max_images: int | None = Field(None, gt=0)
+    metric: list[EvaluatorSpec] = Field(
+        default_factory=lambda: ["voc"], validate_default=True,
+        description="evaluators: voc, coco, or a list such as [coco, voc]; each may carry params ({type: voc, ...})",
+    )
+    best: str | None = Field(
+        None, description="metric that picks best.pt, as <evaluator>/<metric> (coco/AP, voc/mAP); "
+        "default: the first evaluator's headline",
+    )
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return value if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _best_names_an_evaluator(self) -> "EvalConfig":
+        types = [spec.type for spec in self.metric]
+        if not types:
+            raise ValueError("metric: name at least one evaluator (voc, coco)")
+        dup = sorted({t for t in types if types.count(t) > 1})
+        if dup:
+            raise ValueError(f"metric: {', '.join(dup)} appears more than once")
+        if self.best is not None:
+            head, sep, name = self.best.partition("/")
+            if not sep or not name or head not in types:
+                raise ValueError(
+                    f"best: {self.best!r} should be <evaluator>/<metric> with an evaluator of eval.metric "
+                    f"({', '.join(types)}), e.g. {types[0]}/..."
+                )
+        return self

@@ -59,7 +59,9 @@ def predict_files(
     the borders; 1 reproduces per-image inference exactly.  ``draw`` also
     writes ``out_dir/<stem>.detections.png`` with the boxes drawn on the image.
     """
-    from detkit.engine.checkpoint import atomic_write_text, load_detector
+    from detkit.api import load
+    from detkit.engine.checkpoint import atomic_write_text
+    from detkit.engine.evaluate import progress_bar
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -67,34 +69,22 @@ def predict_files(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    dev = resolve_device(device, "--device")
-    model, ckpt = load_detector(checkpoint, map_location="cpu")
-    model.to(dev)
-    classes = list(ckpt["classes"])
+    detector = load(checkpoint, resolve_device(device, "--device"))
     out_dir = Path(out_dir)
     names = _out_names(paths)
     records: list[dict[str, Any]] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        tensors = [read_image_uint8(p) for p in chunk]
-        preds = model.predict(tensors, score_thresh=score_thresh, nms_iou=nms_iou)
-        for path, image, pred, name in zip(chunk, tensors, preds, names[start : start + batch_size]):
-            boxes = pred["boxes"].cpu().tolist()
-            scores = pred["scores"].cpu().tolist()
-            labels = pred["labels"].cpu().tolist()
-            record = {
-                "image": str(path),
-                "width": int(image.shape[2]),
-                "height": int(image.shape[1]),
-                "detections": [
-                    {"box": [round(v, 2) for v in b], "score": round(s, 5), "label": l, "name": classes[l]}
-                    for b, s, l in zip(boxes, scores, labels)
-                ],
-            }
-            atomic_write_text(out_dir / name, json.dumps(record, indent=1) + "\n")
-            if draw:
-                draw_detections(image, record["detections"], out_dir / name.replace(".json", ".detections.png"))
-            records.append(record)
+    with progress_bar("predicting", len(paths)) as progress:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            tensors = [read_image_uint8(p) for p in chunk]
+            dets = detector.predict(tensors, score_thresh=score_thresh, nms_iou=nms_iou, batch_size=len(chunk))
+            for path, image, det, name in zip(chunk, tensors, dets, names[start : start + batch_size]):
+                record = {**det.to_dict(), "image": str(path)}
+                atomic_write_text(out_dir / name, json.dumps(record, indent=1) + "\n")
+                if draw:
+                    draw_detections(image, record["detections"], out_dir / name.replace(".json", ".detections.png"))
+                records.append(record)
+            progress(start + len(chunk), len(paths))
     return records
 
 

@@ -20,8 +20,11 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torchvision.ops import box_iou
+
+from detkit.evaluation.base import Evaluator
 
 
 def match_image(
@@ -78,18 +81,37 @@ def average_precision(recall: Tensor, precision: Tensor, use_07_metric: bool = F
     return float(((recall - prev) * interp).sum())
 
 
-class VOCEvaluator:
+class VOCEvaluator(Evaluator):
     """Accumulates predictions and targets, then computes per-class AP and mAP.
 
     ``update(predictions, targets)``: per image ``{"boxes" [K, 4], "scores" [K],
     "labels" [K]}`` and ``{"boxes" [G, 4], "labels" [G], "difficult" [G]}``
-    (``difficult`` optional), boxes in the same pixel frame.
+    (``difficult`` optional), boxes in the same pixel frame.  ``compute()``
+    reports both interpolations: ``mAP_11pt`` (VOC2007's 11 recall points) and
+    ``mAP_allpt`` (VOC2010 on, every recall step); ``mAP`` and ``per_class``
+    follow ``use_07_metric``.
     """
 
-    def __init__(self, classes: Sequence[str], iou_thresh: float = 0.5, use_07_metric: bool = False):
+    headline = "mAP"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        iou_thresh: float | None = Field(None, gt=0, le=1, description="IoU for a match; default eval.iou_thresh")
+        use_07_metric: bool | None = Field(
+            None, description="mAP and per-class AP by the 11-point rule; default eval.use_07_metric"
+        )
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        iou_thresh: float | None = None,
+        use_07_metric: bool | None = None,
+        category_ids: Sequence[int] | None = None,
+    ):
         self.classes = list(classes)
-        self.iou_thresh = float(iou_thresh)
-        self.use_07_metric = use_07_metric
+        self.iou_thresh = 0.5 if iou_thresh is None else float(iou_thresh)
+        self.use_07_metric = bool(use_07_metric)
         self.reset()
 
     def reset(self) -> None:
@@ -126,8 +148,8 @@ class VOCEvaluator:
             self._npos += torch.bincount(gt_labels[~gt_diff], minlength=c)
             self.num_images += 1
 
-    def compute(self) -> dict[str, Any]:
-        """``{"mAP": float, "AP": {class: float}, "iou_thresh": float}``; NaN AP for classes without gt."""
+    def pr_curves(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Per class with ground truth: ``(recall, precision, score)`` float64 ``[D]`` in rank order."""
         if self._labels:
             labels = torch.cat(self._labels)
             scores = torch.cat(self._scores)
@@ -141,22 +163,44 @@ class VOCEvaluator:
         # One global ranking: by class, then score descending (stable for ties).
         order = torch.sort(scores, descending=True, stable=True).indices
         order = order[torch.sort(labels[order], stable=True).indices]
-        labels, tp = labels[order], tp[order]
+        labels, scores, tp = labels[order], scores[order], tp[order]
         counts = torch.bincount(labels, minlength=len(self.classes)).tolist()
-        aps: dict[str, float] = {}
+        curves: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         start = 0
         for k, name in enumerate(self.classes):
             seg = tp[start : start + counts[k]]
+            seg_scores = scores[start : start + counts[k]]
             start += counts[k]
             npos = int(self._npos[k])
             if npos == 0:
-                aps[name] = math.nan
                 continue
             ctp = seg.double().cumsum(0)
             cfp = (~seg).double().cumsum(0)
-            recall = ctp / npos
-            precision = ctp / (ctp + cfp)
-            aps[name] = average_precision(recall, precision, self.use_07_metric)
-        valid = [v for v in aps.values() if not math.isnan(v)]
-        m_ap = sum(valid) / len(valid) if valid else math.nan
-        return {"mAP": m_ap, "AP": aps, "iou_thresh": self.iou_thresh}
+            curves[name] = (ctp / npos, ctp / (ctp + cfp), seg_scores.double())
+        return curves
+
+    def compute(self) -> dict[str, Any]:
+        """``{"mAP", "mAP_11pt", "mAP_allpt", "per_class": {class: AP}, "iou_thresh"}``.
+
+        Classes without (non-difficult) ground truth get AP NaN and stay out of the means.
+        """
+        curves = self.pr_curves()
+        both: dict[bool, dict[str, float]] = {}
+        for use_07 in (True, False):
+            both[use_07] = {
+                name: (average_precision(curves[name][0], curves[name][1], use_07) if name in curves else math.nan)
+                for name in self.classes
+            }
+        means = {use_07: _nanmean(aps.values()) for use_07, aps in both.items()}
+        return {
+            "mAP": means[self.use_07_metric],
+            "mAP_11pt": means[True],
+            "mAP_allpt": means[False],
+            "per_class": both[self.use_07_metric],
+            "iou_thresh": self.iou_thresh,
+        }
+
+
+def _nanmean(values: Any) -> float:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else math.nan

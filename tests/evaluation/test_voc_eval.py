@@ -26,31 +26,31 @@ def test_two_gt_three_ranked_detections():
     # Ranked TP, FP, TP: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1.
     preds, targets = [P([A, FAR, B], [0.9, 0.8, 0.7], [0, 0, 0])], [T([A, B], [0, 0])]
     res = _ap(preds, targets)
-    assert res["AP"]["a"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert math.isnan(res["AP"]["b"]) and res["mAP"] == pytest.approx(5 / 6)
+    assert res["per_class"]["a"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert math.isnan(res["per_class"]["b"]) and res["mAP"] == pytest.approx(5 / 6)
     # 11-point: recall >= 0..0.5 gives precision 1, recall >= 0.6..1 gives 2/3.
-    assert _ap(preds, targets, use_07_metric=True)["AP"]["a"] == pytest.approx((6 + 5 * 2 / 3) / 11)
+    assert _ap(preds, targets, use_07_metric=True)["per_class"]["a"] == pytest.approx((6 + 5 * 2 / 3) / 11)
 
 
 def test_perfect_predictions():
     targets = [T([A, B], [0, 1]), T([FAR], [1])]
     preds = [P([B, A], [0.3, 0.4], [1, 0]), P([FAR], [0.99], [1])]
     res = _ap(preds, targets)
-    assert res["AP"] == {"a": 1.0, "b": 1.0} and res["mAP"] == 1.0
+    assert res["per_class"] == {"a": 1.0, "b": 1.0} and res["mAP"] == 1.0
 
 
 def test_empty_predictions_score_zero():
     res = _ap([P([], [], []), P([], [], [])], [T([A], [0]), T([B], [1])])
-    assert res["AP"] == {"a": 0.0, "b": 0.0} and res["mAP"] == 0.0
+    assert res["per_class"] == {"a": 0.0, "b": 0.0} and res["mAP"] == 0.0
 
 
 def test_difficult_is_neither_tp_nor_fp():
     # The top detection hits a difficult box: ignored, so precision stays 1.
     res = _ap([P([B, A], [0.9, 0.8], [0, 0])], [T([A, B], [0, 0], [False, True])])
-    assert res["AP"]["a"] == 1.0
+    assert res["per_class"]["a"] == 1.0
     # A class whose only boxes are difficult has no positives: NaN, left out of the mean.
     res = _ap([P([A, B], [0.9, 0.8], [0, 1])], [T([A, B], [0, 1], [False, True])])
-    assert res["AP"]["a"] == 1.0 and math.isnan(res["AP"]["b"]) and res["mAP"] == 1.0
+    assert res["per_class"]["a"] == 1.0 and math.isnan(res["per_class"]["b"]) and res["mAP"] == 1.0
 
 
 def test_each_gt_matched_once_and_duplicates_are_fp():
@@ -58,22 +58,22 @@ def test_each_gt_matched_once_and_duplicates_are_fp():
     # it also overlaps the free box A2 (IoU 0.83) - the devkit's rule.
     a2 = [0, 0, 10, 12]
     res = _ap([P([A, A], [0.9, 0.8], [0, 0])], [T([A, a2], [0, 0])])
-    assert res["AP"]["a"] == pytest.approx(0.5)
+    assert res["per_class"]["a"] == pytest.approx(0.5)
 
 
 def test_wrong_class_and_low_iou_do_not_match():
     half = [5, 0, 15, 10]  # IoU with A = 50 / 150 = 1/3
-    assert _ap([P([A], [0.9], [1])], [T([A], [0])])["AP"]["a"] == 0.0
-    assert _ap([P([half], [0.9], [0])], [T([A], [0])])["AP"]["a"] == 0.0
-    assert _ap([P([half], [0.9], [0])], [T([A], [0])], iou_thresh=0.3)["AP"]["a"] == 1.0
+    assert _ap([P([A], [0.9], [1])], [T([A], [0])])["per_class"]["a"] == 0.0
+    assert _ap([P([half], [0.9], [0])], [T([A], [0])])["per_class"]["a"] == 0.0
+    assert _ap([P([half], [0.9], [0])], [T([A], [0])], iou_thresh=0.3)["per_class"]["a"] == 1.0
 
 
 def test_ranking_is_global_across_images():
     # Image 2's 0.9 detection is a FP ranked above image 1's TP at 0.5; 2 positives.
     preds = [P([A], [0.5], [0]), P([FAR], [0.9], [0])]
     targets = [T([A], [0]), T([B], [0])]
-    assert _ap(preds, targets)["AP"]["a"] == pytest.approx(0.25)
-    assert _ap(preds, targets, use_07_metric=True)["AP"]["a"] == pytest.approx(6 * 0.5 / 11)
+    assert _ap(preds, targets)["per_class"]["a"] == pytest.approx(0.25)
+    assert _ap(preds, targets, use_07_metric=True)["per_class"]["a"] == pytest.approx(6 * 0.5 / 11)
 
 
 def test_average_precision_interpolates():
@@ -146,7 +146,7 @@ def test_matches_plain_devkit_loop_on_random_data():
     assert ev.num_images == 30
     for c, name in enumerate("abc"):
         ref = _reference_ap(preds, targets, c)
-        assert res["AP"][name] == pytest.approx(ref, abs=1e-9), name
+        assert res["per_class"][name] == pytest.approx(ref, abs=1e-9), name
     assert 0.2 < res["mAP"] < 0.95  # a non-trivial case
 
 
