@@ -9,7 +9,13 @@ the file name.
 ``extends: base.yaml`` (or a list of files) merges the named files first,
 relative to the extending file; mappings merge key by key and everything else
 is replaced.  ``--set a.b.c=value`` overrides are applied last, the value read
-as YAML.
+as YAML.  Changing a component's ``type`` (in a file that extends another, or
+with ``--set model.backbone.type=vgg16``) starts that component from the new
+type's defaults: the old type's parameters would not fit it.
+
+Errors name their real source: the file (and line) for YAML problems, the
+extending file for a missing ``extends`` target, and ``--set KEY=VALUE`` for
+a field an override set.
 """
 
 from __future__ import annotations
@@ -27,6 +33,39 @@ from detkit.errors import ConfigError
 from detkit.registry import ComponentValidationError, DetectorSpec, flatten_validation_error, format_loc
 
 EXTENDS_KEY = "extends"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last one silently, so a second ``train:`` section
+    would replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"duplicate key {key!r} on lines {line + 1} and {key_node.start_mark.line + 1} "
+                    "(the second would silently replace the first)",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class Config(BaseModel):
@@ -49,13 +88,23 @@ class Config(BaseModel):
 def read_yaml(path: Path) -> dict[str, Any]:
     """One YAML mapping from ``path``, or a ConfigError naming the file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the config as UTF-8"
+        ) from None
+    try:
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -105,7 +154,10 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: '{EXTENDS_KEY}' must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge(merged, load_raw(path.parent / base, (*_chain, resolved)))
+        target = path.parent / base
+        if not target.exists():
+            raise ConfigError(f"{path}: '{EXTENDS_KEY}: {base}' names {target}, which does not exist")
+        merged = merge(merged, load_raw(target, (*_chain, resolved)))
     return merge(merged, data)
 
 
@@ -116,15 +168,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=3")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value  # not valid YAML: take it as the literal string
     return key.split("."), parsed
 
 
+def _sets_type(text: str) -> bool:
+    key = text.partition("=")[0].strip()
+    return key == "type" or key.endswith(".type")
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides; a new ``type`` resets its component to that type's defaults.
+
+    Overrides of a ``type`` are applied first, so ``--set m.b.depth=50 --set
+    m.b.type=resnet`` keeps the depth whatever the order on the command line.
+    """
     data = copy.deepcopy(data)
-    for text in overrides:
+    overrides = list(overrides)
+    for text in [t for t in overrides if _sets_type(t)] + [t for t in overrides if not _sets_type(t)]:
         keys, value = parse_override(text)
         node = data
         for i, key in enumerate(keys[:-1]):
@@ -136,35 +199,68 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
                 raise ConfigError(f"--set {text!r}: '{where}' is a {type(child).__name__}, not a section")
             node = child
         old = node.get(keys[-1])
-        if isinstance(old, dict) and isinstance(value, dict):
+        if keys[-1] == "type" and "type" in node and value != old:
+            # Like `extends`: the old type's parameters would not fit the new one.
+            node.clear()
+        elif isinstance(old, dict) and isinstance(value, dict):
             value = merge(old, value)
         node[keys[-1]] = value
     return data
 
 
-def validate(data: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a config mapping; errors name ``source`` and each field's path."""
+def validate(data: dict[str, Any], source: str = "<config>", overrides: Iterable[str] = ()) -> Config:
+    """Validate a config mapping; errors name ``source`` and each field's path.
+
+    A field that one of ``overrides`` set (or lies inside the section it set)
+    is blamed on that ``--set`` instead of on ``source``.
+    """
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_errors(source, flatten_validation_error(exc))) from None
+        errors = flatten_validation_error(exc)
     except ComponentValidationError as exc:
-        raise ConfigError(format_errors(source, exc.errors)) from None
+        errors = exc.errors
+    raise ConfigError(format_errors(source, errors, overrides)) from None
 
 
-def format_errors(source: str, errors: list[tuple[tuple, str]]) -> str:
+def _blame(loc: tuple, overrides: list[str]) -> str | None:
+    """The last ``--set`` whose key path is a prefix of ``loc`` (or that ``loc`` contains)."""
+    parts = [str(p) for p in loc]
+    for text in reversed(overrides):
+        keys = text.partition("=")[0].strip().split(".")
+        n = min(len(keys), len(parts))
+        if n and keys[:n] == parts[:n]:
+            return text
+    return None
+
+
+def format_errors(source: str, errors: list[tuple[tuple, str]], overrides: Iterable[str] = ()) -> str:
+    overrides = list(overrides)
+    blamed = [_blame(loc, overrides) for loc, _ in errors]
+
+    def where(i: int) -> str:
+        return f"--set {blamed[i]}" if blamed[i] else source
+
     if len(errors) == 1:
         loc, msg = errors[0]
-        return f"{source}: {format_loc(loc) or '<root>'}: {msg}"
-    lines = [f"{source}: {len(errors)} invalid fields"]
-    lines += [f"  {format_loc(loc) or '<root>'}: {msg}" for loc, msg in errors]
+        return f"{where(0)}: {format_loc(loc) or '<root>'}: {msg}"
+    if all(blamed):
+        head = "--set overrides"
+    else:
+        head = source + (" with --set overrides" if any(blamed) else "")
+    lines = [f"{head}: {len(errors)} invalid fields"]
+    lines += [
+        f"  {format_loc(loc) or '<root>'}: {msg}" + (f"  (from --set {blamed[i]})" if blamed[i] else "")
+        for i, (loc, msg) in enumerate(errors)
+    ]
     return "\n".join(lines)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read, merge, override and validate the config at ``path``."""
+    overrides = list(overrides)
     data = apply_overrides(load_raw(path), overrides)
-    return validate(data, str(path))
+    return validate(data, str(path), overrides)
 
 
 def json_schema() -> dict[str, Any]:

@@ -58,6 +58,9 @@ def fake_site(tmp_path, monkeypatch):
 @pytest.fixture
 def clean_registry():
     """Snapshot every registry and restore it after the test."""
+    # Discover first: a snapshot taken before discovery would restore empty
+    # registries that are marked as discovered, hiding the installed plugins.
+    plugin_registry.discover()
     saved = {kind: dict(reg._entries) for kind, reg in REGISTRIES.items()}
     yield
     for kind, reg in REGISTRIES.items():

@@ -24,7 +24,7 @@ from detkit.errors import CheckpointError
 
 # Files are written and read in core (detkit.io), shared with plugins and data.
 from detkit.io import atomic_torch_save, atomic_write_text, load_file, load_model_state, state_mismatches
-from detkit.registry import build_detector, without_pretrained
+from detkit.registry import ComponentValidationError, build_detector, format_loc, without_pretrained
 
 __all__ = [
     "atomic_torch_save", "atomic_write_text", "build_detector", "load_checkpoint", "load_detector",
@@ -71,7 +71,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu"):
     """``(model, checkpoint)`` from a detkit checkpoint, the model in eval mode."""
     ckpt = load_checkpoint(path, map_location)
-    model = build_detector(ckpt["config"]["model"], len(ckpt["classes"]))
+    try:
+        model = build_detector(ckpt["config"]["model"], len(ckpt["classes"]))
+    except ComponentValidationError as exc:
+        # The user did not write this config: say where it came from.
+        raise CheckpointError(
+            f"{path}: the config stored in this checkpoint no longer validates with the installed "
+            "plugins: " + "; ".join(f"model.{format_loc(loc) or 'type'}: {msg}" for loc, msg in exc.errors)
+        ) from None
     load_model_state(model, ckpt["model"], str(path))
     model.eval()
     return model, ckpt

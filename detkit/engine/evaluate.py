@@ -309,7 +309,7 @@ def evaluate_checkpoint(
     cfg = load_config(config_path, overrides) if config_path is not None else None
     model, ckpt = load_detector(checkpoint)
     if cfg is None:
-        cfg = validate(apply_overrides(ckpt["config"], overrides), f"{checkpoint} (stored config)")
+        cfg = validate(apply_overrides(ckpt["config"], overrides), f"{checkpoint} (stored config)", overrides)
     if cfg.data.val is None:
         raise DataError(f"{config_path or checkpoint}: data.val is not set; nothing to evaluate on")
     dataset = build_dataset(cfg.data, "val")

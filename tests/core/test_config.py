@@ -32,7 +32,13 @@ def toy_plugins(clean_registry):
         class Params(BaseModel):
             model_config = ConfigDict(extra="forbid")
 
+    class Wide:
+        class Params(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            width: int = Field(8, gt=0)
+
     registry("backbone").add("toy_bb", Bb)
+    registry("backbone").add("toy_wide", Wide)
     registry("detector").add("toy_det", Det)
     registry("dataset").add("toy_ds", Ds)
     registry("trainer").add("toy_tr", Tr)
@@ -118,3 +124,69 @@ def test_overrides():
         parse_override("train.epochs")
     with pytest.raises(ConfigError, match="'train.epochs' is a int, not a section"):
         apply_overrides({"train": {"epochs": 1}}, ["train.epochs.x=1"])
+
+
+# ---------------------------------------------------------------- issue 9, case 4
+def test_config_that_is_not_utf8_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\ntrain: {epochs: 1}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_raw(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:1: not UTF-8") and "\n" not in msg
+    assert info.value.exit_code == 2
+
+
+def test_duplicate_yaml_keys_name_both_lines(tmp_path):
+    path = write(tmp_path / "dup.yaml", "train:\n  epochs: 3\nmodel: {type: x}\ntrain:\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:4:1: invalid YAML: duplicate key 'train' on lines 1 and 4"):
+        load_raw(path)
+    nested = write(tmp_path / "nested.yaml", "train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs' on lines 2 and 3"):
+        load_raw(nested)
+    # A merge key may be overridden: that is not a duplicate.
+    ok = write(tmp_path / "merge.yaml", "a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  x: 3\n")
+    assert load_raw(ok)["b"] == {"x": 3, "y": 2}
+
+
+# ---------------------------------------------------------------- issue 9, case 7
+def test_set_of_a_component_type_starts_from_the_new_types_defaults(tmp_path, toy_plugins):
+    path = write(tmp_path / "a.yaml", BASE)
+    cfg = load_config(path, ["model.backbone.type=toy_wide"])
+    assert cfg.to_dict()["model"]["backbone"] == {"type": "toy_wide", "width": 8}
+    # Parameters of the new type given on the command line are kept, in either order.
+    for sets in (["model.backbone.width=3", "model.backbone.type=toy_wide"],
+                 ["model.backbone.type=toy_wide", "model.backbone.width=3"]):
+        assert load_config(path, sets).to_dict()["model"]["backbone"] == {"type": "toy_wide", "width": 3}
+    # The same type again keeps the file's parameters.
+    assert load_config(path, ["model.backbone.type=toy_bb"]).to_dict()["model"]["backbone"]["depth"] == 4
+
+
+# --------------------------------------------------------------- issue 9, case 13
+def test_missing_extends_target_names_the_extending_file(tmp_path):
+    child = write(tmp_path / "child.yaml", "extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_raw(child)
+    msg = str(info.value)
+    assert msg.startswith(f"{child}: 'extends: nowhere.yaml' names ") and "does not exist" in msg
+
+
+def test_set_errors_are_blamed_on_the_set_not_the_file(tmp_path, toy_plugins):
+    path = write(tmp_path / "a.yaml", BASE)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.nms_iou=7"])
+    assert str(info.value).startswith("--set model.nms_iou=7: model.nms_iou: ")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.backbone={type: toy_bb, depth: -1}"])
+    assert str(info.value).startswith("--set model.backbone={type: toy_bb, depth: -1}: model.backbone.depth")
+    # A problem in the file itself still names the file.
+    bad = write(tmp_path / "bad.yaml", BASE.replace("depth: 4", "depth: 0"))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["train.epochs=2"])
+    assert str(info.value).startswith(f"{bad}: model.backbone.depth")
+    # Mixed: the header names the file, the line from --set says so.
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["model.nms_iou=7"])
+    msg = str(info.value)
+    assert msg.startswith(f"{bad} with --set overrides: 2 invalid fields")
+    assert "model.nms_iou: " in msg and "(from --set model.nms_iou=7)" in msg

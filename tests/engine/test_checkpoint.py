@@ -51,3 +51,15 @@ def test_without_pretrained_clears_nested_values():
     assert ck.without_pretrained(section) == {
         "type": "faster_rcnn", "backbone": {"type": "vgg16", "pretrained": None}, "n": [{"pretrained": None}]
     }
+
+
+def test_a_stored_config_that_no_longer_validates_names_the_checkpoint(tmp_path):
+    """Issue 9 case 13: the user did not write that config, the checkpoint holds it."""
+    path = tmp_path / "old.pt"
+    model = {"type": "faster_rcnn", "backbone": {"type": "tiny", "renamed_since": 3}}
+    ck.save_checkpoint(path, model={}, config={"model": model}, classes=["a"])
+    with pytest.raises(CheckpointError) as info:
+        ck.load_detector(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the config stored in this checkpoint no longer validates")
+    assert "model.backbone.renamed_since: Extra inputs are not permitted" in msg
