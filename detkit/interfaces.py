@@ -13,7 +13,7 @@ Boxes are ``(x1, y1, x2, y2)`` in pixels of the network input.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +40,30 @@ class RoITail(NamedTuple):
     out_features: int
 
 
+class ShapeSpec(NamedTuple):
+    """Channels and stride (input pixels per feature cell) of one feature map."""
+
+    channels: int
+    stride: int
+
+
+# What a backbone or neck returns: one map, or named maps ordered finest first
+# (``{"C2": ..., "C5": ...}``, ``{"P2": ..., "P6": ...}``).
+Features = Union[Tensor, "dict[str, Tensor]"]
+
+
+def is_multi_level(features: Any) -> bool:
+    """True for named multi-level features (a mapping), False for one map."""
+    return isinstance(features, Mapping)
+
+
 class Backbone(nn.Module, ABC):
-    """A stride-``stride`` feature extractor: ``[N, 3, H, W] -> [N, out_channels, h, w]``."""
+    """A feature extractor.
+
+    Single map: ``[N, 3, H, W] -> [N, out_channels, h, w]`` at ``stride``.
+    Multi-level (``output_shape()`` lists several maps): a dict of named maps,
+    finest first, each with the channels and stride of its :class:`ShapeSpec`.
+    """
 
     out_channels: int
     stride: int
@@ -78,8 +100,27 @@ class RPNOutput(NamedTuple):
     anchors: Tensor
 
 
+class Neck(nn.Module, ABC):
+    """Maps features to features (e.g. a feature pyramid): ``dict[str, Tensor] -> dict[str, Tensor]``.
+
+    Built with the ``input_shapes`` of what it receives; ``output_shape()``
+    names what it returns, finest first.
+    """
+
+    @abstractmethod
+    def forward(self, features: "dict[str, Tensor]") -> "dict[str, Tensor]": ...
+
+    @abstractmethod
+    def output_shape(self) -> dict[str, ShapeSpec]: ...
+
+
 class ProposalGenerator(nn.Module, ABC):
-    """Scores anchors and turns the best into proposals."""
+    """Scores anchors and turns the best into proposals.
+
+    ``features`` is one map or a dict of levels; with levels, ``locs``,
+    ``scores`` and ``anchors`` of the :class:`RPNOutput` concatenate the
+    levels in order, so target creators and losses see one anchor list.
+    """
 
     @abstractmethod
     def forward(
@@ -95,7 +136,7 @@ class RoIHead(nn.Module, ABC):
 
     @abstractmethod
     def forward(
-        self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
+        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         """``input_size``: (height, width) of the padded network input the RoIs refer to."""
 

@@ -33,6 +33,7 @@ from detkit.plugins import Provider, disabled_hint, find_entry_points
 
 KINDS: tuple[str, ...] = (
     "backbone",
+    "neck",
     "proposal_generator",
     "roi_head",
     "target_creator",
@@ -447,6 +448,7 @@ class Component:
 
 
 BackboneSpec = Annotated[ComponentSpec, Component("backbone")]
+NeckSpec = Annotated[ComponentSpec, Component("neck")]
 ProposalGeneratorSpec = Annotated[ComponentSpec, Component("proposal_generator")]
 RoIHeadSpec = Annotated[ComponentSpec, Component("roi_head")]
 TargetCreatorSpec = Annotated[ComponentSpec, Component("target_creator")]

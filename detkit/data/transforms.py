@@ -31,15 +31,39 @@ _GRAY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
 def resize_shape(
-    height: int, width: int, min_size: int, max_size: int, fixed_size: tuple[int, int] | None = None
+    height: int,
+    width: int,
+    min_size: int,
+    max_size: int | None,
+    fixed_size: tuple[int, int] | None = None,
+    rounding: str = "round",
 ) -> tuple[int, int]:
-    """Output ``(height, width)``: short side ``min_size``, long side at most ``max_size``."""
+    """Output ``(height, width)``: short side ``min_size``, long side at most ``max_size``.
+
+    The one resize policy of detkit (training, evaluation and ``predict``):
+    ``scale = min(min_size / short, max_size / long)``, each side times
+    ``scale``, then rounded (``round``, the default), floored in floating
+    point (``floor``: torchvision's ``GeneralizedRCNNTransform``) or truncated
+    from exact integer ratios (``truncate``: faster-rcnn-pytorch).
+    ``max_size=None``: no cap on the long side.
+    """
     if fixed_size is not None:
         return int(fixed_size[0]), int(fixed_size[1])
     short, long = min(height, width), max(height, width)
     scale = min_size / short
-    if long * scale > max_size:
+    if max_size is not None and long * scale > max_size:
         scale = max_size / long
+    if rounding == "floor":
+        return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    if rounding == "truncate":
+        # The limiting side gets its target exactly, the other side is truncated
+        # from exact integer arithmetic (faster-rcnn-pytorch); "floor" may give
+        # min_size - 1 where the floating-point scale rounds down.
+        capped = max_size is not None and long * min_size > max_size * short
+        num, den = (max_size, long) if capped else (min_size, short)
+        return max(1, height * num // den), max(1, width * num // den)
+    if rounding != "round":
+        raise ValueError(f"rounding must be 'round', 'floor' or 'truncate', got {rounding!r}")
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 

@@ -15,9 +15,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from detkit import boxes as box_ops
 from detkit.io import state_mismatches
-from detkit.errors import CheckpointError
-from detkit.interfaces import Detector, RPNOutput
-from detkit.registry import BackboneSpec, ProposalGeneratorSpec, RoIHeadSpec
+from detkit.errors import CheckpointError, ConfigError
+from detkit.data.transforms import resize_shape
+from detkit.interfaces import Detector, Features, RPNOutput, is_multi_level
+from detkit.registry import BackboneSpec, NeckSpec, ProposalGeneratorSpec, RoIHeadSpec
 from detkit_builtins.ops import group_and_cap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,11 +29,16 @@ class PreprocessParams(BaseModel):
     """How ``predict`` resizes and normalises images (the detector's ``preprocess`` section).
 
     The shorter side becomes ``min_size`` and the longer side is scaled by the
-    same factor and truncated to an integer; when that would exceed
-    ``max_size`` the longer side becomes ``max_size`` instead (``null``: no cap).
+    same factor; when that would exceed ``max_size`` the longer side becomes
+    ``max_size`` instead (``null``: no cap).  Sizes follow
+    :func:`detkit.data.transforms.resize_shape` (``rounding``: ``round`` as in
+    training; import configs choose ``floor``/``truncate`` to match their source).
     ``backend: pil`` resizes 8-bit images with PIL, bit-exact with pipelines
-    that do so; ``torch`` uses torchvision's antialiased resize on the tensor.
-    ``mean``/``std`` normalise 0..1 pixels inside the detector.
+    that do so; ``torch`` uses torchvision's resize on the tensor
+    (``antialias`` when shrinking).  ``mean``/``std`` normalise 0..1 pixels
+    inside the detector.  The batch is padded at the bottom and right to a
+    multiple of ``size_divisible``, with black (``pad: zero``) or with the mean
+    colour (``pad: mean``: zeros after normalisation, as torchvision pads).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,19 +47,16 @@ class PreprocessParams(BaseModel):
     max_size: int | None = Field(1000, gt=0)
     resample: Literal["bicubic", "bilinear"] = "bicubic"
     backend: Literal["torch", "pil"] = "torch"
+    rounding: Literal["round", "floor", "truncate"] = "round"
+    antialias: bool = Field(True, description="torch backend: antialiased resize when shrinking")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    size_divisible: int = Field(1, gt=0, description="pad the batch to a multiple of this (FPN: 32)")
+    pad: Literal["zero", "mean"] = "zero"
 
-
-def resized_size(height: int, width: int, min_size: int, max_size: int | None) -> tuple[int, int]:
-    """``(h, w)`` with the shorter side ``min_size`` (or the longer ``max_size``), truncated."""
-    short, long = (height, width) if height <= width else (width, height)
-    if max_size is not None and long * min_size > max_size * short:
-        new_long, new_short = max_size, int(short * max_size / long)
-    else:
-        new_short, new_long = min_size, int(long * min_size / short)
-    new_short = max(new_short, 1)
-    return (new_short, new_long) if height <= width else (new_long, new_short)
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The network-input ``(h, w)`` of a ``height x width`` image."""
+        return resize_shape(height, width, self.min_size, self.max_size, rounding=self.rounding)
 
 
 class FasterRCNN(Detector):
@@ -69,6 +72,9 @@ class FasterRCNN(Detector):
         model_config = ConfigDict(extra="forbid")
 
         backbone: BackboneSpec = Field(default_factory=lambda: {"type": "vgg16"}, validate_default=True)
+        neck: NeckSpec | None = Field(
+            None, description="maps multi-level backbone features to features (e.g. fpn); null: none"
+        )
         rpn: ProposalGeneratorSpec = Field(default_factory=lambda: {"type": "rpn"}, validate_default=True)
         roi_head: RoIHeadSpec = Field(
             default_factory=lambda: {"type": "roi_head"}, validate_default=True
@@ -79,6 +85,9 @@ class FasterRCNN(Detector):
         nms_iou: float = Field(0.3, gt=0.0, le=1.0)
         max_detections: int | None = Field(100, gt=0, description="per image; null = no cap")
         clip_detections: bool = Field(True, description="clip final boxes to the image")
+        min_detection_size: float = Field(
+            0.0, ge=0.0, description="drop detections narrower or lower than this (network-input px)"
+        )
         channels_last: bool = Field(
             True,
             description="run the convolutions in channels-last memory format (1.5-1.8x faster on "
@@ -98,6 +107,8 @@ class FasterRCNN(Detector):
         max_detections: int | None = 100,
         clip_detections: bool = True,
         channels_last: bool = True,
+        neck: Any = None,
+        min_detection_size: float = 0.0,
     ):
         super().__init__()
         from detkit.registry import registry
@@ -110,18 +121,38 @@ class FasterRCNN(Detector):
         self.score_thresh, self.nms_iou = score_thresh, nms_iou
         self.max_detections, self.clip_detections = max_detections, clip_detections
 
+        self.min_detection_size = float(min_detection_size)
+
         self.extractor = registry("backbone").build(backbone)
-        stride = int(self.extractor.stride)
-        self.rpn = registry("proposal_generator").build(
-            rpn, in_channels=self.extractor.out_channels, feat_stride=stride
-        )
-        self.head = registry("roi_head").build(
-            roi_head,
-            num_classes=num_classes,
-            in_channels=self.extractor.out_channels,
-            tail=self.extractor.roi_tail(),
-            feat_stride=stride,
-        )
+        shapes = self.extractor.output_shape()
+        self.neck = None
+        if neck is not None:
+            self.neck = registry("neck").build(neck, input_shapes=shapes or {})
+            shapes = self.neck.output_shape()
+        if shapes:  # multi-level: one channel count for the RPN's shared head, a stride per level
+            channels = {s.channels for s in shapes.values()}
+            if len(channels) != 1:
+                raise ConfigError(
+                    "model: the RPN runs one head on every level, but the levels have "
+                    f"{sorted(channels)} channels; add a neck (e.g. fpn) that equalises them"
+                )
+            self.rpn = registry("proposal_generator").build(
+                rpn, in_channels=channels.pop(), feat_stride=[s.stride for s in shapes.values()]
+            )
+            self.head = registry("roi_head").build(roi_head, num_classes=num_classes, input_shapes=dict(shapes))
+        else:
+            stride = int(self.extractor.stride)
+            self.rpn = registry("proposal_generator").build(
+                rpn, in_channels=self.extractor.out_channels, feat_stride=stride
+            )
+            self.head = registry("roi_head").build(
+                roi_head,
+                num_classes=num_classes,
+                in_channels=self.extractor.out_channels,
+                tail=self.extractor.roi_tail(),
+                feat_stride=stride,
+            )
+        self.multi_level = bool(shapes)
         # Non-persistent: they come from the config, not from trained weights.
         self.register_buffer("pixel_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
@@ -130,8 +161,9 @@ class FasterRCNN(Detector):
         self.channels_last = channels_last
         if channels_last:
             # Only the memory layout of 4-d weights changes: values and state-dict keys do not.
-            for module in (self.extractor, self.rpn, self.head):
-                module.to(memory_format=torch.channels_last)
+            for module in (self.extractor, self.neck, self.rpn, self.head):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
             tail = self.head.classifier if hasattr(self.head, "classifier") else None
             if tail is not None and hasattr(tail, "channels_last"):
                 tail.channels_last = True  # pooled RoIs enter the tail in the same layout
@@ -146,16 +178,23 @@ class FasterRCNN(Detector):
         out = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
+    def extract(self, x: Tensor) -> Features:
+        """Backbone (and neck) features of a normalised batch: one map or a dict of levels."""
+        features = self.extractor(x)
+        return self.neck(features) if self.neck is not None else features
+
     def forward(self, x: Tensor, mode: str = "forward", **kw: Any) -> Any:
         if mode == "extractor":
-            return self.extractor(self.normalize(x))
+            return self.extract(self.normalize(x))
         if mode == "rpn":
-            return self._rpn(x, kw.get("image_sizes"), kw.get("scale", 1.0))
+            input_size = kw.get("input_size")
+            return self._rpn(x, kw.get("image_sizes"), kw.get("scale", 1.0), None,
+                             tuple(input_size) if input_size is not None else None)
         if mode == "head":
             return self.head(x, kw["rois"], kw["roi_indices"], tuple(kw["input_size"]))
         if mode == "forward":
             input_size = (int(x.shape[-2]), int(x.shape[-1]))
-            features = self.extractor(self.normalize(x))
+            features = self.extract(self.normalize(x))
             out = self._rpn(features, kw.get("image_sizes"), kw.get("scale", 1.0), x.shape[0], input_size)
             roi_cls_locs, roi_scores = self.head(features, out.rois, out.roi_indices, input_size)
             return roi_cls_locs, roi_scores, out.rois, out.roi_indices
@@ -169,30 +208,47 @@ class FasterRCNN(Detector):
         n: int | None = None,
         input_size: tuple[int, int] | None = None,
     ) -> RPNOutput:
+        first = next(iter(features.values())) if is_multi_level(features) else features
         if image_sizes is None:
             if input_size is None:
                 raise ValueError("mode='rpn' needs image_sizes ([N, 2] true (h, w) of each image)")
-            n = features.shape[0] if n is None else n
-            image_sizes = torch.full((n, 2), input_size[0], dtype=torch.int64, device=features.device)
+            n = first.shape[0] if n is None else n
+            image_sizes = torch.full((n, 2), input_size[0], dtype=torch.int64, device=first.device)
             image_sizes[:, 1] = input_size[1]  # filled on the device: no host-to-device copy
+        if self.multi_level:
+            if input_size is None:
+                raise ValueError("mode='rpn' with multi-level features needs input_size (padded H, W)")
+            return self.rpn(features, image_sizes, scale, input_size=input_size)
         return self.rpn(features, image_sizes, scale)
 
     # ----------------------------------------------------------------- anchors
-    def feature_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
-        """The backbone's ``(h, w)`` output for an ``(H, W)`` input, computed without data."""
+    def feature_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """``(h, w)`` of each feature map the RPN sees for an ``(H, W)`` input, computed without data."""
         key = (int(input_size[0]), int(input_size[1]))
         if key not in self._feature_sizes:
             # Shape propagation on the meta device: no memory, no FLOPs.
-            state = {k: v.to("meta") for k, v in self.extractor.state_dict(keep_vars=True).items()}
+            modules = {"extractor": self.extractor, "neck": self.neck}
             x = torch.empty(1, 3, *key, device="meta")
-            out = torch.func.functional_call(self.extractor, state, (x,))
-            self._feature_sizes[key] = (int(out.shape[-2]), int(out.shape[-1]))
+            for name, module in modules.items():
+                if module is None:
+                    continue
+                state = {k: v.to("meta") for k, v in module.state_dict(keep_vars=True).items()}
+                x = torch.func.functional_call(module, state, (x,))
+            maps = list(x.values()) if is_multi_level(x) else [x]
+            self._feature_sizes[key] = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
         return self._feature_sizes[key]
 
+    def feature_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """The single feature map's ``(h, w)`` (the finest level's with several)."""
+        return self.feature_sizes(input_size)[0]
+
     def anchors(self, input_size: tuple[int, int]) -> Tensor:
-        """``[A, 4]`` anchors, in input pixels, for an ``(H, W)`` network input."""
-        fh, fw = self.feature_size(input_size)
-        return self.rpn.anchors(fh, fw, self.device)
+        """``[A, 4]`` anchors, in input pixels, for an ``(H, W)`` network input (levels concatenated).
+
+        Asked from the proposal generator, so they are exactly the anchors it scores.
+        """
+        size = (int(input_size[0]), int(input_size[1]))
+        return self.rpn.anchors(self.feature_sizes(size), size, self.device)
 
     # ----------------------------------------------------------------- predict
     def _prepare(self, image: Tensor) -> Tensor:
@@ -220,7 +276,7 @@ class FasterRCNN(Detector):
             return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         interp = TF.InterpolationMode.BICUBIC if p.resample == "bicubic" else TF.InterpolationMode.BILINEAR
         if tuple(image.shape[-2:]) != tuple(size):
-            image = TF.resize(image, list(size), interpolation=interp, antialias=True)
+            image = TF.resize(image, list(size), interpolation=interp, antialias=p.antialias)
         if image.dtype == torch.uint8:
             return image.float() / 255.0
         return image.float().clamp(0.0, 1.0)  # bicubic overshoots on float input
@@ -251,7 +307,7 @@ class FasterRCNN(Detector):
             h, w = int(image.shape[-2]), int(image.shape[-1])
             orig_sizes.append((h, w))
             if resize:
-                size = resized_size(h, w, self.preprocess.min_size, self.preprocess.max_size)
+                size = self.preprocess.output_size(h, w)
                 batch.append(self._resize(image, size))
             elif image.dtype == torch.uint8:
                 batch.append(image.float() / 255.0)
@@ -259,7 +315,12 @@ class FasterRCNN(Detector):
                 batch.append(image.float())
         sizes = [tuple(b.shape[-2:]) for b in batch]
         H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        x = torch.zeros(len(batch), 3, H, W, device=device)
+        d = self.preprocess.size_divisible
+        H, W = -(-H // d) * d, -(-W // d) * d
+        if self.preprocess.pad == "mean":  # zeros once normalised
+            x = self.pixel_mean.expand(len(batch), 3, H, W).clone()
+        else:
+            x = torch.zeros(len(batch), 3, H, W, device=device)
         for i, b in enumerate(batch):
             x[i, :, : b.shape[1], : b.shape[2]].copy_(b)
         image_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
@@ -299,6 +360,10 @@ class FasterRCNN(Detector):
         sizes = image_sizes.to(boxes.dtype)[roi_indices]  # [R, 2]
         if self.clip_detections:
             boxes = box_ops.clip(boxes, sizes[:, 0:1], sizes[:, 1:2])
+        big_enough = None
+        if self.min_detection_size > 0:  # judged in network-input pixels, as torchvision does
+            m = self.min_detection_size
+            big_enough = ((boxes[..., 2] - boxes[..., 0]) >= m) & ((boxes[..., 3] - boxes[..., 1]) >= m)
         # Back to original pixels: x by orig_w / input_w, y by orig_h / input_h.
         ratio = orig_sizes.to(boxes.dtype)[roi_indices] / sizes  # [R, 2] (h, w)
         boxes = boxes * ratio.flip(1).repeat(1, 2).unsqueeze(1)  # (w, h, w, h) ratios
@@ -307,6 +372,8 @@ class FasterRCNN(Detector):
         labels = torch.arange(c, device=boxes.device).expand(r, c)
         image_idx = roi_indices.unsqueeze(1).expand(r, c)
         keep = probs > score_thresh
+        if big_enough is not None:
+            keep &= big_enough
         boxes, scores, labels, image_idx = boxes[keep], probs[keep], labels[keep], image_idx[keep]
         keep = batched_nms(boxes, scores, image_idx * c + labels, nms_iou)  # best first
         # By image, best first, at most max_detections each.

@@ -1,16 +1,33 @@
-"""The RoI head: pool each RoI, run the backbone's tail, classify and refine."""
+"""RoI heads: pool each RoI, run a box head, classify and refine.
+
+* :class:`RoIHead` pools one feature map and runs the backbone's tail on it
+  (the C4 design of the original Faster R-CNN).
+* :class:`MultiScaleRoIHead` pools each RoI from the pyramid level that fits
+  its size (FPN, Eq. 1, as ``torchvision.ops.MultiScaleRoIAlign``) and runs
+  two fully connected layers (``TwoMLPHead``) on it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.ops import roi_align, roi_pool
 
+from detkit.errors import ConfigError
+from detkit.interfaces import Features, RoITail, ShapeSpec, is_multi_level
 from detkit.interfaces import RoIHead as RoIHeadBase
-from detkit.interfaces import RoITail
+
+
+def _init_predictors(cls_loc: nn.Linear, score: nn.Linear) -> None:
+    nn.init.normal_(cls_loc.weight, std=0.001)
+    nn.init.normal_(score.weight, std=0.01)
+    nn.init.zeros_(cls_loc.bias)
+    nn.init.zeros_(score.bias)
 
 
 class RoIHead(RoIHeadBase):
@@ -35,29 +52,32 @@ class RoIHead(RoIHeadBase):
 
     def __init__(
         self,
+        params: Params | None = None,
+        *,
         num_classes: int,
-        in_channels: int,
-        tail: RoITail,
+        in_channels: int | None = None,
+        tail: RoITail | None = None,
         feat_stride: int = 16,
-        pool: str = "roi_pool",
-        mapping: str = "feature_ratio",
-        sampling_ratio: int = 2,
-        aligned: bool = False,
+        input_shapes: dict[str, ShapeSpec] | None = None,
+        **kwargs: Any,
     ):
         super().__init__()
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        if input_shapes is not None or tail is None:
+            raise ConfigError(
+                "model.roi_head: roi_head pools one feature map through the backbone's RoI tail; "
+                "with multi-level features (a neck) use type multiscale_roi_head"
+            )
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.roi_size = tail.roi_size
         self.feat_stride = feat_stride
-        self.pool, self.mapping = pool, mapping
-        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+        self.pool, self.mapping = p.pool, p.mapping
+        self.sampling_ratio, self.aligned = p.sampling_ratio, p.aligned
         self.classifier = tail.module
         self.cls_loc = nn.Linear(tail.out_features, (num_classes + 1) * 4)
         self.score = nn.Linear(tail.out_features, num_classes + 1)
-        nn.init.normal_(self.cls_loc.weight, std=0.001)
-        nn.init.normal_(self.score.weight, std=0.01)
-        nn.init.zeros_(self.cls_loc.bias)
-        nn.init.zeros_(self.score.bias)
+        _init_predictors(self.cls_loc, self.score)
 
     def pool_rois(
         self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
@@ -91,8 +111,123 @@ class RoIHead(RoIHeadBase):
         return pooled.to(out_dtype)
 
     def forward(
-        self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
+        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
+        if is_multi_level(features):
+            raise ValueError("roi_head takes one feature map; use multiscale_roi_head for levels")
         pooled = self.pool_rois(features, rois, roi_indices, input_size)
         hidden = self.classifier(pooled)
+        return self.cls_loc(hidden), self.score(hidden)
+
+
+class TwoMLPHead(nn.Module):
+    """``[R, C, s, s] -> [R, hidden]``: flatten, ``fc6`` + ReLU, ``fc7`` + ReLU (the FPN box head)."""
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class MultiScaleRoIHead(RoIHeadBase):
+    """Pyramid features + ``rois [R, 4]`` -> ``([R, (C+1)*4], [R, C+1])``.
+
+    Each RoI of size ``sqrt(w*h)`` is pooled (RoIAlign, ``roi_size`` bins,
+    ``spatial_scale = 1/stride``) from level
+    ``k = floor(canonical_level + log2(size / canonical_scale) + 1e-6)``
+    clamped to the levels in ``in_features`` (FPN Eq. 1 and torchvision's
+    ``MultiScaleRoIAlign``), then goes through :class:`TwoMLPHead`
+    (``box_head``), ``cls_loc`` and ``score``.  Class 0 is background.
+    Splitting RoIs by level reads the per-level counts back to the host once
+    per level, as torchvision does.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        in_features: list[str] = Field(
+            default_factory=lambda: ["P2", "P3", "P4", "P5"], min_length=1,
+            description="pyramid levels to pool from, finest first",
+        )
+        roi_size: int = Field(7, gt=0)
+        sampling_ratio: int = Field(2, ge=0, description="samples per bin side (0 = adaptive)")
+        aligned: bool = Field(False, description="half-pixel offset (torchvision's detection models: false)")
+        canonical_scale: float = Field(224.0, gt=0)
+        canonical_level: int = Field(4, ge=0)
+        representation_size: int = Field(1024, gt=0, description="width of fc6 and fc7")
+
+    def __init__(
+        self,
+        params: Params | None = None,
+        *,
+        num_classes: int,
+        input_shapes: dict[str, ShapeSpec] | None = None,
+        in_channels: int | None = None,
+        tail: RoITail | None = None,
+        feat_stride: Any = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        if not input_shapes:
+            raise ConfigError(
+                "model.roi_head: multiscale_roi_head needs multi-level features "
+                "(a backbone with out_features and a neck such as fpn)"
+            )
+        missing = [n for n in p.in_features if n not in input_shapes]
+        if missing:
+            raise ConfigError(
+                f"model.roi_head.in_features: {', '.join(missing)} not among the features "
+                f"({', '.join(input_shapes)})"
+            )
+        shapes = [input_shapes[n] for n in p.in_features]
+        if len({s.channels for s in shapes}) != 1:
+            raise ConfigError("model.roi_head.in_features: the pooled levels must have equal channels")
+        levels = [math.log2(s.stride) for s in shapes]
+        if any(l != round(l) for l in levels) or levels != sorted(levels):
+            raise ConfigError("model.roi_head.in_features: strides must be powers of 2, finest first")
+        self.num_classes = num_classes
+        self.in_features = list(p.in_features)
+        self.scales = [1.0 / s.stride for s in shapes]
+        self.k_min, self.k_max = int(levels[0]), int(levels[-1])
+        self.roi_size = p.roi_size
+        self.sampling_ratio, self.aligned = p.sampling_ratio, p.aligned
+        self.canonical_scale, self.canonical_level = p.canonical_scale, p.canonical_level
+        channels = shapes[0].channels
+        self.box_head = TwoMLPHead(channels * p.roi_size * p.roi_size, p.representation_size)
+        self.cls_loc = nn.Linear(p.representation_size, (num_classes + 1) * 4)
+        self.score = nn.Linear(p.representation_size, num_classes + 1)
+        _init_predictors(self.cls_loc, self.score)
+
+    def levels(self, rois: Tensor) -> Tensor:
+        """``[R]`` int64 index into ``in_features`` of the level each RoI is pooled from."""
+        area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
+        k = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_scale) + 1e-6)
+        return (k.clamp(self.k_min, self.k_max).to(torch.int64) - self.k_min)
+
+    def pool_rois(self, features: dict[str, Tensor], rois: Tensor, roi_indices: Tensor) -> Tensor:
+        """``[R, channels, roi_size, roi_size]`` features of each RoI, from its level."""
+        maps = [features[n] for n in self.in_features]
+        out_dtype = maps[0].dtype
+        rois = rois.float()
+        boxes = torch.cat((roi_indices.to(rois.dtype).unsqueeze(1), rois), dim=1)
+        if len(maps) == 1:
+            return roi_align(maps[0].float(), boxes, self.roi_size, self.scales[0], self.sampling_ratio,
+                             self.aligned).to(out_dtype)
+        levels = self.levels(rois)
+        out = rois.new_zeros((rois.shape[0], maps[0].shape[1], self.roi_size, self.roi_size))
+        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            out[idx] = roi_align(fmap.float(), boxes[idx], self.roi_size, scale, self.sampling_ratio, self.aligned)
+        return out.to(out_dtype)
+
+    def forward(
+        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        if not is_multi_level(features):
+            raise ValueError("multiscale_roi_head takes a dict of pyramid levels")
+        hidden = self.box_head(self.pool_rois(features, rois, roi_indices))
         return self.cls_loc(hidden), self.score(hidden)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,9 +11,9 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
 from detkit import boxes as box_ops
-from detkit.interfaces import ProposalGenerator, RPNOutput
+from detkit.interfaces import Features, ProposalGenerator, RPNOutput, is_multi_level
 
-from detkit_builtins.anchors import AnchorGenerator, AnchorParams
+from detkit_builtins.anchors import AnchorGenerator, AnchorParams, MultiLevelAnchorGenerator
 from detkit_builtins.ops import group_and_cap
 
 
@@ -23,11 +23,16 @@ class ProposalParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nms_iou: float = Field(0.7, gt=0.0, le=1.0)
-    train_pre_nms: int = Field(12000, gt=0)
-    train_post_nms: int = Field(600, gt=0)
+    train_pre_nms: int = Field(12000, gt=0, description="kept before NMS, per image (per level with levels)")
+    train_post_nms: int = Field(600, gt=0, description="kept after NMS, per image")
     test_pre_nms: int = Field(3000, gt=0)
     test_post_nms: int = Field(300, gt=0)
-    min_size: float = Field(16.0, ge=0.0)
+    min_size: float = Field(16.0, ge=0.0, description="drop proposals narrower or lower (px, times scale)")
+    min_size_before_topk: bool = Field(
+        True,
+        description="drop too-small boxes before the pre-NMS top-k (faster-rcnn-pytorch) or after it "
+        "(torchvision: they still take a top-k place)",
+    )
 
 
 class ProposalCreator(nn.Module):
@@ -35,25 +40,21 @@ class ProposalCreator(nn.Module):
 
     Per image: decode (no std), clip to the image's true size, drop boxes
     narrower or lower than ``min_size * scale``, keep the ``pre_nms`` best by
-    object probability, NMS at ``nms_iou``, keep the ``post_nms`` best.
+    object probability (per level when there are several), NMS at ``nms_iou``
+    (levels independently), keep the ``post_nms`` best over all levels.
     All images go through in one batched pass (``batched_nms`` grouped by
-    image), so an image's proposals never depend on the other images.
+    image and level), so an image's proposals never depend on the other
+    images, and nothing is read back to the host.
     """
 
-    def __init__(
-        self,
-        nms_iou: float = 0.7,
-        train_pre_nms: int = 12000,
-        train_post_nms: int = 600,
-        test_pre_nms: int = 3000,
-        test_post_nms: int = 300,
-        min_size: float = 16.0,
-    ):
+    def __init__(self, params: ProposalParams | None = None, **kwargs: Any):
         super().__init__()
-        self.nms_iou = nms_iou
-        self.train_pre_nms, self.train_post_nms = train_pre_nms, train_post_nms
-        self.test_pre_nms, self.test_post_nms = test_pre_nms, test_post_nms
-        self.min_size = min_size
+        p = self.params = params if params is not None else ProposalParams(**kwargs)
+        self.nms_iou = p.nms_iou
+        self.train_pre_nms, self.train_post_nms = p.train_pre_nms, p.train_post_nms
+        self.test_pre_nms, self.test_post_nms = p.test_pre_nms, p.test_post_nms
+        self.min_size = p.min_size
+        self.min_size_before_topk = p.min_size_before_topk
 
     def forward(
         self,
@@ -62,14 +63,18 @@ class ProposalCreator(nn.Module):
         anchors: Tensor,
         image_sizes: Tensor,
         scale: float | Tensor = 1.0,
+        num_per_level: Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``locs [N, A, 4]``, ``fg_scores [N, A]``, ``anchors [A, 4]``, ``image_sizes [N, 2]`` (h, w).
 
-        Returns ``rois [R, 4]`` and ``roi_indices [R]`` (int64), grouped by image
-        in batch order, best first within an image.
+        ``num_per_level``: anchors of each level in ``A`` (levels concatenated);
+        ``None`` is one level.  Returns ``rois [R, 4]`` and ``roi_indices [R]``
+        (int64), grouped by image in batch order, best first within an image.
         """
         n, a = fg_scores.shape
         device = locs.device
+        levels = list(num_per_level) if num_per_level is not None else [a]
+        num_levels = len(levels)
         pre_nms = self.train_pre_nms if self.training else self.test_pre_nms
         post_nms = self.train_post_nms if self.training else self.test_post_nms
 
@@ -86,87 +91,154 @@ class ProposalCreator(nn.Module):
         ws = boxes[..., 2] - boxes[..., 0]
         hs = boxes[..., 3] - boxes[..., 1]
         valid = (ws >= min_size) & (hs >= min_size)
-        scores = fg_scores.to(boxes.dtype).masked_fill(~valid, float("-inf"))
+        scores = fg_scores.to(boxes.dtype)
+        if self.min_size_before_topk:
+            scores = scores.masked_fill(~valid, float("-inf"))
 
-        k = min(pre_nms, a)
-        top_scores, top_idx = scores.topk(k, dim=1)  # [N, k], sorted best first
-        top_boxes = boxes.gather(1, top_idx.unsqueeze(-1).expand(n, k, 4))
-        image_idx = torch.arange(n, device=device).unsqueeze(1).expand(n, k)
-        top_valid = torch.isfinite(top_scores)
-        # Too-small boxes that were still drawn into the top k (images with fewer
-        # than k valid boxes) go into a group of their own so they suppress nothing.
-        groups = torch.where(top_valid, image_idx, torch.full_like(image_idx, n))
+        # Top k of each level (shapes only: the level sizes are Python ints).
+        idx, lvl, start = [], [], 0
+        for level, count in enumerate(levels):
+            k = min(pre_nms, count)
+            top = scores[:, start:start + count].topk(k, dim=1).indices + start  # [N, k], best first
+            idx.append(top)
+            lvl.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            start += count
+        top_idx = torch.cat(idx, dim=1) if num_levels > 1 else idx[0]
+        top_lvl = torch.cat(lvl) if num_levels > 1 else lvl[0]
+        kk = top_idx.shape[1]
+        top_scores = scores.gather(1, top_idx)
+        top_boxes = boxes.gather(1, top_idx.unsqueeze(-1).expand(n, kk, 4))
+        top_valid = valid.gather(1, top_idx) & torch.isfinite(top_scores)
+        image_idx = torch.arange(n, device=device).unsqueeze(1).expand(n, kk)
+        # One NMS group per (image, level). Too-small boxes that still reached the
+        # top k go into a group of their own (n * L) so they suppress nothing.
+        groups = image_idx * num_levels + top_lvl.unsqueeze(0)
+        groups = torch.where(top_valid, groups, torch.full_like(groups, n * num_levels))
 
         flat_boxes = top_boxes.reshape(-1, 4)
         flat_scores = top_scores.reshape(-1)
         flat_groups = groups.reshape(-1)
         keep = batched_nms(flat_boxes, flat_scores, flat_groups, self.nms_iou)  # score order
 
-        # By image in batch order, best first, at most post_nms each; group n holds the too-small boxes.
-        keep, kept_groups, _ = group_and_cap(keep, flat_groups, n + 1, post_nms)
-        selected = keep[kept_groups < n]
-        return flat_boxes[selected], flat_groups[selected]
+        # By image in batch order, best first over all levels, at most post_nms each;
+        # image group n holds the too-small boxes.
+        flat_images = torch.div(flat_groups, num_levels, rounding_mode="floor")
+        keep, kept_images, _ = group_and_cap(keep, flat_images, n + 1, post_nms)
+        selected = keep[kept_images < n]
+        return flat_boxes[selected], flat_images[selected]
 
 
 class RegionProposalNetwork(ProposalGenerator):
     """3x3 conv + ReLU, then 1x1 convs scoring (2) and regressing (4) each anchor.
 
-    ``features [N, in_channels, h, w]`` -> :class:`RPNOutput` with
-    ``locs [N, h*w*K, 4]``, ``scores [N, h*w*K, 2]`` (logits: background,
-    object), proposals ``rois [R, 4]`` / ``roi_indices [R]`` and the
-    ``anchors [h*w*K, 4]``.  Training mode uses the ``train_*`` proposal
-    counts, eval mode the ``test_*`` ones.
+    One map ``[N, in_channels, h, w]`` -> :class:`RPNOutput` with ``locs
+    [N, h*w*K, 4]``, ``scores [N, h*w*K, 2]`` (logits: background, object),
+    proposals ``rois [R, 4]`` / ``roi_indices [R]`` and the ``anchors
+    [h*w*K, 4]``.  With a dict of levels (all ``in_channels`` wide; needs
+    ``anchor.sizes``, one list per level), the same head runs on every level
+    and ``locs``/``scores``/``anchors`` concatenate the levels finest first;
+    proposals take the top ``pre_nms`` per level, NMS per level, then the
+    best ``post_nms`` over all levels.  Training mode uses the ``train_*``
+    proposal counts, eval mode the ``test_*`` ones.
     """
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        mid_channels: int = Field(512, gt=0)
+        mid_channels: int | None = Field(512, gt=0, description="3x3 conv width; null: in_channels")
         anchor: AnchorParams = Field(default_factory=AnchorParams)
         proposal: ProposalParams = Field(default_factory=ProposalParams)
 
     def __init__(
         self,
+        params: Params | None = None,
+        *,
         in_channels: int,
-        feat_stride: int = 16,
-        mid_channels: int = 512,
-        anchor: AnchorParams | dict[str, Any] | None = None,
-        proposal: ProposalParams | dict[str, Any] | None = None,
+        feat_stride: int | Sequence[int] = 16,
+        **kwargs: Any,
     ):
         super().__init__()
-        anchor = AnchorParams.model_validate(anchor or {}) if not isinstance(anchor, AnchorParams) else anchor
-        proposal = (
-            ProposalParams.model_validate(proposal or {})
-            if not isinstance(proposal, ProposalParams)
-            else proposal
-        )
-        self.anchor_generator = AnchorGenerator(
-            feat_stride, anchor.ratios, anchor.scales, anchor.base_size, anchor.offset
-        )
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        if isinstance(feat_stride, int):
+            if p.anchor.sizes is not None:
+                raise ValueError("anchor.sizes is for multi-level features; one map takes anchor.scales")
+            self.anchor_generator: nn.Module = AnchorGenerator(feat_stride, p.anchor)
+            self.multi_level = False
+        else:
+            self.anchor_generator = MultiLevelAnchorGenerator(list(feat_stride), p.anchor)
+            self.multi_level = True
         k = self.anchor_generator.num_per_cell
+        mid = p.mid_channels or in_channels
         self.num_anchors_per_cell = k
-        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
-        self.score = nn.Conv2d(mid_channels, k * 2, 1)
-        self.loc = nn.Conv2d(mid_channels, k * 4, 1)
-        self.proposal_creator = ProposalCreator(**proposal.model_dump())
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, padding=1)
+        self.score = nn.Conv2d(mid, k * 2, 1)
+        self.loc = nn.Conv2d(mid, k * 4, 1)
+        self.proposal_creator = ProposalCreator(p.proposal)
         for layer in (self.conv1, self.score, self.loc):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
-    def anchors(self, feat_h: int, feat_w: int, device: torch.device | str = "cpu") -> Tensor:
-        return self.anchor_generator(feat_h, feat_w, device)
+    def anchors(
+        self,
+        feature_sizes: Sequence[tuple[int, int]],
+        input_size: tuple[int, int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """``[A, 4]`` anchors for feature maps of ``feature_sizes`` (one ``(h, w)`` per level).
 
-    def forward(
-        self, features: Tensor, image_sizes: Tensor, scale: float | Tensor = 1.0
-    ) -> RPNOutput:
-        n, _, h, w = features.shape
-        x = F.relu(self.conv1(features))
+        ``input_size`` (the padded network input) is needed with multi-level
+        anchors shifted by ``input_ratio`` strides.
+        """
+        if not self.multi_level:
+            (h, w), = feature_sizes
+            return self.anchor_generator(h, w, device)
+        if input_size is None:
+            raise ValueError("multi-level anchors need the input size")
+        return torch.cat(self.anchor_generator(feature_sizes, input_size, device))
+
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        x = F.relu(self.conv1(x))
         # NCHW -> NHWC keeps the K anchors of one cell contiguous, as the anchors are.
         locs = self.loc(x).permute(0, 2, 3, 1).reshape(n, -1, 4)
         scores = self.score(x).permute(0, 2, 3, 1).reshape(n, -1, 2)
-        anchors = self.anchors(h, w, features.device)
+        return locs, scores
+
+    def forward(
+        self,
+        features: Features,
+        image_sizes: Tensor,
+        scale: float | Tensor = 1.0,
+        input_size: tuple[int, int] | None = None,
+    ) -> RPNOutput:
+        """``input_size``: the padded input (H, W); needed with multi-level ``input_ratio`` strides."""
+        maps = list(features.values()) if is_multi_level(features) else [features]
+        if self.multi_level != (len(maps) > 1 or is_multi_level(features)):
+            raise ValueError(
+                "the RPN was built for " + ("multi-level" if self.multi_level else "single-map")
+                + " features but got " + ("a dict of levels" if is_multi_level(features) else "one map")
+            )
+        outs = [self._head(m) for m in maps]
+        locs = torch.cat([o[0] for o in outs], dim=1) if len(outs) > 1 else outs[0][0]
+        scores = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
+        sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        num_per_level = None
+        if self.multi_level:
+            if input_size is None:
+                input_size = _input_size(image_sizes, sizes[0], self.anchor_generator.strides[0])
+            anchors = self.anchors(sizes, input_size, maps[0].device)
+            num_per_level = [h * w * self.num_anchors_per_cell for h, w in sizes]
+        else:
+            anchors = self.anchors(sizes, None, maps[0].device)
         fg = F.softmax(scores.detach(), dim=-1)[..., 1]
         # The proposal step is not differentiated: the RoI head treats RoIs as inputs.
         with torch.no_grad():
-            rois, roi_indices = self.proposal_creator(locs.detach(), fg, anchors, image_sizes, scale)
+            rois, roi_indices = self.proposal_creator(
+                locs.detach(), fg, anchors, image_sizes, scale, num_per_level
+            )
         return RPNOutput(locs, scores, rois, roi_indices, anchors)
+
+
+def _input_size(image_sizes: Tensor, finest: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The padded input size implied by the finest level (no host sync: shapes only)."""
+    return finest[0] * stride, finest[1] * stride

@@ -7,7 +7,8 @@ import torch
 
 from detkit.interfaces import RPNOutput
 from detkit.registry import registry
-from detkit_builtins.faster_rcnn import FasterRCNN, resized_size
+from detkit.data.transforms import resize_shape
+from detkit_builtins.faster_rcnn import FasterRCNN
 
 NUM_CLASSES = 3
 
@@ -84,15 +85,29 @@ def test_anchors_for_input_size():
     assert m.feature_size((64, 96)) == (4, 6)
     a = m.anchors((64, 96))
     assert a.shape == (4 * 6 * 9, 4)
-    assert torch.equal(a, m.rpn.anchors(4, 6))
+    assert torch.equal(a, m.rpn.anchors([(4, 6)]))
 
 
-def test_resized_size_hand_computed():
-    assert resized_size(375, 500, 600, None) == (600, 800)
-    assert resized_size(500, 375, 600, None) == (800, 600)
-    assert resized_size(333, 500, 600, None) == (600, 900)  # 900.9 truncated
-    assert resized_size(300, 1000, 600, 1000) == (300, 1000)  # long side capped
-    assert resized_size(100, 100, 600, 1000) == (600, 600)
+def test_resize_policy_roundings_hand_computed():
+    def trunc(h, w, lo, hi):
+        return resize_shape(h, w, lo, hi, rounding="truncate")
+
+    assert trunc(375, 500, 600, None) == (600, 800)
+    assert trunc(500, 375, 600, None) == (800, 600)
+    assert trunc(333, 500, 600, None) == (600, 900)  # 900.9 truncated
+    assert trunc(300, 1000, 600, 1000) == (300, 1000)  # long side capped
+    assert trunc(100, 100, 600, 1000) == (600, 600)
+    assert trunc(281, 288, 600, None) == (600, 614)  # exact: the short side is min_size
+    # floor: torchvision's float scale; 600/281 rounds down, so 281 * scale < 600.
+    assert resize_shape(281, 288, 600, 1000, rounding="floor") == (599, 614)
+    assert resize_shape(333, 500, 600, None) == (600, 901)  # round (training's default)
+
+
+def test_predict_input_size_follows_preprocess_rounding():
+    m = build(preprocess={"min_size": 600, "max_size": None, "rounding": "truncate"})
+    assert m.predict_input_size(333, 500) == (600, 900)
+    m = build(preprocess={"min_size": 600, "max_size": None})
+    assert m.predict_input_size(333, 500) == (600, 901)
 
 
 def test_predict_blank_image_is_empty_with_dtypes():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
 
-from detkit.interfaces import RoITail
+from detkit.interfaces import Features, RoITail, ShapeSpec
 
 from detkit_builtins.backbones.common import (
     NORM_DESCRIPTION,
@@ -25,6 +25,10 @@ from detkit_builtins.backbones.common import (
 )
 
 WEIGHTS_FILE = "resnet50-0676ba61.pth"  # torchvision's ImageNet weights (IMAGENET1K_V1)
+# Channels and strides of the multi-level outputs (layer1..layer4).
+_C_SHAPES = {
+    "C2": ShapeSpec(256, 4), "C3": ShapeSpec(512, 8), "C4": ShapeSpec(1024, 16), "C5": ShapeSpec(2048, 32),
+}
 
 
 def _move_stride_to_1x1(layer: nn.Sequential) -> None:
@@ -54,7 +58,7 @@ class ResNet50Backbone(FreezableBNBackbone):
         model_config = ConfigDict(extra="forbid")
 
         pretrained: str | bool | None = None
-        freeze_stages: int = Field(0, ge=0, le=4)
+        freeze_stages: int = Field(0, ge=0, le=5, description="5 (layer4) with out_features only")
         norm: Norm = Field("frozen_bn", description=NORM_DESCRIPTION)
         zero_init_residual: bool = Field(
             False,
@@ -64,6 +68,12 @@ class ResNet50Backbone(FreezableBNBackbone):
         stride_in_1x1: bool = False
         maxpool_ceil_mode: bool = False
         maxpool_padding: int = Field(1, ge=0, le=1)
+        out_features: list[Literal["C2", "C3", "C4", "C5"]] | None = Field(
+            None,
+            description="multi-level output for a neck (FPN): the named stage outputs to return "
+            "(C2..C5: layer1..layer4, strides 4..32); layer4 then joins the backbone and there is "
+            "no RoI tail. null: one stride-16 map (layer3) with layer4 as the RoI tail",
+        )
 
         @model_validator(mode="before")
         @classmethod
@@ -90,21 +100,47 @@ class ResNet50Backbone(FreezableBNBackbone):
         self.features = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
         )
-        self._set_tail(TailSequential(net.layer4, nn.AdaptiveAvgPool2d(1)))
+        self._out_features = list(p.out_features or [])
+        if self._out_features:
+            self.layer4 = net.layer4  # part of the trunk: C5 feeds the neck
+        else:
+            self._set_tail(TailSequential(net.layer4, nn.AdaptiveAvgPool2d(1)))
         if p.freeze_stages:
             self.freeze_stages(p.freeze_stages)
         if p.norm == "frozen_bn":
             self.freeze_bn()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
+    def forward(self, x: Tensor) -> Features:
+        if not self._out_features:
+            return self.features(x)
+        x = self.features[:4](x)  # stem
+        out: dict[str, Tensor] = {}
+        for name, stage in zip(("C2", "C3", "C4", "C5"), (*self.features[4:7], self.layer4)):
+            x = stage(x)
+            if name in self._out_features:
+                out[name] = x
+            if len(out) == len(self._out_features):
+                break  # later stages feed no requested output
+        return out
+
+    def output_shape(self) -> dict[str, ShapeSpec] | None:
+        if not self._out_features:
+            return None
+        return {n: _C_SHAPES[n] for n in ("C2", "C3", "C4", "C5") if n in self._out_features}
 
     def roi_tail(self) -> RoITail:
+        if self._out_features:
+            raise ValueError(
+                "model.backbone.out_features: a multi-level resnet50 has no RoI tail (layer4 is in the "
+                "trunk); use roi_head type multiscale_roi_head"
+            )
         return RoITail(self._tail, 14, 2048)
 
     def freeze_stages(self, n: int) -> None:
-        """Freeze the stem (1), then layer1 (2), layer2 (3), layer3 (4)."""
-        if not 0 <= n <= 4:
-            raise ValueError(f"freeze_stages must be in 0..4, got {n}")
+        """Freeze the stem (1), then layer1 (2), layer2 (3), layer3 (4), layer4 (5, multi-level only)."""
         stages = [self.features[0:2], self.features[4], self.features[5], self.features[6]]
+        if self._out_features:
+            stages.append(self.layer4)
+        if not 0 <= n <= len(stages):
+            raise ValueError(f"freeze_stages must be in 0..{len(stages)}, got {n}")
         freeze_modules(stages[:n])

@@ -1,0 +1,1 @@
+"""Necks: modules that map backbone features to features (feature pyramids)."""

@@ -1,0 +1,94 @@
+"""Feature Pyramid Network (Lin et al., 2017) as a ``neck``.
+
+The layout follows torchvision's ``FeaturePyramidNetwork`` +
+``LastLevelMaxPool`` so that its detection weights map onto it one to one:
+a 1x1 lateral conv per input level (``inner_blocks``), the top-down pathway
+adding each coarser merged map upsampled by nearest-neighbour interpolation to
+the next lateral, a 3x3 output conv per level (``layer_blocks``), and an extra
+coarsest level that is a stride-2 subsampling (max-pool, kernel 1) of the
+last output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detkit.errors import ConfigError
+from detkit.interfaces import Neck, ShapeSpec
+
+
+class FPN(Neck):
+    """``{"C2".."C5"} -> {"P2".."P6"}``, every output ``out_channels`` wide.
+
+    Input ``C<k>`` at stride ``s`` becomes ``P<k>`` at stride ``s``; with
+    ``top_block: maxpool`` one more level ``P<k+1>`` at twice the coarsest
+    stride is appended (used by the RPN only in torchvision's R50-FPN).
+    Lateral and output convs start from He uniform (``a=1``) weights and zero
+    bias, as in torchvision and Detectron.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        out_channels: int = Field(256, gt=0)
+        in_features: list[str] | None = Field(
+            None, description="backbone outputs to use, finest first; null: all of them"
+        )
+        top_block: Literal["maxpool", "none"] = Field(
+            "maxpool", description="maxpool: add a stride-2 subsampled level after the coarsest (P6)"
+        )
+
+    def __init__(self, params: Params | None = None, *, input_shapes: dict[str, ShapeSpec], **kwargs: Any):
+        super().__init__()
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        if not input_shapes:
+            raise ConfigError("model.neck: fpn needs a multi-level backbone (e.g. resnet50 with out_features)")
+        names = list(p.in_features or input_shapes)
+        missing = [n for n in names if n not in input_shapes]
+        if missing:
+            raise ConfigError(
+                f"model.neck.in_features: {', '.join(missing)} not produced by the backbone "
+                f"(it gives {', '.join(input_shapes)})"
+            )
+        self.in_features = names
+        strides = [input_shapes[n].stride for n in names]
+        if strides != sorted(strides) or len(set(strides)) != len(strides):
+            raise ConfigError(f"model.neck.in_features: levels must go finest first, got strides {strides}")
+        self.inner_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(input_shapes[n].channels, p.out_channels, 1)) for n in names
+        )
+        self.layer_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(p.out_channels, p.out_channels, 3, padding=1)) for _ in names
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+        # P<k> for C<k> (any other name: P + its position); the extra level continues the numbering.
+        self.out_names = [("P" + n[1:]) if n[:1] == "C" and n[1:].isdigit() else f"P{i}" for i, n in enumerate(names)]
+        self._shapes = {o: ShapeSpec(p.out_channels, s) for o, s in zip(self.out_names, strides)}
+        self.top_block = p.top_block
+        if p.top_block == "maxpool":
+            last = self.out_names[-1]
+            extra = "P" + str(int(last[1:]) + 1) if last[1:].isdigit() else "pool"
+            self._shapes[extra] = ShapeSpec(p.out_channels, strides[-1] * 2)
+            self.out_names.append(extra)
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        return dict(self._shapes)
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        xs = [features[n] for n in self.in_features]
+        last = self.inner_blocks[-1](xs[-1])
+        outs = [self.layer_blocks[-1](last)]
+        for i in range(len(xs) - 2, -1, -1):
+            lateral = self.inner_blocks[i](xs[i])
+            last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
+            outs.insert(0, self.layer_blocks[i](last))
+        if self.top_block == "maxpool":
+            outs.append(F.max_pool2d(outs[-1], 1, 2, 0))
+        return dict(zip(self.out_names, outs))
