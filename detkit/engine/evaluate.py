@@ -134,6 +134,19 @@ def best_key(cfg: EvalConfig, evaluators: dict[str, Any]) -> str:
     return f"{first}/{evaluators[first].headline}"
 
 
+def dataset_category_ids(dataset: Any) -> list[int] | None:
+    """The data set's own class ids (COCO's ``category_ids``), looking through wrappers such as
+    ``TransformedDataset``; None when it has none (labels ``k`` are then written as ``k + 1``)."""
+    for _ in range(4):
+        if dataset is None:
+            return None
+        ids = getattr(dataset, "category_ids", None)
+        if ids is not None:
+            return [int(i) for i in ids]
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
 def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
@@ -205,7 +218,7 @@ def evaluate(
     on stderr when that is a terminal.  ``keep_results``: add the per-image
     :class:`ImageResult` list under ``"results"`` (for plots).
     """
-    category_ids = getattr(getattr(loader, "dataset", None), "category_ids", None)
+    category_ids = dataset_category_ids(getattr(loader, "dataset", None))
     if progress is None:
         with progress_bar("evaluating", _images_in(loader, cfg.max_images)) as bar:
             results = predict_dataset(model, loader, cfg, device, bar)

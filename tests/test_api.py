@@ -1,0 +1,125 @@
+"""The public Python API: detkit.load / Detector.predict / detkit.train, and a light `import detkit`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detkit
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.errors import DataError
+from detkit.registry import registry
+
+CONFIG = {
+    "model": {
+        "type": "faster_rcnn",
+        "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
+        "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"test_post_nms": 20}},
+        "preprocess": {"min_size": 64, "max_size": 96},
+    },
+    "data": {
+        "train": {"type": "synthetic", "num_images": 4, "image_size": [64, 64], "classes": ["circle", "square"]},
+        "batch_size": 2,
+        "transforms": {"min_size": 64, "max_size": 64},
+    },
+    "train": {"epochs": 1, "max_iters_per_epoch": 1, "optimizer": {"type": "sgd", "lr": 0.001}},
+    "eval": {"interval": 0},
+}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from detkit.config import validate
+
+    cfg = validate(CONFIG).to_dict()
+    torch.manual_seed(0)
+    model = registry("detector").build(cfg["model"], num_classes=2)
+    with torch.no_grad():  # every RoI a confident "square"
+        model.head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    return save_checkpoint(tmp_path / "m.pt", model=model.state_dict(), config=cfg, classes=["circle", "square"])
+
+
+@pytest.fixture
+def photo(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    path = tmp_path / "street.png"
+    Image.fromarray(array).save(path)
+    return path, array
+
+
+def test_load_and_predict_every_kind_of_image(checkpoint, photo):
+    path, array = photo
+    model = detkit.load(checkpoint, device="cpu")
+    assert isinstance(model, detkit.Detector) and model.classes == ["circle", "square"] and model.device.type == "cpu"
+    dets = model.predict(path)
+    assert isinstance(dets, list) and len(dets) == 1 and isinstance(dets[0], detkit.Detections)
+    ref = dets[0]
+    assert len(ref) > 0 and ref.names == ["square"] * len(ref) and ref.labels.tolist() == [1] * len(ref)
+    assert ref.image_size == (48, 80) and ref.source == str(path)
+    assert ref.boxes.shape == (len(ref), 4) and bool((ref.boxes[:, 2] <= 80).all() and (ref.boxes[:, 3] <= 48).all())
+    chw = torch.from_numpy(array).permute(2, 0, 1)
+    inputs = [str(path), Image.open(path), array, chw, chw.float() / 255]
+    batch = model.predict(inputs)
+    assert len(batch) == 5
+    for i, d in enumerate(batch):
+        assert torch.allclose(d.boxes, ref.boxes, atol=1e-3), i
+        assert torch.allclose(d.scores, ref.scores, atol=1e-4) and d.names == ref.names, i
+    assert [d.source for d in batch] == [str(path), None, None, None, None]
+    stacked = model.predict(torch.stack([chw, chw]))  # [N, 3, H, W] is N images
+    assert len(stacked) == 2 and torch.allclose(stacked[1].boxes, ref.boxes, atol=1e-3)
+    record = ref.to_dict()
+    assert record["width"] == 80 and record["detections"][0]["name"] == "square"
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.full((3, 8, 8), 7.0), "float tensor image must hold values in 0..1"),
+        (torch.zeros(8, 8, 3, dtype=torch.uint8), r"\[3, H, W\] \(channels first\)"),
+        (np.zeros((8, 8, 3), dtype=np.float32), "numpy image must be uint8"),
+        (42, "expected a file path, PIL.Image"),
+        ("no/such.jpg", "no/such.jpg: image file not found"),
+    ],
+)
+def test_bad_images_are_one_clear_error(checkpoint, image, message):
+    model = detkit.load(checkpoint, device="cpu")
+    with pytest.raises(DataError, match=message):
+        model.predict(image)
+
+
+def test_train_from_a_dict_returns_the_run_directory(tmp_path):
+    run_dir = detkit.train(CONFIG, overrides=["train.seed=3"], out_dir=tmp_path / "run")
+    assert run_dir == tmp_path / "run" and (run_dir / "last.pt").is_file()
+    model = detkit.load(run_dir / "last.pt", device="cpu")
+    assert model.classes == ["circle", "square"]
+
+
+def test_cli_predict_goes_through_the_api(checkpoint, photo, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from detkit.cli import app
+
+    calls = []
+    original = detkit.Detector.predict
+    monkeypatch.setattr(detkit.Detector, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(photo[0]), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert calls == [1] and (tmp_path / "out" / "street.json").is_file()
+
+
+def test_import_detkit_is_light():
+    code = (
+        "import sys, detkit\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'detkit.api', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from detkit.registry import registry\n"
+        "assert detkit.registry.registry is registry and callable(detkit.load)\n"
+        "assert 'detkit.api' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
