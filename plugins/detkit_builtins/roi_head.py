@@ -23,11 +23,22 @@ from detkit.interfaces import Features, RoITail, ShapeSpec, is_multi_level
 from detkit.interfaces import RoIHead as RoIHeadBase
 
 
-def _init_predictors(cls_loc: nn.Linear, score: nn.Linear) -> None:
+CLS_PRIOR_DESCRIPTION = (
+    "initial foreground probability of the classifier (bias of the background logit log(1-p), of "
+    "each class log(p/C)), which steadies the first steps from scratch; null: zero bias"
+)
+
+
+def _init_predictors(cls_loc: nn.Linear, score: nn.Linear, cls_prior: float | None = None) -> None:
+    """The reference initialisation: classifier normal(0, 0.01), box regression normal(0, 0.001)."""
     nn.init.normal_(cls_loc.weight, std=0.001)
     nn.init.normal_(score.weight, std=0.01)
     nn.init.zeros_(cls_loc.bias)
     nn.init.zeros_(score.bias)
+    if cls_prior is not None:
+        with torch.no_grad():
+            score.bias[0] = math.log(1 - cls_prior)
+            score.bias[1:] = math.log(cls_prior / (score.out_features - 1))
 
 
 class RoIHead(RoIHeadBase):
@@ -49,6 +60,7 @@ class RoIHead(RoIHeadBase):
         mapping: Literal["feature_ratio", "stride"] = "feature_ratio"
         sampling_ratio: int = Field(2, ge=0, description="roi_align only: samples per bin side (0 = adaptive)")
         aligned: bool = Field(False, description="roi_align only: half-pixel offset")
+        cls_prior: float | None = Field(None, gt=0, lt=1, description=CLS_PRIOR_DESCRIPTION)
 
     def __init__(
         self,
@@ -77,7 +89,7 @@ class RoIHead(RoIHeadBase):
         self.classifier = tail.module
         self.cls_loc = nn.Linear(tail.out_features, (num_classes + 1) * 4)
         self.score = nn.Linear(tail.out_features, num_classes + 1)
-        _init_predictors(self.cls_loc, self.score)
+        _init_predictors(self.cls_loc, self.score, p.cls_prior)
 
     def pool_rois(
         self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
@@ -121,15 +133,29 @@ class RoIHead(RoIHeadBase):
 
 
 class TwoMLPHead(nn.Module):
-    """``[R, C, s, s] -> [R, hidden]``: flatten, ``fc6`` + ReLU, ``fc7`` + ReLU (the FPN box head)."""
+    """``[R, C, s, s] -> [R, hidden]``: flatten, ``fc6`` (+ norm) + ReLU, ``fc7`` (+ norm) + ReLU (the FPN box head).
 
-    def __init__(self, in_features: int, hidden: int):
+    ``norm``: ``none``, or ``gn`` (GroupNorm, 32 groups over the features of each RoI) /
+    ``bn`` (BatchNorm over the RoIs of a batch) after each layer, for training from scratch.
+    """
+
+    def __init__(self, in_features: int, hidden: int, norm: str = "none"):
         super().__init__()
-        self.fc6 = nn.Linear(in_features, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
+        self.fc6 = nn.Linear(in_features, hidden, bias=norm == "none")
+        self.fc7 = nn.Linear(hidden, hidden, bias=norm == "none")
+        self.norm6, self.norm7 = (_fc_norm(norm, hidden) for _ in range(2))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+        x = F.relu(self.norm6(self.fc6(x.flatten(1))))
+        return F.relu(self.norm7(self.fc7(x)))
+
+
+def _fc_norm(norm: str, features: int) -> nn.Module:
+    if norm == "gn":
+        return nn.GroupNorm(math.gcd(32, features), features)
+    if norm == "bn":
+        return nn.BatchNorm1d(features)
+    return nn.Identity()
 
 
 class MultiScaleRoIHead(RoIHeadBase):
@@ -158,6 +184,10 @@ class MultiScaleRoIHead(RoIHeadBase):
         canonical_scale: float = Field(224.0, gt=0)
         canonical_level: int = Field(4, ge=0)
         representation_size: int = Field(1024, gt=0, description="width of fc6 and fc7")
+        norm: Literal["none", "gn", "bn"] = Field(
+            "none", description="normalisation after fc6 and fc7: gn (GroupNorm, 32 groups) or bn, for training from scratch"
+        )
+        cls_prior: float | None = Field(None, gt=0, lt=1, description=CLS_PRIOR_DESCRIPTION)
 
     def __init__(
         self,
@@ -197,10 +227,10 @@ class MultiScaleRoIHead(RoIHeadBase):
         self.sampling_ratio, self.aligned = p.sampling_ratio, p.aligned
         self.canonical_scale, self.canonical_level = p.canonical_scale, p.canonical_level
         channels = shapes[0].channels
-        self.box_head = TwoMLPHead(channels * p.roi_size * p.roi_size, p.representation_size)
+        self.box_head = TwoMLPHead(channels * p.roi_size * p.roi_size, p.representation_size, p.norm)
         self.cls_loc = nn.Linear(p.representation_size, (num_classes + 1) * 4)
         self.score = nn.Linear(p.representation_size, num_classes + 1)
-        _init_predictors(self.cls_loc, self.score)
+        _init_predictors(self.cls_loc, self.score, p.cls_prior)
 
     def levels(self, rois: Tensor) -> Tensor:
         """``[R]`` int64 index into ``in_features`` of the level each RoI is pooled from."""

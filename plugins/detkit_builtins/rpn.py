@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -148,6 +149,11 @@ class RegionProposalNetwork(ProposalGenerator):
         mid_channels: int | None = Field(512, gt=0, description="3x3 conv width; null: in_channels")
         anchor: AnchorParams = Field(default_factory=AnchorParams)
         proposal: ProposalParams = Field(default_factory=ProposalParams)
+        cls_prior: float | None = Field(
+            None, gt=0, lt=1,
+            description="initial object probability of every anchor (the background logit's bias is "
+            "log((1-p)/p)); null: zero bias, i.e. 0.5",
+        )
 
     def __init__(
         self,
@@ -174,9 +180,13 @@ class RegionProposalNetwork(ProposalGenerator):
         self.score = nn.Conv2d(mid, k * 2, 1)
         self.loc = nn.Conv2d(mid, k * 4, 1)
         self.proposal_creator = ProposalCreator(p.proposal)
+        # The reference initialisation: normal(0, 0.01) for all three layers.
         for layer in (self.conv1, self.score, self.loc):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
+        if p.cls_prior is not None:  # channels alternate (background, object) per anchor
+            with torch.no_grad():
+                self.score.bias[0::2] = math.log((1 - p.cls_prior) / p.cls_prior)
 
     def anchors(
         self,
