@@ -35,6 +35,10 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except DetkitError as exc:
+            if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: one line for the run, not per rank
+                from detkit.engine.distributed import defer_error_to_rank0
+
+                defer_error_to_rank0()
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
             err_console.print(f"error: {user_message(exc)}", markup=False, highlight=False, soft_wrap=True)

@@ -47,6 +47,14 @@ class TrainConfig(_Strict):
     checkpoint_interval: int = Field(1, gt=0)
     log_interval: int = Field(10, gt=0)
     tensorboard: bool = False
+    sync_bn: bool = Field(
+        False, description="under torchrun on GPUs: trainable BatchNorm layers use the statistics of all "
+        "processes (SyncBatchNorm); frozen BatchNorm stays frozen"
+    )
+    find_unused_parameters: bool = Field(
+        False, description="under torchrun: let DistributedDataParallel find trainable parameters without a "
+        "gradient in a step (slower; only for models that skip layers; the frozen-backbone phase does not need it)"
+    )
 
 
 class EvalConfig(_Strict):

@@ -1,29 +1,50 @@
-"""Data-parallel training across processes launched by ``torchrun``.
+"""Data-parallel training and evaluation across processes launched by ``torchrun``.
 
-``torchrun --nproc_per_node 4 -m detkit.cli train CONFIG`` starts one process
-per GPU (or per CPU worker with the gloo backend).  Each process trains on its
-own shard of every epoch (the epoch sampler splits one permutation by rank);
-gradients are averaged across processes as they are accumulated in the
-backward pass, so every process takes the same optimizer step; only rank 0
-evaluates and writes the run directory.
+``torchrun --nproc-per-node 4 -m detkit.cli train CONFIG`` (or ``detkit-torchrun
+--nproc-per-node 4 train CONFIG``, the same launcher with one-line failures)
+starts one process per GPU, or per CPU worker with the gloo backend.  Each
+process trains on its own shard of every epoch (the epoch sampler splits one
+permutation by rank).
 
-Gradients are averaged by per-parameter hooks rather than by wrapping the
-model in ``DistributedDataParallel``: a Faster R-CNN trainer calls its model
-several times per step in different modes (extractor, rpn, head), which DDP's
-one-forward-one-backward bookkeeping does not allow.  Each hook is a blocking
-all-reduce, simple and correct but without DDP's bucketing.
+Training: the module that computes the losses (the trainer, which calls the
+detector in its extractor, rpn and head modes) is wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel` (:func:`wrap_for_training`).
+The trainer's step runs its forward pass through the wrapper, so each step is
+one DDP forward and one backward, and DDP all-reduces the gradients in buckets
+while the backward pass is still running.  ``train.sync_bn`` turns trainable
+BatchNorm layers into :class:`~torch.nn.SyncBatchNorm` (:func:`convert_sync_batchnorm`).
+
+Evaluation: each rank predicts on every ``world_size``-th image of the
+validation set (no padding, so no image is counted twice), the per-image
+results are gathered on rank 0 in data-set order, and rank 0 computes the
+metrics once (:func:`evaluate_distributed`): the same numbers as one process.
+
+Only rank 0 writes.  A user error on one rank ends the run with one line
+(:func:`defer_error_to_rank0`, :func:`peer_failures_exit_quietly`, and the
+:func:`launch_main` launcher behind ``detkit-torchrun``).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from detkit.errors import ConfigError
+from detkit.engine.hooks import HookBase
+from detkit.errors import ConfigError, DetkitError
+
+if TYPE_CHECKING:
+    from detkit.engine.config import EvalConfig
+    from detkit.engine.evaluate import ImageResult
 
 
 @dataclass(frozen=True)
@@ -42,7 +63,10 @@ class DistInfo:
 
 
 def init_from_env(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op when alone)."""
+    """Join the process group torchrun describes in the environment (no-op when alone).
+
+    NCCL on CUDA, gloo on the CPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -56,32 +80,6 @@ def init_from_env(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def average_gradients(model: nn.Module, world_size: int) -> list:
-    """Average each parameter's gradient over the processes as soon as it is accumulated.
-
-    Every process must run the same graph each step (same parameters used, same
-    order), which holds when all ranks train the same model on equal batch counts.
-    """
-    handles, seen = [], set()
-
-    def hook(p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad)
-        p.grad.div_(world_size)
-
-    for p in model.parameters():
-        if id(p) in seen:  # a module shared by two parents (the RoI tail) appears twice
-            continue
-        seen.add(id(p))
-        handles.append(p.register_post_accumulate_grad_hook(hook))
-    return handles
-
-
-def broadcast_parameters(model: nn.Module) -> None:
-    """Start every process from rank 0's weights and buffers."""
-    for tensor in model.state_dict().values():
-        dist.broadcast(tensor, 0)
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -90,3 +88,279 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ training
+def _trainable_batchnorms(model: nn.Module) -> list[tuple[nn.Module, str, nn.modules.batchnorm._BatchNorm]]:
+    """``(parent, attribute, layer)`` of every BatchNorm that trains: in training mode after ``model.train()``.
+
+    A frozen BatchNorm (``norm: frozen_bn``, ``freeze_bn``) stays in eval mode
+    through ``train()`` and is left alone.
+    """
+    was_training = model.training
+    model.train()
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if (isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
+                    and child.training):
+                found.append((parent, name, child))
+    model.train(was_training)
+    return found
+
+
+def convert_sync_batchnorm(model: nn.Module) -> int:
+    """Replace each trainable BatchNorm of ``model`` by a SyncBatchNorm, in place; returns how many.
+
+    The new layers take over the same parameter and buffer tensors (an
+    optimizer built before keeps working) and the layer's mode.  Frozen
+    BatchNorm layers stay plain BatchNorm: their statistics are fixed, there
+    is nothing to synchronise.  SyncBatchNorm needs CUDA; on the CPU it would
+    fail at the first step, so :func:`wrap_for_training` refuses it there.
+    """
+    count = 0
+    for parent, name, bn in _trainable_batchnorms(model):
+        sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            sync.weight, sync.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            sync.running_mean, sync.running_var = bn.running_mean, bn.running_var
+            sync.num_batches_tracked = bn.num_batches_tracked
+        sync.train(bn.training)
+        setattr(parent, name, sync)
+        count += 1
+    return count
+
+
+def wrap_for_training(
+    trainer: nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
+    """The module the training step runs its forward pass through: ``trainer`` alone, or wrapped in DDP.
+
+    DDP records the parameters that require gradients when it is built and
+    expects a gradient for each of them in every step.  The frozen-backbone
+    phase switches ``requires_grad`` of the trunk, so the wrapper is rebuilt
+    whenever the trainable set changes (:class:`DistributedHook`) rather than
+    built once with ``find_unused_parameters=True``: that would walk the
+    autograd graph after every forward for the whole run, to serve a phase of
+    a few epochs.  ``find_unused_parameters`` (``train.find_unused_parameters``)
+    is only for models where some trainable parameter gets no gradient in
+    some steps.  Buffers are broadcast from rank 0 at each forward only when a
+    plain BatchNorm updates running statistics; frozen and synchronised
+    BatchNorm statistics agree across ranks anyway.
+    """
+    if not info.enabled or not any(p.requires_grad for p in trainer.parameters()):
+        return trainer
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync = bool(_trainable_batchnorms(trainer))
+    # Newer PyTorch renames broadcast_buffers (and warns about the old name).
+    buffers = ({"forward_sync_buffers": sync} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": sync})
+    return DistributedDataParallel(
+        trainer,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        output_device=device.index if device.type == "cuda" else None,
+        **buffers,
+        find_unused_parameters=find_unused_parameters,
+        # Gradients live in the all-reduce buckets: no copy in and out of them.
+        gradient_as_bucket_view=True,
+    )
+
+
+class DistributedHook(HookBase):
+    """Keeps ``loop.trainer_module`` a DistributedDataParallel wrapper of the trainer.
+
+    Builds it before training (after converting BatchNorm to SyncBatchNorm when
+    ``train.sync_bn`` asks) and rebuilds it before any step where the set of
+    parameters that require gradients changed (the frozen-backbone phase
+    starting or ending, or a plugin hook freezing layers).  Runs after the
+    hooks that switch ``requires_grad`` in ``before_epoch``.
+    """
+
+    priority = 6  # after FrozenBackboneHook (5)
+
+    def __init__(self, sync_bn: bool = False, find_unused_parameters: bool = False):
+        self.sync_bn = sync_bn
+        self.find_unused_parameters = find_unused_parameters
+        self._trainable: tuple[bool, ...] | None = None
+
+    def before_train(self) -> None:
+        loop = self.loop
+        if self.sync_bn and loop.dist.enabled:
+            if loop.device.type != "cuda":
+                raise ConfigError(
+                    "train.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); this run trains on "
+                    f"{loop.device.type}: set train.sync_bn: false"
+                )
+            n = convert_sync_batchnorm(loop.model)
+            loop.console.print(f"train.sync_bn: {n} BatchNorm layers synchronised across {loop.dist.world_size} "
+                               "processes", markup=False, highlight=False, soft_wrap=True)
+        self.before_step()  # the wrapper exists before other hooks start (and broadcasts rank 0's weights)
+
+    def before_step(self) -> None:
+        loop = self.loop
+        trainable = tuple(p.requires_grad for p in loop.trainer.parameters())
+        if trainable == self._trainable:
+            return
+        loop.trainer_module = loop.trainer  # drop the old wrapper (and its gradient hooks) first
+        loop.trainer_module = wrap_for_training(loop.trainer, loop.dist, loop.device, self.find_unused_parameters)
+        self._trainable = trainable
+
+
+# ---------------------------------------------------------------- evaluation
+def shard_loader(loader: Any, info: DistInfo, max_images: int | None = None) -> Any:
+    """A loader over this rank's share of what ``loader`` yields: items ``rank, rank + world, ...``.
+
+    The items are the ones the loader's own sampler yields (the first
+    ``max_images`` of them), so prediction sees exactly the images a single
+    process would.  No padding: ranks may get one image fewer than others.
+    """
+    from torch.utils.data import DataLoader
+
+    items = list(iter(loader.sampler))
+    if max_images:
+        items = items[:max_images]
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=items[info.rank :: info.world_size],
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+    )
+
+
+def gather_results(results: Sequence[Any], info: DistInfo) -> list[Any] | None:
+    """Every rank's per-image results on rank 0, in the order of the unsharded loader; None elsewhere.
+
+    Rank ``r``'s ``j``-th result is item ``r + j * world_size`` (see :func:`shard_loader`).
+    """
+    if not info.enabled:
+        return list(results)
+    parts: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(list(results), parts, dst=0)
+    if parts is None:
+        return None
+    total = sum(len(p) for p in parts)
+    return [parts[i % info.world_size][i // info.world_size] for i in range(total)]
+
+
+def evaluate_distributed(
+    model: nn.Module,
+    loader: Any,
+    classes: Sequence[str],
+    cfg: "EvalConfig",
+    device: torch.device,
+    info: DistInfo,
+) -> dict[str, Any] | None:
+    """:func:`detkit.engine.evaluate.evaluate`, with prediction sharded over the ranks.
+
+    Every rank must call it.  Returns the metrics on rank 0 and None on the
+    others; the metrics equal a single process's over the same loader.
+    """
+    from detkit.engine.evaluate import compute_metrics, evaluate, predict_dataset
+
+    if not info.enabled:
+        return evaluate(model, loader, classes, cfg, device)
+    results = predict_dataset(model, shard_loader(loader, info, cfg.max_images), cfg, device)
+    gathered = gather_results(results, info)
+    if gathered is None:
+        return None
+    category_ids = getattr(getattr(loader, "dataset", None), "category_ids", None)
+    return compute_metrics(gathered, classes, cfg, category_ids)
+
+
+# ------------------------------------------------------------------ failures
+# How long a rank other than 0 waits before reporting a user error.  An error
+# that every rank hits (a bad path, a data error in a shared step) is then
+# reported once, by rank 0: torchrun stops the other ranks as soon as rank 0
+# exits, before their wait is over.
+ERROR_GRACE_S = 3.0
+
+
+def _launched_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def defer_error_to_rank0() -> None:
+    """Before reporting a user error: on ranks other than 0 of a torchrun launch, wait a moment.
+
+    Called by the CLI just before it prints an error line and exits.
+    """
+    rank, world = _launched_rank()
+    if world > 1 and rank != 0:
+        time.sleep(ERROR_GRACE_S)
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """An exception a collective raises because another process died (not this process's own error)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
+@contextmanager
+def peer_failures_exit_quietly(info: DistInfo) -> Iterator[None]:
+    """When another rank fails, this rank's blocked collective raises: exit with 1, no traceback.
+
+    The failing rank reports its own error; a traceback from every other rank
+    would bury it.
+    """
+    try:
+        yield
+    except DetkitError:
+        raise
+    except Exception as exc:
+        if info.enabled and _is_peer_failure(exc):
+            raise SystemExit(1) from None
+        raise
+
+
+# ------------------------------------------------------------------ launcher
+def launch_main(argv: Sequence[str] | None = None) -> None:
+    """``detkit-torchrun [torchrun options] COMMAND ARGS``: torchrun running ``detkit COMMAND ARGS``.
+
+    The options are torchrun's (``--nproc-per-node``, ``--nnodes``,
+    ``--rdzv-backend``, ``--rdzv-endpoint``, ...).  It differs from
+    ``torchrun -m detkit.cli`` in what a failure prints: the failing process's
+    own one-line error and nothing else (no launcher traceback or failure
+    table), and the exit code is that process's.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.module or args.no_python:
+        sys.stderr.write("error: detkit-torchrun runs detkit itself; drop -m/--module and --no-python\n")
+        raise SystemExit(2)
+    args.training_script_args = [args.training_script, *args.training_script_args]
+    args.training_script, args.module = "detkit.cli", True
+    # torchrun warns about this default at every start; set it the same way, silently.
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    # The agent logs each stopped worker and the failure; the worker's own line says what went wrong.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        raise SystemExit(_report_failures(exc.failures)) from None
+
+
+def _report_failures(failures: dict[int, Any]) -> int:
+    """The exit code of a failed launch; prints a line only for a process that could not print its own.
+
+    A process that exited with a code reported its error itself (or, when a
+    peer failed, exited quietly).  The agent stops the others with SIGTERM;
+    any other signal (SIGKILL from the out-of-memory killer, SIGSEGV) killed a
+    process before it could say anything.
+    """
+    exited = sorted((f.timestamp, -f.exitcode, rank) for rank, f in failures.items() if f.exitcode > 0)
+    if exited:
+        return -exited[0][1]
+    killed = [(rank, f) for rank, f in sorted(failures.items()) if f.exitcode < 0]
+    rank, failure = next(((r, f) for r, f in killed if f.signal_name() != "SIGTERM"), killed[0])
+    sys.stderr.write(f"error: the process of rank {rank} was killed by {failure.signal_name()}\n")
+    return 1
