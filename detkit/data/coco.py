@@ -4,6 +4,9 @@ Category ids become contiguous labels ``0..C-1`` in sorted id order and the
 class names come from the categories.  Boxes ``[x, y, w, h]`` become xyxy.
 Crowd annotations are kept only with ``use_crowd`` and are then flagged
 ``difficult`` (evaluation ignores them).  Images without annotations stay.
+Boxes are clipped to their image; boxes with nothing left, and boxes written
+with ``w <= 0`` or ``h <= 0``, are dropped; all are counted in
+``dataset.box_report`` (see :mod:`detkit.data.box_report`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from detkit.data.box_report import BoxReport
 from detkit.data.image import image_size, load_image
 from detkit.errors import DataError
 from detkit.interfaces import DetectionDataset
@@ -81,6 +85,7 @@ class COCODataset(DetectionDataset):
         _require(len(row_of) == len(images), path, "images", "duplicate ids")
 
         per_image: list[list[tuple[list[float], int, bool]]] = [[] for _ in self.images]
+        empty = 0
         for k, a in enumerate(data.get("annotations", [])):
             where = f"annotations[{k}]"
             _require(isinstance(a, dict), path, where, "not an object")
@@ -95,19 +100,35 @@ class COCODataset(DetectionDataset):
                 path, f"{where}.bbox", f"expected [x, y, w, h] numbers, got {bbox!r}",
             )
             crowd = bool(a.get("iscrowd", 0))
-            if bbox[2] <= 0 or bbox[3] <= 0 or (crowd and not p.use_crowd):
-                continue  # empty boxes carry no signal; COCO has a few
+            if crowd and not p.use_crowd:
+                continue
+            if bbox[2] <= 0 or bbox[3] <= 0:
+                empty += 1  # no signal in them; COCO has a few. Counted, not hidden.
+                continue
             x, y, w, h = (float(v) for v in bbox)
             per_image[row_of[a["image_id"]]].append(([x, y, x + w, y + h], label_of[a["category_id"]], crowd))
 
+        self.box_report = BoxReport(empty=empty)
         self.targets = []
-        for objs in per_image:
+        for row, objs in enumerate(per_image):
+            boxes = np.asarray([o[0] for o in objs], dtype=np.float32).reshape(-1, 4)
+            boxes, keep = self.box_report.clip(boxes, self._size(row) if objs else None)
             # numpy, not tensors: cheap to pickle to spawned workers.
             self.targets.append({
-                "boxes": np.asarray([o[0] for o in objs], dtype=np.float32).reshape(-1, 4),
-                "labels": np.asarray([o[1] for o in objs], dtype=np.int64),
-                "difficult": np.asarray([o[2] for o in objs], dtype=bool),
+                "boxes": boxes[keep],
+                "labels": np.asarray([o[1] for o in objs], dtype=np.int64)[keep],
+                "difficult": np.asarray([o[2] for o in objs], dtype=bool).reshape(-1)[keep],
             })  # fmt: skip
+
+    def _size(self, index: int) -> tuple[int, int] | None:
+        """``(height, width)`` from the JSON, else the image header; None if neither is readable."""
+        im = self.images[index]
+        if isinstance(im.get("height"), int) and isinstance(im.get("width"), int):
+            return im["height"], im["width"]
+        try:
+            return image_size(self.root / im["file_name"])
+        except DataError:
+            return None  # reported with its file name when the image is loaded
 
     def __len__(self) -> int:
         return len(self.images)

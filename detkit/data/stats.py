@@ -147,6 +147,15 @@ def collect_annotations(dataset: Any, max_images: int | None = None) -> Annotati
     )
 
 
+def without_degenerate_boxes(ann: Annotations) -> Annotations:
+    """``ann`` without zero-area boxes: they say nothing about anchor sizes (and would suggest ~0)."""
+    keep = ((ann.boxes[:, 2:] - ann.boxes[:, :2]) > 0).all(dim=1)
+    if bool(keep.all()):
+        return ann
+    return Annotations(classes=ann.classes, sizes=ann.sizes, boxes=ann.boxes[keep], labels=ann.labels[keep],
+                       image_index=ann.image_index[keep], difficult=ann.difficult[keep])
+
+
 def anchor_coverage(
     ann: Annotations, anchors_for: Callable[[tuple[int, int]], Tensor], size_divisor: int = 0
 ) -> Tensor:
@@ -186,6 +195,7 @@ class StatsReport:
     suggested: dict[str, Any] | None = None
     suggested_coverage: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    boxes_line: str | None = None  # what the reader clipped and dropped (detkit.data.box_report)
 
 
 def find_anchor_section(section: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -241,8 +251,11 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
     """Statistics of ``cfg``'s training split (a :class:`detkit.config.Config`)."""
     from detkit.data.loader import build_dataset
 
+    from detkit.data.box_report import find_box_report
+
     dataset = build_dataset(cfg.data, "train", augment=False)
-    ann = collect_annotations(dataset, max_images)
+    ann = without_degenerate_boxes(collect_annotations(dataset, max_images))
+    box_report = find_box_report(dataset)
     n_img = ann.sizes.shape[0]
     wh = (ann.boxes[:, 2:] - ann.boxes[:, :2]).clamp(min=0)
     per_image = torch.bincount(ann.image_index, minlength=n_img)
@@ -267,7 +280,7 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
     report = StatsReport(
         source=source, num_images=n_img, classes=ann.classes, distributions=dist, per_class=per_class,
         anchors=dict(_get(model_cfg, path)) if path is not None else {}, anchor_path=list(path) if path else None,
-        current=current,
+        current=current, boxes_line=box_report.line("data.train") if box_report is not None else None,
     )  # fmt: skip
     if ann.boxes.shape[0] == 0:
         report.notes.append("no boxes: nothing to cover")
@@ -322,6 +335,8 @@ def print_report(report: StatsReport, console: Any) -> None:
     for name, vals in report.distributions.items():
         t.add_row(name, *(f"{v:.3g}" if not math.isnan(v) else "-" for v in vals))
     console.print(t)
+    if report.boxes_line:
+        console.print(report.boxes_line, markup=False, highlight=False, soft_wrap=True)
 
     total = sum(n for _, n, _ in report.per_class) or 1
     c = Table(title="boxes per class")

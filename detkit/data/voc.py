@@ -4,6 +4,8 @@ Layout: ``<root>/Annotations/<id>.xml``, ``<root>/JPEGImages/<file>``,
 ``<root>/ImageSets/Main/<split>.txt``.  VOC boxes are 1-based inclusive
 pixel indices; they become 0-based continuous corners by ``x1 - 1, y1 - 1``
 (``x2, y2`` unchanged), so a box covering pixels 1..10 is ``[0, 10]``.
+Boxes are clipped to the image and those with nothing left are dropped,
+counted in ``dataset.box_report`` (see :mod:`detkit.data.box_report`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from detkit.data.image import load_image
+from detkit.data.box_report import BoxReport
+from detkit.data.image import image_size, load_image
 from detkit.errors import DataError
 from detkit.interfaces import DetectionDataset
 
@@ -156,6 +159,16 @@ class VOCDataset(DetectionDataset):
         self.annotations = [
             parse_voc_xml(self.root / "Annotations" / f"{i}.xml", index, p.ignore_other_classes) for i in self.ids
         ]
+        self.box_report = BoxReport()
+        for k, a in enumerate(self.annotations):
+            size = a["size"]
+            if size is None and len(a["boxes"]):
+                try:  # the XML has no size: the image header has
+                    size = a["size"] = image_size(self.image_path(k))
+                except DataError:
+                    size = None  # reported with its file name when the image is loaded
+            boxes, keep = self.box_report.clip(a["boxes"], size)
+            a["boxes"], a["labels"], a["difficult"] = boxes[keep], a["labels"][keep], a["difficult"][keep]
         if not p.use_difficult:
             for a in self.annotations:
                 keep = ~a["difficult"]
