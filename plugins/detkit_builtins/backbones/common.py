@@ -205,3 +205,56 @@ def build_torchvision(make: Callable[[], nn.Module], path: Path | None, backbone
     net = net.to_empty(device="cpu")
     load_torchvision_weights(net, path, backbone)
     return net
+
+
+class _BNFoldedConv2d(nn.Conv2d):
+    """A conv whose following BatchNorm, when in eval mode, is applied through the conv's weights.
+
+    ``bn(conv(x)) = conv(x, w * s) + (beta - mean * s)`` with
+    ``s = gamma / sqrt(var + eps)``: one pass over the activations instead of
+    two (forward and backward), the same function and gradients up to float
+    rounding.  A BatchNorm in training mode (batch statistics) runs as usual.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.__dict__["_folded_bn"]
+        if bn.training:
+            return self._conv_forward(x, self.weight, self.bias)
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+
+class _FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d applied by the conv before it (:class:`_BNFoldedConv2d`) while in eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training else x
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each eval-mode ``BatchNorm2d`` into the conv that feeds it; returns the pairs linked.
+
+    Pairs are a conv directly followed by a BatchNorm in an ``nn.Sequential``,
+    and ``convK``/``bnK`` children of other modules (torchvision's residual
+    blocks).  Only the classes change: parameters, buffers and state-dict keys
+    stay as they are.
+    """
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    for m in module.modules():
+        kids = list(m.named_children())
+        if isinstance(m, nn.Sequential):
+            pairs += [(a, b) for (_, a), (_, b) in zip(kids, kids[1:])]
+        else:
+            named = dict(kids)
+            pairs += [(c, named[f"bn{n[4:]}"]) for n, c in kids if n.startswith("conv") and f"bn{n[4:]}" in named]
+    linked = 0
+    for conv, bn in pairs:
+        if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+                and conv.out_channels == bn.num_features and conv.padding_mode == "zeros"):
+            conv.__class__, bn.__class__ = _BNFoldedConv2d, _FoldedBatchNorm2d
+            conv.__dict__["_folded_bn"] = bn  # a plain reference: not a submodule, not in the state dict
+            linked += 1
+    return linked

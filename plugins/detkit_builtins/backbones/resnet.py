@@ -18,6 +18,7 @@ from detkit_builtins.backbones.common import (
     TailSequential,
     build_torchvision,
     check_pretrained_norm,
+    fold_batchnorm,
     freeze_modules,
     legacy_freeze_bn,
     norm_layer,
@@ -97,6 +98,9 @@ class ResNet50Backbone(FreezableBNBackbone):
             for layer in (net.layer2, net.layer3, net.layer4):
                 _move_stride_to_1x1(layer)
         net.maxpool = nn.MaxPool2d(3, stride=2, padding=p.maxpool_padding, ceil_mode=p.maxpool_ceil_mode)
+        # Eval-mode (frozen) BatchNorms run inside their convs: no separate pass
+        # over the activations, forward or backward (issue 8; keys unchanged).
+        fold_batchnorm(net)
         self.features = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
         )

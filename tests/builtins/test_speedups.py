@@ -1,0 +1,95 @@
+"""Speed-ups that must not change results: BatchNorm folded into convolutions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from detkit.registry import registry
+from detkit_builtins.backbones.common import _BNFoldedConv2d, _FoldedBatchNorm2d, fold_batchnorm
+
+
+def unfold(module: nn.Module) -> nn.Module:
+    """A copy computing BatchNorm separately again (the reference)."""
+    ref = copy.deepcopy(module)
+    for m in ref.modules():
+        if type(m) is _BNFoldedConv2d:
+            m.__class__ = nn.Conv2d
+            del m.__dict__["_folded_bn"]
+        elif type(m) is _FoldedBatchNorm2d:
+            m.__class__ = nn.BatchNorm2d
+    return ref
+
+
+def randomise_bn(module: nn.Module, generator: torch.Generator) -> None:
+    """Statistics and affine weights far from the identity, so a skipped BN would show."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+            m.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def test_fold_links_every_resnet_bn_and_keeps_keys():
+    model = registry("detector").build({"type": "faster_rcnn", "backbone": {"type": "resnet50"}}, num_classes=3)
+    folded = [m for m in model.modules() if type(m) is _FoldedBatchNorm2d]
+    assert len(folded) == 53  # stem + 16 bottlenecks x 3 + 4 downsamples
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert model.state_dict().keys() == unfold(model).state_dict().keys()
+
+
+@pytest.mark.parametrize("freeze_affine", [True, False])
+def test_folded_frozen_bn_gives_the_same_outputs_and_gradients(freeze_affine):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4))
+    randomise_bn(net, g)
+    assert fold_batchnorm(net) == 2
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+            m.weight.requires_grad_(not freeze_affine)
+            m.bias.requires_grad_(not freeze_affine)
+    ref = unfold(net)
+    x = torch.rand(2, 3, 12, 10, generator=g)
+    y, y_ref = net(x), ref(x)
+    assert rel(y, y_ref) < 1e-5
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            assert rel(p.grad, p_ref.grad) < 1e-4, name
+    # Training-mode BatchNorm (batch statistics) is not folded: it still normalises the batch.
+    net.train()
+    out = net[:2](x)
+    assert out.mean(dim=(0, 2, 3)).sub(net[1].bias).abs().max() < 1e-4
+
+
+def test_resnet_detector_detections_unchanged_by_folding():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = registry("detector").build(
+        {"type": "faster_rcnn", "backbone": {"type": "resnet50"},
+         "rpn": {"type": "rpn", "proposal": {"test_post_nms": 16, "train_post_nms": 32}}},
+        num_classes=3,
+    )
+    randomise_bn(model, g)
+    ref = unfold(model)
+    image = torch.rand(3, 96, 112, generator=g)
+    out, out_ref = model.predict([image], score_thresh=0.0), ref.predict([image], score_thresh=0.0)
+    assert out[0]["boxes"].shape[0] > 0
+    assert torch.equal(out[0]["labels"], out_ref[0]["labels"])
+    # float32 rounding through 50 layers with far-from-identity BatchNorms: ~1e-4
+    assert rel(out[0]["boxes"], out_ref[0]["boxes"]) < 1e-3
+    assert rel(out[0]["scores"], out_ref[0]["scores"]) < 1e-3
