@@ -127,22 +127,38 @@ def list_plugins(
     ]
     if as_json:
         console.print_json(json.dumps(rows))
-        return
-    table = Table(title="detkit plugins", show_lines=False)
-    for col in ("kind", "name", "distribution", "version"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("target", overflow="fold")
-    table.add_column("status", overflow="fold")
-    styles = {"ok": "green", "not loaded": "dim"}
+    problems = [r for r in rows if r["status"].startswith(("failed", "conflict"))]
+    if not as_json:
+        console.print(plugins_table(rows))
+        # The reasons go below the table, one line each: in a column they would
+        # squeeze the table out of an 80-column terminal.
+        for r in problems:
+            console.print(f"{r['kind']} '{r['name']}' ({r['distribution']} {r['version']}): {r['status']}",
+                          markup=False, highlight=False, soft_wrap=True)
+        if problems:
+            err_console.print(f"{len(problems)} plugin(s) failed to load or conflict.", markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+def plugins_table(rows: list[dict[str, str]]) -> Table:
+    """The list-plugins table; at 80 columns the target wraps and the status stays whole."""
+    from rich import box
+
+    table = Table(title="detkit plugins", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", overflow="fold", min_width=8)
+    table.add_column("distribution", overflow="fold", min_width=8)
+    table.add_column("status", no_wrap=True)  # short: ok, not loaded, FAILED, CONFLICT
+    table.add_column("target", overflow="fold", min_width=8, ratio=1)
     for row in rows:
-        style = styles.get(row["status"], "red" if row["status"].startswith(("failed", "conflict")) else "")
-        table.add_row(*(row[c] for c in ("kind", "name", "distribution", "version", "target")),
-                      f"[{style}]{_escape(row['status'])}[/]" if style else _escape(row["status"]))
-    console.print(table)
-    failed = sum(r["status"].startswith(("failed", "conflict")) for r in rows)
-    if failed:
-        err_console.print(f"{failed} plugin(s) failed to load or conflict; see the status column.",
-                          markup=False, highlight=False)
+        status = row["status"]
+        short = ("FAILED" if status.startswith("failed") else "CONFLICT" if status.startswith("conflict")
+                 else status)
+        style = {"ok": "green", "not loaded": "dim"}.get(short, "bold red")
+        dist = row["distribution"] if row["version"] == "-" else f"{row['distribution']} {row['version']}"
+        table.add_row(row["kind"], row["name"], dist, f"[{style}]{_escape(short)}[/]", row["target"])
+    return table
 
 
 def _escape(text: str) -> str:

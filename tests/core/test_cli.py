@@ -134,3 +134,33 @@ def test_errors_raised_in_dataloader_workers_keep_their_one_line_message():
     )
     assert user_message(DataError(text)) == "Annotations/000005.xml: object 2: unknown class 'dog'"
     assert user_message(DataError("plain")) == "plain"
+
+
+def test_list_plugins_load_exits_1_on_a_broken_plugin_and_stays_readable_at_80_columns(fake_site):
+    """Issue 9 case 9."""
+    from rich.console import Console
+
+    from detkit.cli import plugins_table
+
+    fake_site("fake-broken", "9.9", {"detkit.loss": {"broken_loss": "fake_broken.deeply.nested.module:NopeLoss"}},
+              {"fake_broken/__init__.py": "", "fake_broken/deeply/__init__.py": "",
+               "fake_broken/deeply/nested/__init__.py": "",
+               "fake_broken/deeply/nested/module.py": "raise RuntimeError('boom at import')\n"})
+    result = runner.invoke(app, ["list-plugins", "--load", "--kind", "loss"])
+    assert result.exit_code == 1, result.output
+    assert "loss 'broken_loss' (fake-broken 9.9): failed: RuntimeError: boom at import" in result.output
+    assert runner.invoke(app, ["list-plugins", "--kind", "detector"]).exit_code == 0
+
+    rows = [{"kind": "proposal_generator", "name": "broken_loss", "distribution": "fake-broken", "version": "9.9",
+             "target": "fake_broken.deeply.nested.module:NopeLoss", "status": "failed: RuntimeError: boom"},
+            {"kind": "backbone", "name": "resnet50", "distribution": "detkit", "version": "0.1.0",
+             "target": "detkit_builtins.backbones.resnet:ResNet50Backbone", "status": "not loaded"}]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(plugins_table(rows))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if "kind" in line)
+    assert "status" in header and "target" in header  # every heading whole
+    assert any("FAILED" in line and "broken_loss" in line for line in lines)
+    assert any("not loaded" in line and "resnet50" in line for line in lines)
+    assert not any("ResNet50Backbone" in line for line in lines if "resnet50" in line)  # the target wrapped
