@@ -308,14 +308,21 @@ def predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
     draw: bool = typer.Option(False, "--draw", help="Also write OUT/<image stem>.detections.png with the boxes."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image cannot be read (default: skip it with a warning)."),
 ) -> None:
-    """Detect objects in images; writes OUT/<image stem>.json (boxes in original pixels)."""
+    """Detect objects in images; writes OUT/<image stem>.json (boxes in original pixels).
+
+    Unreadable images are skipped with a warning; exit 1 only with --strict or when none could be read.
+    """
     from detkit.api import predict_files
 
     records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
-                            device=device, batch_size=batch_size, draw=draw)
+                            device=device, batch_size=batch_size, draw=draw, strict=strict, console=err_console)
     total = sum(len(r["detections"]) for r in records)
-    console.print(f"{len(records)} images, {total} detections -> {out}", markup=False, highlight=False, soft_wrap=True)
+    skipped = len(getattr(records, "skipped", []))
+    note = f" ({skipped} unreadable skipped)" if skipped else ""
+    console.print(f"{len(records)} images, {total} detections -> {out}{note}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

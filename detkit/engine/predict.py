@@ -1,4 +1,10 @@
-"""``detkit predict``: detections for image files, one JSON file per image."""
+"""``detkit predict``: detections for image files, one JSON file per image.
+
+A file that cannot be read (missing, corrupt, not an image) is skipped with a
+one-line warning and the rest go on; the count of skipped files is reported
+at the end.  ``strict`` makes any skipped file an error (after the readable
+ones are written); a run that could read nothing is always an error.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,14 @@ def _out_names(images: Sequence[Path]) -> list[str]:
     return names
 
 
+class PredictResult(list):
+    """The written records (a list, in input order) and ``skipped``: ``(path, reason)`` pairs."""
+
+    def __init__(self, records: Sequence[dict[str, Any]] = (), skipped: Sequence[tuple[Path, str]] = ()):
+        super().__init__(records)
+        self.skipped = list(skipped)
+
+
 def predict_files(
     checkpoint: str | Path,
     images: Sequence[str | Path],
@@ -50,7 +64,9 @@ def predict_files(
     device: str = "auto",
     batch_size: int = 1,
     draw: bool = False,
-) -> list[dict[str, Any]]:
+    strict: bool = False,
+    console: Any = None,
+) -> PredictResult:
     """Detect objects in ``images`` and write ``out_dir/<stem>.json`` for each.
 
     Boxes are ``[x1, y1, x2, y2]`` in the original image's pixels.  Returns
@@ -58,33 +74,56 @@ def predict_files(
     different sizes into one batch, which can change results slightly near
     the borders; 1 reproduces per-image inference exactly.  ``draw`` also
     writes ``out_dir/<stem>.detections.png`` with the boxes drawn on the image.
+
+    Unreadable files are skipped with a warning on ``console`` (stderr by
+    default) and listed in the result's ``skipped``; with ``strict`` they make
+    it a :class:`DataError` once the others are written, as does a run in
+    which no file could be read.
     """
+    from rich.console import Console
+
     from detkit.api import load
     from detkit.engine.checkpoint import atomic_write_text
     from detkit.engine.evaluate import progress_bar
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    console = console or Console(stderr=True)
     paths = expand_images(images)
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: image file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     detector = load(checkpoint, resolve_device(device, "--device"))
     out_dir = Path(out_dir)
     names = _out_names(paths)
-    records: list[dict[str, Any]] = []
-    with progress_bar("predicting", len(paths)) as progress:
+    records = PredictResult()
+    with progress_bar("predicting", len(paths), console) as progress:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            tensors = [read_image_uint8(p) for p in chunk]
+            chunk, tensors, chunk_names = [], [], []
+            for path, name in zip(paths[start : start + batch_size], names[start : start + batch_size]):
+                try:
+                    tensors.append(read_image_uint8(path))
+                except DataError as exc:
+                    records.skipped.append((path, str(exc)))
+                    console.print(f"warning: {exc}; skipped", markup=False, highlight=False, soft_wrap=True)
+                    continue
+                chunk.append(path)
+                chunk_names.append(name)
+            if not chunk:
+                progress(min(start + batch_size, len(paths)), len(paths))
+                continue
             dets = detector.predict(tensors, score_thresh=score_thresh, nms_iou=nms_iou, batch_size=len(chunk))
-            for path, image, det, name in zip(chunk, tensors, dets, names[start : start + batch_size]):
+            for path, image, det, name in zip(chunk, tensors, dets, chunk_names):
                 record = {**det.to_dict(), "image": str(path)}
                 atomic_write_text(out_dir / name, json.dumps(record, indent=1) + "\n")
                 if draw:
                     draw_detections(image, record["detections"], out_dir / name.replace(".json", ".detections.png"))
                 records.append(record)
-            progress(start + len(chunk), len(paths))
+            progress(min(start + batch_size, len(paths)), len(paths))
+    if records.skipped and (strict or not records):
+        reason = records.skipped[0][1]
+        if len(paths) == 1:
+            raise DataError(reason)
+        why = "--strict" if records else "nothing could be read"
+        raise DataError(f"{len(records.skipped)} of {len(paths)} images could not be read ({why}); "
+                        f"first: {reason}")
     return records
 
 

@@ -114,3 +114,29 @@ def test_predict_takes_folders_of_images(tmp_path):
     empty.mkdir()
     result = runner.invoke(app, ["predict", str(ckpt), str(empty)])
     assert result.exit_code == 1 and "folder holds no images" in result.output
+
+
+def test_predict_skips_an_unreadable_file_and_goes_on(tmp_path):
+    """Issue 9 case 8: one bad file in a folder no longer stops the run half-way."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        Image.fromarray(np.full((40, 56, 3), 90, dtype=np.uint8)).save(folder / name)
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 truncated")
+    for batch in ("1", "2"):
+        out = tmp_path / f"out{batch}"
+        result = runner.invoke(app, ["predict", str(ckpt), str(folder), "--out", str(out), "--batch-size", batch])
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.iterdir()) == ["a.json", "c.json"]
+        warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and f"{folder / 'b.jpg'}: cannot read image" in warnings[0]
+        assert "2 images" in result.output and "(1 unreadable skipped)" in result.output
+    strict = runner.invoke(app, ["predict", str(ckpt), str(folder), "--out", str(tmp_path / "s"), "--strict"])
+    assert strict.exit_code == 1
+    assert "error: 1 of 3 images could not be read (--strict); first: " in strict.output
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a.json", "c.json"]  # the good ones written
+    (folder / "a.png").write_bytes(b"")
+    (folder / "c.png").write_bytes(b"broken")
+    none = runner.invoke(app, ["predict", str(ckpt), str(folder), "--out", str(tmp_path / "n")])
+    assert none.exit_code == 1 and "3 of 3 images could not be read (nothing could be read)" in none.output
