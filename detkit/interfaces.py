@@ -159,7 +159,10 @@ class Detector(nn.Module, ABC):
     """A detector with a multi-mode ``forward`` and an end-to-end ``predict``.
 
     ``forward(x, mode="forward" | "extractor" | "rpn" | "head", ...)``; the last
-    three are the pieces a trainer calls.
+    three are the pieces a trainer calls.  Besides ``forward`` and ``predict``,
+    the engine calls only what is declared here: :meth:`backbone_parameters`
+    (the frozen-backbone phase) and :meth:`predict_input_size` (a check that
+    training and ``predict`` resize alike).
     """
 
     num_classes: int
@@ -168,12 +171,52 @@ class Detector(nn.Module, ABC):
     def forward(self, x: Tensor, mode: str = "forward", **kwargs: Any) -> Any: ...
 
     @abstractmethod
-    def predict(self, images: Sequence[Tensor], **kwargs: Any) -> list[dict[str, Tensor]]:
-        """Per image: ``{"boxes": [K, 4] in original pixels, "scores": [K], "labels": [K] 0..C-1}``."""
+    def predict(
+        self,
+        images: Sequence[Tensor],
+        score_thresh: float | None = None,
+        nms_iou: float | None = None,
+        resize: bool = True,
+    ) -> list[dict[str, Tensor]]:
+        """Per image: ``{"boxes": [K, 4], "scores": [K], "labels": [K] 0..C-1}``.
+
+        ``images``: ``[3, H, W]`` tensors.  With ``resize=True`` the detector
+        applies its own predict-time preprocessing (resize, normalise) and
+        returns boxes in original-image pixels; ``resize=False`` takes images
+        already at network-input size (what evaluation feeds from the data
+        pipeline) and returns boxes in those pixels.  ``score_thresh``/``nms_iou``
+        default to the detector's own.
+        """
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The trunk parameters the frozen-backbone phase stops training.
+
+        Excludes parameters the backbone shares with other parts (a RoI tail
+        the head reuses), which keep training while the trunk is frozen.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare backbone_parameters()")
+
+    def predict_input_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The network-input ``(height, width)`` ``predict`` resizes a ``height x width`` image to.
+
+        None when the detector does not resize (or cannot say).
+        """
+        return None
 
 
 class Trainer(nn.Module, ABC):
-    """Holds a detector and its optimizer; computes losses and takes steps."""
+    """Holds a detector and its optimizer; computes named losses and takes steps.
+
+    ``forward`` returns a ``dict[str, Tensor]`` of scalar losses; the key
+    ``"total"`` is the one minimised, the others are logged under their names.
+    The engine may wrap the trainer (``DistributedDataParallel``) and hands the
+    wrapper to :meth:`train_step` as ``module``, so that the forward pass runs
+    through it.  Mixed precision comes in as an :class:`detkit.engine.amp.Amp`.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    grad_clip: float | None = None  # max total gradient norm, None: no clipping
 
     @abstractmethod
     def forward(
@@ -183,11 +226,50 @@ class Trainer(nn.Module, ABC):
         labels: Sequence[Tensor],
         scale: float | Tensor = 1.0,
         image_sizes: Tensor | None = None,
-    ) -> Any: ...
+    ) -> dict[str, Tensor]: ...
 
-    @abstractmethod
-    def train_step(self, imgs: Tensor, bboxes: Sequence[Tensor], labels: Sequence[Tensor],
-                   scale: float | Tensor = 1.0, **kwargs: Any) -> Any: ...
+    def train_step(
+        self,
+        imgs: Tensor,
+        bboxes: Sequence[Tensor],
+        labels: Sequence[Tensor],
+        scale: float | Tensor = 1.0,
+        image_sizes: Tensor | None = None,
+        *,
+        amp: Any = None,
+        module: nn.Module | None = None,
+        loss_scale: float = 1.0,
+        zero_grad: bool = True,
+        step: bool = True,
+    ) -> dict[str, Tensor]:
+        """One optimisation step (or one micro-step of an accumulated one); returns the losses, detached.
+
+        ``module`` runs the forward pass (default ``self``; the engine passes its
+        DDP wrapper).  The backward pass sees ``loss_scale * total`` (``1/N`` for
+        ``N`` accumulated micro-batches).  ``zero_grad`` clears the gradients
+        first; ``step`` unscales, clips to ``grad_clip`` and steps the optimizer.
+        Gradient accumulation is ``zero_grad`` on the first micro-step and
+        ``step`` on the last.  The mode (train/eval) is left as the caller set it.
+        """
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}.train_step needs an optimizer; build it with optimizer=...")
+        if amp is None:
+            from detkit.engine.amp import Amp
+
+            amp = Amp(imgs.device, enabled=False)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        with amp.autocast():
+            losses = (module or self)(imgs, bboxes, labels, scale=scale, image_sizes=image_sizes)
+        total = losses["total"]
+        amp.backward(total * loss_scale if loss_scale != 1.0 else total)
+        if step:
+            if self.grad_clip is not None:
+                amp.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            amp.step(self.optimizer)
+        return {name: loss.detach() for name, loss in losses.items()}
 
 
 class DetectionDataset(torch.utils.data.Dataset, ABC):

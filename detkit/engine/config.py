@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from detkit.registry import EvaluatorSpec, TrainerSpec
+from detkit.registry import Component, ComponentSpec, EvaluatorSpec, TrainerSpec
+
+HookSpec = Annotated[ComponentSpec, Component("hook")]
 
 
 class _Strict(BaseModel):
@@ -30,6 +32,23 @@ class SchedulerConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a share of lr")
 
 
+class EMAConfig(_Strict):
+    """``train.ema``: an exponential moving average of the weights (see detkit.engine.hooks.EMAHook)."""
+
+    decay: float = Field(0.9998, gt=0, lt=1, description="weight of the old average at each step")
+    tau: float = Field(2000.0, ge=0, description="warm-up in steps: decay * (1 - exp(-step / tau)); 0: none")
+
+
+class LossGuardConfig(_Strict):
+    """``train.loss_guard``: stop a diverging run early (an inf/NaN loss always stops it)."""
+
+    max_loss: float | None = Field(None, gt=0, description="stop when the logged total loss exceeds this")
+    max_ratio: float | None = Field(
+        None, gt=1, description="stop when the logged total exceeds this many times the recent median"
+    )
+    history: int = Field(20, ge=1, description="log points the median looks back over")
+
+
 class TrainConfig(_Strict):
     trainer: TrainerSpec = Field(
         default_factory=lambda: {"type": "faster_rcnn_trainer"}, validate_default=True
@@ -38,13 +57,21 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     amp: bool = Field(False, description="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    accumulate: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (gradient accumulation): an effective "
+        "batch of data.batch_size x accumulate; steps, log and checkpoint intervals count optimizer steps"
+    )
+    ema: EMAConfig | None = Field(None, description="average the weights for evaluation and the saved model")
     freeze_backbone_epochs: int = Field(0, ge=0)
     freeze_batch_size: int | None = Field(None, gt=0)
     max_iters_per_epoch: int | None = Field(None, gt=0)
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/{name}"
-    checkpoint_interval: int = Field(1, gt=0)
+    checkpoint_interval: int = Field(1, gt=0, description="write last.pt every N epochs")
+    checkpoint_every_iters: int | None = Field(
+        None, gt=0, description="also write last.pt every N steps (resumable mid-epoch)"
+    )
     log_interval: int = Field(10, gt=0)
     tensorboard: bool = False
     sync_bn: bool = Field(
@@ -54,6 +81,10 @@ class TrainConfig(_Strict):
     find_unused_parameters: bool = Field(
         False, description="under torchrun: let DistributedDataParallel find trainable parameters without a "
         "gradient in a step (slower; only for models that skip layers; the frozen-backbone phase does not need it)"
+    )
+    loss_guard: LossGuardConfig = Field(default_factory=LossGuardConfig)
+    hooks: list[HookSpec] = Field(
+        default_factory=list, description="extra training hooks from plugins: [{type: name, ...params}]"
     )
 
 

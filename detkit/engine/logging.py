@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.text import Text
@@ -20,7 +20,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-LOSS_NAMES = ("rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total")
+# Fields of a "train" record that are not losses; every other number is one of
+# the trainer's named losses (the engine takes the names from its step's dict).
+TRAIN_RECORD_FIELDS = ("type", "epoch", "step", "lr", "images_per_s", "backbone_frozen")
+
+
+def loss_names_of(record: dict[str, Any]) -> list[str]:
+    """The loss names in a "train" record: its numeric fields other than the bookkeeping ones."""
+    return [
+        k for k, v in record.items()
+        if k not in TRAIN_RECORD_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
 
 
 class MetricsWriter:
@@ -85,7 +95,7 @@ class TrainDisplay:
     """A rich progress bar on a terminal; plain log lines elsewhere (CI, files).
 
     Bar line: epoch, bar, step/total, elapsed, ETA, images/s; under it the
-    five losses and the learning rate of the last logging window.
+    named losses and the learning rate of the last logging window.
     """
 
     def __init__(self, console: Console, total_steps: int, start_step: int):
@@ -114,8 +124,8 @@ class TrainDisplay:
     def advance(self, epoch: int, epochs: int) -> None:
         self.progress.update(self.task, advance=1, epoch=f"{epoch + 1}/{epochs}")
 
-    def log(self, record: dict[str, Any]) -> None:
-        info = format_train_record(record)
+    def log(self, record: dict[str, Any], names: Sequence[str] | None = None) -> None:
+        info = format_train_record(record, names)
         self.progress.info = info
         self.progress.update(self.task, rate=f"{record['images_per_s']:.1f} img/s")
         if not self.live:
@@ -128,25 +138,34 @@ class TrainDisplay:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def format_train_record(r: dict[str, Any]) -> str:
-    losses = " ".join(f"{k} {r[k]:.3f}" for k in LOSS_NAMES if k in r)
+def format_train_record(r: dict[str, Any], names: Sequence[str] | None = None) -> str:
+    """``rpn_loc 0.123 ... total 1.234  lr 1.00e-03  12.3 img/s``; ``names`` default to the record's losses."""
+    names = loss_names_of(r) if names is None else names
+    losses = " ".join(f"{k} {r[k]:.3f}" for k in names if k in r)
     return f"{losses}  lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s"
 
 
-def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    """Draw each loss against the step; written atomically. None without data."""
+def plot_losses(metrics_path: Path, out: Path, names: Sequence[str] | None = None) -> Path | None:
+    """Draw each named loss against the step; written atomically. None without data.
+
+    ``names`` default to the losses found in the records (in first-seen order).
+    """
     records = [r for r in read_metrics(metrics_path) if r.get("type") == "train"]
     if not records:
         return None
+    if names is None:
+        names = list(dict.fromkeys(k for r in records for k in loss_names_of(r)))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for name in LOSS_NAMES:
-        ax.plot(steps, [r[name] for r in records], label=name, linewidth=2 if name == "total" else 1)
+    for name in names:
+        points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name, linewidth=2 if name == "total" else 1)
     evals = [r for r in read_metrics(metrics_path) if r.get("type") == "eval" and "mAP" in r]
     if evals:
         ax2 = ax.twinx()

@@ -1,12 +1,19 @@
 """The training loop behind ``detkit train``.
 
-One loop for CPU and GPU; AMP is a flag.  Each iteration, in order:
-the trainer's ``train_step`` (zero-grad, forward, backward, step), the LR
-schedule, the timer/throughput, and every ``log_interval`` steps a metrics
-record.  At the end of each epoch: evaluation (every ``eval.interval``
-epochs), ``last.pt`` (every ``checkpoint_interval`` epochs and at the end),
-``best.pt`` when the validation mAP improved.  At the end of the run: the
-loss-curve PNG.
+One loop for CPU, one GPU and many (``torchrun``).  :class:`TrainLoop` builds
+the run (data, detector, trainer, optimizer, schedule, AMP, hooks), restores a
+checkpoint when resuming, and then runs::
+
+    before_train
+    for each epoch:
+        before_epoch
+        for each step:   before_step, run_step (train.accumulate micro-batches), after_step
+        after_epoch
+    after_train
+
+Everything besides the step itself (LR schedule, frozen backbone phase,
+progress and metrics, evaluation, checkpoints, the loss guard, EMA, plugin
+hooks) is a hook in :mod:`detkit.engine.hooks`, called in the documented order.
 
 Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``last.pt``,
 ``best.pt``, ``losses.png``.
@@ -17,26 +24,22 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
 from rich.console import Console
+from torch.utils.data import DataLoader, Sampler
 
 from detkit.config import Config
-from detkit.engine.device import resolve_device
-from detkit.engine.distributed import (
-    DistInfo,
-    average_gradients,
-    barrier,
-    broadcast_parameters,
-    init_from_env,
-    shutdown,
-)
+from detkit.data.transforms import resize_shape
+from detkit.engine.amp import Amp
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
-from detkit.engine.evaluate import evaluate, metrics_table
-from detkit.engine.logging import LOSS_NAMES, MetricsWriter, Throughput, TrainDisplay, plot_losses
+from detkit.engine.device import resolve_device
+from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
+from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import CheckpointError, ConfigError, DetkitError
 from detkit.registry import registry
@@ -59,6 +62,10 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
         ) from None
 
 
+def _say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _trainer_extra_state(trainer: torch.nn.Module) -> Any:
     """A trainer's own state beyond the model and optimizer (its seeded generators), if it keeps any."""
     if type(trainer).get_extra_state is torch.nn.Module.get_extra_state:
@@ -66,31 +73,369 @@ def _trainer_extra_state(trainer: torch.nn.Module) -> Any:
     return trainer.get_extra_state()
 
 
-def _warn_if_predict_resizes_differently(model: torch.nn.Module, cfg: Config, console: Console) -> None:
+# Image sizes the resize check probes: landscape and portrait, VOC-like.
+_PROBE_SIZES = ((375, 500), (500, 375))
+
+
+def _warn_if_predict_resizes_differently(model: Any, cfg: Config, console: Console) -> None:
     """Training sizes come from data.transforms, `predict` sizes from the detector's own
     preprocessing: a model trained at one size and used at another loses accuracy silently."""
-    pre = getattr(model, "preprocess", None)
     t = cfg.data.transforms
-    if pre is None or t.fixed_size is not None or not hasattr(pre, "min_size"):
+    if t.fixed_size is not None:
         return
-    if (pre.min_size, getattr(pre, "max_size", None)) != (t.min_size, t.max_size):
-        console.print(
-            f"warning: data.transforms resizes to min_size {t.min_size} / max_size {t.max_size} but "
-            f"`detkit predict` will use model.preprocess min_size {pre.min_size} / max_size "
-            f"{getattr(pre, 'max_size', None)}; set them alike unless that is intended",
-            markup=False, highlight=False, soft_wrap=True,
-        )
+    for h, w in _PROBE_SIZES:
+        theirs = model.predict_input_size(h, w)
+        if theirs is None:
+            return
+        ours = resize_shape(h, w, t.min_size, t.max_size)
+        if max(abs(ours[0] - theirs[0]), abs(ours[1] - theirs[1])) > 1:  # rounding may differ by 1 px
+            _say(console, f"warning: data.transforms (min_size {t.min_size}, max_size {t.max_size}) resizes a "
+                          f"{h}x{w} image to {ours[0]}x{ours[1]} but `detkit predict` (the detector's "
+                          f"preprocess) resizes it to {theirs[0]}x{theirs[1]}; set them alike unless that "
+                          "is intended")
+            return
 
 
-def _backbone_only_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Trunk parameters: the extractor's, minus any it shares with the head (the RoI tail)."""
-    head = {id(p) for p in model.head.parameters()} if hasattr(model, "head") else set()
-    return [p for p in model.extractor.parameters() if id(p) not in head]
+class _SkipSampler(Sampler):
+    """The first epoch after a mid-epoch resume: the epoch's samples minus those already trained on."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
 
 
-def _set_backbone_frozen(params: list[torch.nn.Parameter], trainable: dict[int, bool], frozen: bool) -> None:
-    for p in params:
-        p.requires_grad_(False if frozen else trainable[id(p)])
+class LossWindow:
+    """The detached losses of the steps since the last log point, averaged with one host sync."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self._mean: dict[str, float] | None = None
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.steps.append(losses)
+        self._mean = None
+
+    def reset(self) -> None:
+        self.steps, self._mean = [], None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def mean(self) -> dict[str, float]:
+        """Each loss's mean over the window (cached until the next ``add``)."""
+        if self._mean is None:
+            if not self.steps:
+                return {}
+            names = list(self.steps[0])
+            stacked = torch.stack([torch.stack([s[n].float() for n in names]) for s in self.steps])
+            self._mean = dict(zip(names, stacked.mean(0).tolist()))
+        return self._mean
+
+
+class TrainLoop:
+    """One training run: what hooks see as ``self.loop``.
+
+    Built objects: ``cfg``, ``run_dir``, ``device``, ``dist`` (rank, world size),
+    ``is_main``, ``console``, ``classes``, ``train_set``, ``val_set``, ``model``
+    (the :class:`~detkit.interfaces.Detector`), ``trainer``, ``trainer_module``
+    (the module the forward pass runs through: the trainer, or its
+    DistributedDataParallel wrapper), ``optimizer``, ``scheduler``, ``amp``,
+    ``hooks``.
+
+    Progress: ``epoch`` (0-based, current), ``epochs``, ``epoch_steps`` (optimizer
+    steps per epoch), ``total_steps``, ``step`` (optimizer steps done in the
+    run), ``epoch_step`` (done in this epoch), ``accumulate``, ``losses`` (the
+    last step's named losses, detached tensors), ``loss_names``, ``window``
+    (:class:`LossWindow`), ``step_images`` (images in the last step, all ranks),
+    ``backbone_frozen``, ``eval_result``, ``best_metric``, ``improved``,
+    ``completed``, ``stop_requested``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        console: Console,
+        device: torch.device,
+        dist_info: DistInfo,
+        hooks: list[HookBase] | None = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.console = console
+        self.device = device
+        self.dist = dist_info
+        self.is_main = dist_info.is_main
+        tc = cfg.train
+        self.epochs = tc.epochs
+        self.accumulate = tc.accumulate
+        self.epoch = self.start_epoch = 0
+        self.step = self.epoch_step = self.start_epoch_step = 0
+        self.losses: dict[str, torch.Tensor] = {}
+        self.loss_names: list[str] = []
+        self.window = LossWindow()
+        self.step_images = 0
+        self.backbone_frozen = False
+        self.eval_result: dict[str, Any] | None = None
+        self.best_metric = -math.inf
+        self.improved = False
+        self.completed = False
+        self.stop_requested: str | None = None
+        self.saved_step: int | None = None
+        self.t_start = time.perf_counter()
+        self._loaders: dict[int, DataLoader] = {}
+        self._build()
+        self.hooks: list[HookBase] = []
+        self.register_hooks(default_hooks(cfg) if hooks is None else hooks)
+        if dist_info.enabled:
+            self.register_hooks([DistributedHook(tc.sync_bn, tc.find_unused_parameters)])
+
+    # ------------------------------------------------------------- building
+    def _build(self) -> None:
+        from detkit.data.loader import build_dataset
+
+        cfg, tc = self.cfg, self.cfg.train
+        self.train_set = build_dataset(cfg.data, "train", seed=tc.seed)
+        self.val_set = (build_dataset(cfg.data, "val", seed=tc.seed)
+                        if cfg.data.val is not None and cfg.eval.interval else None)
+        self.classes = list(self.train_set.classes)
+        if self.val_set is not None and list(self.val_set.classes) != self.classes:
+            raise ConfigError(f"data.val: classes {list(self.val_set.classes)} differ from data.train's {self.classes}")
+        if len(self.train_set) == 0:
+            raise DetkitError("data.train: the training split has no images")
+
+        self.model = registry("detector").build(cfg.model, num_classes=len(self.classes)).to(self.device)
+        _warn_if_predict_resizes_differently(self.model, cfg, self.console)
+        self.optimizer = build_optimizer(self.model, tc.optimizer)
+        self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer)
+        self.trainer.to(self.device)
+        # The module the step's forward pass runs through: the trainer, or under
+        # torchrun its DistributedDataParallel wrapper (set by DistributedHook).
+        self.trainer_module: torch.nn.Module = self.trainer
+
+        micro = [self._micro_batches(e) for e in range(self.epochs)]
+        self.epoch_steps = [-(-m // self.accumulate) for m in micro]
+        self.total_steps = sum(self.epoch_steps)
+        self.scheduler = build_scheduler(self.optimizer, tc.scheduler, self.epoch_steps)
+        self.amp = Amp(self.device, enabled=tc.amp)
+
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        """Add hooks (kept sorted by priority); each gets ``hook.loop = self``."""
+        for hook in hooks:
+            hook.loop = self
+        self.hooks = sort_hooks(self.hooks + list(hooks))
+
+    # ----------------------------------------------------------------- data
+    def loader_for(self, epoch: int) -> DataLoader:
+        """The train loader of this epoch's batch size (one per size; workers persist)."""
+        from detkit.data.loader import build_loader
+
+        tc, data = self.cfg.train, self.cfg.data
+        frozen = epoch < tc.freeze_backbone_epochs
+        batch_size = (tc.freeze_batch_size or data.batch_size) if frozen else data.batch_size
+        if batch_size not in self._loaders:
+            world = self.dist.world_size
+            self._loaders[batch_size] = build_loader(
+                self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
+                seed=tc.seed, drop_last=len(self.train_set) >= batch_size * world,
+                num_replicas=world, rank=self.dist.rank,
+            )
+        loader = self._loaders[batch_size]
+        loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
+        return loader
+
+    def _micro_batches(self, epoch: int) -> int:
+        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps)."""
+        n = len(self.loader_for(epoch))
+        cap = self.cfg.train.max_iters_per_epoch
+        return min(n, cap * self.accumulate) if cap else n
+
+    def batches(self, epoch: int, skip_steps: int = 0) -> Iterator[Any]:
+        """This epoch's batches, after the first ``skip_steps`` optimizer steps' worth."""
+        loader = self.loader_for(epoch)
+        if skip_steps:
+            # Resumed mid-epoch: the same epoch order, minus what was trained on.
+            skip = skip_steps * self.accumulate * loader.batch_size
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
+                                sampler=_SkipSampler(loader.sampler, skip), num_workers=loader.num_workers,
+                                collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+                                pin_memory=loader.pin_memory)
+        return iter(loader)
+
+    def to_device(self, batch: Any) -> Any:
+        """The one place a batch moves to the training device."""
+        return batch.to(self.device, non_blocking=True)
+
+    # ----------------------------------------------------------------- step
+    def run_step(self, batches: Iterator[Any], micro_batches: int) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` loader batches; the mean of their losses.
+
+        Gradients of the micro-batches add up (each loss scaled by ``1/micro_batches``);
+        on all but the last, a DDP wrapper's gradient all-reduce is skipped (``no_sync``).
+        """
+        total: dict[str, torch.Tensor] = {}
+        self.step_images = 0
+        for k in range(micro_batches):
+            batch = self.to_device(next(batches))
+            last = k == micro_batches - 1
+            no_sync = getattr(self.trainer_module, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                losses = self.trainer.train_step(
+                    batch.images, batch.boxes, batch.labels, scale=batch.scales, image_sizes=batch.image_sizes,
+                    amp=self.amp, module=self.trainer_module, loss_scale=1.0 / micro_batches,
+                    zero_grad=k == 0, step=last,
+                )
+            self.step_images += len(batch) * self.dist.world_size
+            total = losses if k == 0 else {name: total[name] + value for name, value in losses.items()}
+        if micro_batches > 1:
+            total = {name: value / micro_batches for name, value in total.items()}
+        return total
+
+    def log_now(self) -> bool:
+        """Whether this step ends a logging window (every ``train.log_interval`` steps and at epoch ends)."""
+        return self.step % self.cfg.train.log_interval == 0 or self.epoch_step == self.epoch_steps[self.epoch]
+
+    # ---------------------------------------------------------------- loop
+    def call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Hand a record (``type``: "train", "eval", ...) to every hook: metrics file, display, plugins."""
+        for hook in self.hooks:
+            hook.on_record(record)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step; the checkpoint hook saves it first."""
+        self.stop_requested = reason
+
+    @contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        """The model holds the weights to evaluate and save (EMA, if a hook keeps one)."""
+        with ExitStack() as stack:
+            for hook in self.hooks:
+                stack.enter_context(hook.eval_weights())
+            yield
+
+    def run(self) -> Path:
+        self.t_start = time.perf_counter()
+        started: list[HookBase] = []
+        try:
+            for hook in self.hooks:
+                hook.before_train()
+                started.append(hook)
+            for self.epoch in range(self.start_epoch, self.epochs):
+                skip = self.start_epoch_step if self.epoch == self.start_epoch else 0
+                self.epoch_step = skip
+                self.model.train()
+                self.call("before_epoch")
+                batches = self.batches(self.epoch, skip)
+                micro_total = self._micro_batches(self.epoch)
+                while self.epoch_step < self.epoch_steps[self.epoch]:
+                    self.call("before_step")
+                    n = min(self.accumulate, micro_total - self.epoch_step * self.accumulate)
+                    self.losses = self.run_step(batches, n)
+                    if not self.loss_names:
+                        self.loss_names = list(self.losses)
+                    self.window.add(self.losses)
+                    self.step += 1
+                    self.epoch_step += 1
+                    self.call("after_step")
+                    if self.stop_requested:
+                        if self.saved_step != self.step:
+                            self.save_checkpoint(self.run_dir / "last.pt")
+                        break
+                if self.stop_requested:
+                    break
+                self.call("after_epoch")
+                barrier(self.dist)  # the others wait while rank 0 evaluates and writes
+            self.completed = self.stop_requested is None
+            if self.stop_requested:
+                _say(self.console, f"stopped at step {self.step}: {self.stop_requested}")
+        except KeyboardInterrupt:
+            last = self.run_dir / "last.pt"
+            if self.is_main and last.exists():
+                held = f"step {self.saved_step}" if self.saved_step is not None else "the last saved step"
+                _say(self.console, f"interrupted at step {self.step}; {last} holds {held} "
+                                   f"(continue with --resume {last})")
+            raise
+        finally:
+            failing = not self.completed and self.stop_requested is None
+            for hook in started:
+                try:
+                    hook.after_train()
+                except Exception:
+                    if not failing:
+                        raise
+        return self.run_dir
+
+    # ---------------------------------------------------------- checkpoints
+    def _hook_key(self, hook: HookBase, index: int) -> str:
+        same = [h for h in self.hooks if h.name == hook.name]
+        return hook.name if len(same) == 1 else f"{hook.name}.{same.index(hook)}"
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything a resumed run needs, written atomically by rank 0."""
+        if not self.is_main:
+            return
+        ends_epoch = self.epoch_step >= self.epoch_steps[self.epoch]
+        epoch, epoch_step = (self.epoch + 1, 0) if ends_epoch else (self.epoch, self.epoch_step)
+        with self.eval_weights():
+            hook_state = {self._hook_key(h, i): s for i, h in enumerate(self.hooks) if (s := h.state_dict())}
+            save_checkpoint(
+                path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), scaler=self.amp.state_dict(),
+                epoch=epoch, step=self.step, epoch_step=epoch_step, best_map=self.best_metric,
+                config=self.cfg.to_dict(), classes=self.classes, metrics=self.eval_result or {},
+                # Target sampling draws from the global generators: restoring them
+                # makes a resumed run continue exactly as an uninterrupted one.
+                rng_state=torch.get_rng_state(),
+                trainer_state=_trainer_extra_state(self.trainer),
+                cuda_rng_state=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                hooks=hook_state,
+            )
+        if path.name == "last.pt":
+            self.saved_step = self.step
+
+    def resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if list(ckpt["classes"]) != self.classes:
+            raise CheckpointError(f"{path}: trained for classes {list(ckpt['classes'])}, this config has {self.classes}")
+        load_model_state(self.model, ckpt["model"], str(path))
+        for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.amp)):
+            if ckpt.get(name) is not None:
+                obj.load_state_dict(ckpt[name])
+        self.start_epoch, self.step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+        self.start_epoch_step = int(ckpt.get("epoch_step", 0))
+        if self.start_epoch < self.epochs and self.start_epoch_step >= self.epoch_steps[self.start_epoch]:
+            self.start_epoch, self.start_epoch_step = self.start_epoch + 1, 0
+        if ckpt.get("trainer_state") is not None:
+            self.trainer.set_extra_state(ckpt["trainer_state"])
+        if ckpt.get("rng_state") is not None:
+            torch.set_rng_state(ckpt["rng_state"].cpu())
+        if ckpt.get("cuda_rng_state") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng_state"]])
+        self.best_metric = float(ckpt.get("best_map", -math.inf))
+        states = dict(ckpt.get("hooks") or {})
+        for i, hook in enumerate(self.hooks):
+            state = states.pop(self._hook_key(hook, i), None)
+            if state is not None:
+                hook.load_state_dict(state)
+        if "ema" in states:
+            _say(self.console, f"warning: {path} was trained with train.ema; without it this run continues "
+                               "from the averaged weights")
+        where = f"epoch {self.start_epoch}" + (f" + {self.start_epoch_step} steps" if self.start_epoch_step else "")
+        _say(self.console, f"resumed from {path}: {where}, step {self.step}")
+        if self.start_epoch >= self.epochs:
+            _say(self.console, f"nothing to do: the checkpoint already finished {self.start_epoch} epochs")
 
 
 def train(
@@ -113,7 +458,8 @@ def train(
     # Only rank 0 talks and writes; the other processes train quietly.
     console = console or Console(quiet=not dist_info.is_main)
     try:
-        return _train(cfg, config_path, resume, out_dir, console, device, dist_info)
+        with peer_failures_exit_quietly(dist_info):
+            return _train(cfg, config_path, resume, out_dir, console, device, dist_info)
     finally:
         shutdown(dist_info)
 
@@ -127,186 +473,24 @@ def _train(
     device: torch.device,
     dist_info: DistInfo,
 ) -> Path:
-    from detkit.data.loader import build_dataset, build_loader
-
-    tc = cfg.train
-    main = dist_info.is_main
-    seed_everything(tc.seed)
+    seed_everything(cfg.train.seed)
     run_dir = run_dir_for(cfg, config_path, out_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+            run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
-
-    train_set = build_dataset(cfg.data, "train", seed=tc.seed)
-    val_set = build_dataset(cfg.data, "val", seed=tc.seed) if cfg.data.val is not None and cfg.eval.interval else None
-    classes = list(train_set.classes)
-    if val_set is not None and list(val_set.classes) != classes:
-        raise ConfigError(f"data.val: classes {list(val_set.classes)} differ from data.train's {classes}")
-    if len(train_set) == 0:
-        raise DetkitError("data.train: the training split has no images")
-
-    model = registry("detector").build(cfg.model, num_classes=len(classes)).to(device)
-    _warn_if_predict_resizes_differently(model, cfg, console)
-    if dist_info.enabled:
-        broadcast_parameters(model)
-        average_gradients(model, dist_info.world_size)
-    optimizer = build_optimizer(model, tc.optimizer)
-    trainer = registry("trainer").build(tc.trainer, model=model, optimizer=optimizer)
-    trainer.to(device)
-
-    loaders: dict[int, Any] = {}
-
-    def loader_for(epoch: int):
-        """The train loader of this epoch's batch size (one per size; workers persist)."""
-        frozen = epoch < tc.freeze_backbone_epochs
-        batch_size = (tc.freeze_batch_size or cfg.data.batch_size) if frozen else cfg.data.batch_size
-        if batch_size not in loaders:
-            loaders[batch_size] = build_loader(
-                train_set, batch_size=batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                seed=tc.seed, drop_last=len(train_set) >= batch_size * dist_info.world_size,
-                num_replicas=dist_info.world_size, rank=dist_info.rank,
-            )
-        loader = loaders[batch_size]
-        loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
-        return loader
-
-    def iters_in(epoch: int) -> int:
-        n = len(loader_for(epoch))
-        return min(n, tc.max_iters_per_epoch) if tc.max_iters_per_epoch else n
-
-    epoch_iters = [iters_in(e) for e in range(tc.epochs)]
-    total_steps = sum(epoch_iters)
-    scheduler = build_scheduler(optimizer, tc.scheduler, epoch_iters)
-    use_scaler = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    start_epoch, step, best_map = 0, 0, -math.inf
+    loop = TrainLoop(cfg, run_dir, console, device, dist_info)
     if resume is not None:
-        ckpt = load_checkpoint(resume, map_location=device)
-        if list(ckpt["classes"]) != classes:
-            raise CheckpointError(f"{resume}: trained for classes {list(ckpt['classes'])}, this config has {classes}")
-        load_model_state(model, ckpt["model"], str(resume))
-        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            if ckpt.get(name) is not None:
-                obj.load_state_dict(ckpt[name])
-        start_epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
-        if ckpt.get("trainer_state") is not None:
-            trainer.set_extra_state(ckpt["trainer_state"])
-        if ckpt.get("rng_state") is not None:
-            torch.set_rng_state(ckpt["rng_state"].cpu())
-        if ckpt.get("cuda_rng_state") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng_state"]])
-        best_map = float(ckpt.get("best_map", -math.inf))
-        console.print(f"resumed from {resume}: epoch {start_epoch}, step {step}", markup=False, highlight=False, soft_wrap=True)
-        if start_epoch >= tc.epochs:
-            console.print(f"nothing to do: the checkpoint already finished {start_epoch} epochs",
-                          markup=False, highlight=False, soft_wrap=True)
-
-    if main:
+        loop.resume(resume)
+    if dist_info.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", tensorboard=tc.tensorboard) if main else None
-    backbone_params = _backbone_only_params(model)
-    trainable = {id(p): p.requires_grad for p in backbone_params}
-    console.print(
-        f"training {cfg.model.type} ({cfg.model.params.model_dump().get('backbone', {}).get('type', '?')}) "
-        f"on {len(train_set)} images, {len(classes)} classes, device {device}, "
-        f"{tc.epochs} epochs x {epoch_iters[-1]} iterations"
-        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}",
-        markup=False, highlight=False, soft_wrap=True,
-    )
-
-    def checkpoint(path: Path, epoch_done: int, result: dict[str, Any] | None) -> None:
-        if not main:
-            return
-        save_checkpoint(
-            path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), epoch=epoch_done, step=step, best_map=best_map,
-            config=cfg.to_dict(), classes=classes, metrics=result or {},
-            # Target sampling draws from the global generators: restoring them
-            # makes a resumed run continue exactly as an uninterrupted one.
-            rng_state=torch.get_rng_state(),
-            trainer_state=_trainer_extra_state(trainer),
-            cuda_rng_state=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        )
-
-    t_start = time.perf_counter()
-    last_result: dict[str, Any] | None = None
-    val_loader = None
-    try:
-        with TrainDisplay(console, total_steps, sum(epoch_iters[:start_epoch])) as display:
-            for epoch in range(start_epoch, tc.epochs):
-                frozen = epoch < tc.freeze_backbone_epochs
-                _set_backbone_frozen(backbone_params, trainable, frozen)
-                model.train()
-                throughput, window = Throughput(), []
-                for i, batch in enumerate(loader_for(epoch)):
-                    if i >= epoch_iters[epoch]:
-                        break
-                    batch = batch.to(device, non_blocking=True)
-                    losses = trainer.train_step(
-                        batch.images, batch.boxes, batch.labels, scale=batch.scales,
-                        image_sizes=batch.image_sizes, fp16=tc.amp, scaler=scaler if use_scaler else None,
-                    )
-                    scheduler.step()
-                    step += 1
-                    throughput.add(len(batch) * dist_info.world_size)
-                    window.append(torch.stack([l.detach().float() for l in losses]))
-                    display.advance(epoch, tc.epochs)
-                    if step % tc.log_interval == 0 or i + 1 == epoch_iters[epoch]:
-                        # One host sync per logging window, not per step.
-                        values = torch.stack(window).mean(0).tolist()
-                        window = []
-                        if not all(math.isfinite(v) for v in values):
-                            raise DetkitError(
-                                f"loss became {values[-1]} at step {step}: lower train.optimizer.lr, "
-                                "set train.trainer.grad_clip, or check the data (see `detkit data stats`)"
-                            )
-                        record = {"type": "train", "epoch": epoch, "step": step,
-                                  **dict(zip(LOSS_NAMES, values)),
-                                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": throughput.rate(),
-                                  "backbone_frozen": frozen}
-                        if metrics is not None:
-                            metrics.write(record)
-                        display.log(record)
-                epoch_done = epoch + 1
-                result = None
-                if main and val_set is not None and (epoch_done % cfg.eval.interval == 0 or epoch_done == tc.epochs):
-                    if val_loader is None:  # built once: its workers persist between evaluations
-                        val_loader = build_loader(val_set, batch_size=cfg.data.batch_size, shuffle=False,
-                                                  num_workers=cfg.data.num_workers, seed=tc.seed)
-                    result = evaluate(model, val_loader, classes, cfg.eval, device)
-                    last_result = result
-                    # NaN (a class without ground truth) is not JSON: write null.
-                    aps = {k: (None if v is None or math.isnan(v) else v) for k, v in result.get("AP", {}).items()}
-                    metrics.write({"type": "eval", "epoch": epoch, "step": step, "mAP": result["mAP"], "AP": aps})
-                    display.message(f"epoch {epoch_done}: val mAP@{cfg.eval.iou_thresh} {result['mAP']:.4f}")
-                    if result["mAP"] > best_map:
-                        best_map = result["mAP"]
-                        checkpoint(run_dir / "best.pt", epoch_done, result)
-                if epoch_done % tc.checkpoint_interval == 0 or epoch_done == tc.epochs:
-                    checkpoint(run_dir / "last.pt", epoch_done, result)
-                barrier(dist_info)  # the others wait while rank 0 evaluates and writes
-    except KeyboardInterrupt:
-        if (run_dir / "last.pt").exists():
-            console.print(f"interrupted at step {step}; {run_dir / 'last.pt'} holds the last finished epoch "
-                          f"(continue with --resume {run_dir / 'last.pt'})", markup=False, highlight=False,
-                          soft_wrap=True)
-        raise
-    finally:
-        if metrics is not None:
-            metrics.close()
-    if not main:
-        return run_dir
-
-    plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "losses.png")
-    minutes = (time.perf_counter() - t_start) / 60
-    if last_result is not None:
-        console.print(metrics_table(last_result, title=f"val AP ({len(val_set)} images)"))
-    summary = f"done in {minutes:.1f} min: {run_dir / 'last.pt'}"
-    if val_set is not None and best_map > -math.inf:
-        summary += f", best val mAP@{cfg.eval.iou_thresh} {best_map:.4f} ({run_dir / 'best.pt'})"
-    if plot:
-        summary += f", loss curves {plot}"
-    console.print(summary, markup=False, highlight=False, soft_wrap=True)
-    return run_dir
+    tc = cfg.train
+    backbone = cfg.model.params.model_dump().get("backbone", {})
+    _say(console,
+         f"training {cfg.model.type} ({backbone.get('type', '?') if isinstance(backbone, dict) else '?'}) "
+         f"on {len(loop.train_set)} images, {len(loop.classes)} classes, device {device}, "
+         f"{tc.epochs} epochs x {loop.epoch_steps[-1]} iterations"
+         + (f" (x {tc.accumulate} accumulated batches)" if tc.accumulate > 1 else "")
+         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}")
+    return loop.run()

@@ -250,6 +250,16 @@ class FasterRCNN(Detector):
         size = (int(input_size[0]), int(input_size[1]))
         return self.rpn.anchors(self.feature_sizes(size), size, self.device)
 
+    # ------------------------------------------------------ engine contract
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        """Trunk parameters: the extractor's, minus any it shares with the head (the RoI tail)."""
+        shared = {id(p) for p in self.head.parameters()}
+        return [p for p in self.extractor.parameters() if id(p) not in shared]
+
+    def predict_input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The network-input size ``predict`` resizes a ``height x width`` image to."""
+        return self.preprocess.output_size(height, width)
+
     # ----------------------------------------------------------------- predict
     def _prepare(self, image: Tensor) -> Tensor:
         """``[3, H, W]`` uint8 or float image -> same dtype with exactly 3 channels."""

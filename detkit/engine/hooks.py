@@ -1,0 +1,493 @@
+"""Training hooks: everything the training loop does besides the step itself.
+
+The loop (:class:`detkit.engine.train.TrainLoop`) is short: for each epoch,
+for each step, run the step; around those it calls every hook's
+``before_train``, ``before_epoch``, ``before_step``, ``after_step``,
+``after_epoch`` and ``after_train``, in the order of the hooks' ``priority``
+(lower first; hooks of equal priority keep the order they were added in).
+``after_train`` runs even when training fails, on every hook whose
+``before_train`` ran; ``loop.completed`` tells whether the run finished.
+
+Built-in hooks, in order::
+
+    priority  hook                  what it does
+       0      ProgressHook          rich progress bar (plain lines off a terminal); shows records
+       1      MetricsFileHook       metrics.jsonl (+ TensorBoard), rank 0 only
+       5      FrozenBackboneHook    before_epoch: freeze/unfreeze Detector.backbone_parameters()
+      10      LRScheduleHook        after_step: advance the per-iteration LR schedule
+      20      EMAHook               after_step: update the weights' moving average (train.ema)
+      30      NonFiniteLossHook     at each log point: stop on inf/NaN or a diverging loss
+      40      LoggingHook           at each log point: a "train" record (losses, lr, images/s)
+      45      EvalHook              after_epoch: evaluate (EMA weights if any), track the best
+      50      (plugin hooks, unless their class sets another priority)
+      60      CheckpointHook        last.pt by epoch and by iteration, best.pt on improvement
+     100      SummaryHook           after_train: loss plot, AP table, summary line
+
+A plugin hook subclasses :class:`HookBase`, declares a pydantic ``Params``
+class (its constructor takes those fields), is registered in the entry-point
+group ``detkit.hook`` and is listed in the config::
+
+    train:
+      hooks:
+        - {type: my_hook, every: 100}
+
+A hook sees the loop as ``self.loop`` (see :class:`TrainLoop` for what it
+holds: model, trainer, optimizer, amp, epoch, step, the last step's losses,
+...).  Records go through ``self.loop.emit(record)`` to the metrics file and
+the display; ``state_dict``/``load_state_dict`` put a hook's state in the
+checkpoints, so resuming restores it.  See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from detkit.engine.config import EMAConfig
+from detkit.engine.evaluate import evaluate, metrics_table
+from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses
+from detkit.errors import ConfigError, DetkitError
+
+if TYPE_CHECKING:
+    from detkit.engine.train import TrainLoop
+
+
+class HookBase:
+    """A training hook. Subclasses override the calls they need; all default to nothing.
+
+    ``priority`` orders hooks (lower first); ``name`` keys the hook's state in
+    checkpoints (default: the class name).  ``self.loop`` is set before
+    ``before_train``.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    priority: int = 50
+    loop: "TrainLoop"
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def before_train(self) -> None: ...
+
+    def before_epoch(self) -> None: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def after_epoch(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """Called for every record the loop emits (``type`` "train", "eval", or a plugin's own)."""
+
+    def eval_weights(self) -> Any:
+        """A context manager under which the model holds the weights to evaluate and save."""
+        return nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this hook exactly (empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------- display
+class ProgressHook(HookBase):
+    """A rich progress bar (epoch, step/total, ETA, images/s) with the losses under it."""
+
+    priority = 0
+
+    def __init__(self) -> None:
+        self.display: TrainDisplay | None = None
+
+    def before_train(self) -> None:
+        loop = self.loop
+        self.display = TrainDisplay(loop.console, loop.total_steps, loop.step)
+        self.display.__enter__()
+
+    def after_step(self) -> None:
+        self.display.advance(self.loop.epoch, self.loop.epochs)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        if self.display is None:
+            return
+        if record.get("type") == "train":
+            self.display.log(record, self.loop.loss_names)
+        elif record.get("type") == "eval" and "mAP" in record:
+            self.display.message(f"epoch {record['epoch'] + 1}: val mAP@{self.loop.cfg.eval.iou_thresh} "
+                                 f"{record['mAP']:.4f}")
+
+    def after_train(self) -> None:
+        if self.display is not None:
+            self.display.__exit__(None, None, None)
+            self.display = None
+
+
+class MetricsFileHook(HookBase):
+    """Every record as one JSON line in ``metrics.jsonl`` (and TensorBoard); rank 0 only."""
+
+    priority = 1
+
+    def __init__(self) -> None:
+        self.writer: MetricsWriter | None = None
+
+    def before_train(self) -> None:
+        if self.loop.is_main:
+            self.writer = MetricsWriter(self.loop.run_dir / "metrics.jsonl", tensorboard=self.loop.cfg.train.tensorboard)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+
+    def after_train(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# ------------------------------------------------------------ training state
+class FrozenBackboneHook(HookBase):
+    """For the first ``train.freeze_backbone_epochs`` epochs the backbone trunk does not train.
+
+    Switches ``requires_grad`` of :meth:`Detector.backbone_parameters`; a
+    parameter frozen by the backbone's own config (``freeze_stages``) stays frozen.
+    """
+
+    priority = 5
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.params: list[torch.nn.Parameter] = []
+        self.trainable: dict[int, bool] = {}
+
+    def before_train(self) -> None:
+        if not self.epochs:
+            return
+        try:
+            self.params = list(self.loop.model.backbone_parameters())
+        except NotImplementedError as exc:
+            raise ConfigError(f"train.freeze_backbone_epochs: {exc}") from None
+        self.trainable = {id(p): p.requires_grad for p in self.params}
+
+    def before_epoch(self) -> None:
+        frozen = self.loop.epoch < self.epochs
+        self.loop.backbone_frozen = frozen
+        for p in self.params:
+            p.requires_grad_(False if frozen else self.trainable[id(p)])
+
+
+class LRScheduleHook(HookBase):
+    """Advances the per-iteration learning-rate schedule after each optimizer step."""
+
+    priority = 10
+
+    def after_step(self) -> None:
+        self.loop.scheduler.step()
+
+
+class EMAHook(HookBase):
+    """An exponential moving average of the weights, used for evaluation and saved as the model.
+
+    After each optimizer step every floating-point entry of the model's state
+    (parameters and BatchNorm statistics) moves towards the trained value:
+    ``ema = d * ema + (1 - d) * w`` with ``d = decay * (1 - exp(-updates / tau))``
+    (a warm-up: early averages forget the random initialisation quickly;
+    ``tau: 0`` keeps ``d = decay``).  Evaluation and the checkpoints' ``model``
+    use the averaged weights, as in Ultralytics/timm; the trained weights are
+    kept in the checkpoint's hook state, so a resumed run continues exactly.
+    """
+
+    Params = EMAConfig
+    priority = 20
+
+    def __init__(self, decay: float = 0.9998, tau: float = 2000.0):
+        self.decay, self.tau = decay, tau
+        self.updates = 0
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self._swapped: dict[str, torch.Tensor] | None = None  # trained weights while the EMA is in the model
+
+    @property
+    def name(self) -> str:
+        return "ema"
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return self.loop.model.state_dict()
+
+    def before_train(self) -> None:
+        if self.shadow is None:
+            self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
+
+    def current_decay(self) -> float:
+        return self.decay * (1 - math.exp(-self.updates / self.tau)) if self.tau else self.decay
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.updates += 1
+        d = self.current_decay()
+        state = self._state()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], 1.0 - d)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                self.shadow[k].copy_(v)
+
+    @contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        if self.shadow is None or self._swapped is not None:
+            yield
+            return
+        model = self.loop.model
+        self._swapped = {k: v.detach().clone() for k, v in self._state().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(self._swapped)
+            self._swapped = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved while the EMA is swapped in (checkpoint "model" = EMA): keep the trained weights here.
+        if self._swapped is not None:
+            return {"updates": self.updates, "in_model": "ema", "weights": self._swapped}
+        return {"updates": self.updates, "in_model": "train", "weights": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state.get("updates", 0))
+        if state.get("in_model") == "ema":
+            # The checkpoint's model (already loaded) is the average; the trained weights come from here.
+            self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
+            self.loop.model.load_state_dict(state["weights"])
+        else:
+            self.shadow = {k: v.detach().clone() for k, v in state["weights"].items()}
+
+
+# ------------------------------------------------------------------ logging
+class NonFiniteLossHook(HookBase):
+    """Stops training with one clear line when the logged loss is inf/NaN, or diverges.
+
+    Checked at each log point on the window's mean losses (one host sync per
+    window, shared with :class:`LoggingHook`).  ``max_loss`` stops when the
+    total exceeds it; ``max_ratio`` stops when it exceeds that many times the
+    median of the previous ``history`` log points (after ``history`` of them).
+    """
+
+    priority = 30
+
+    def __init__(self, max_loss: float | None = None, max_ratio: float | None = None, history: int = 20):
+        self.max_loss, self.max_ratio, self.history = max_loss, max_ratio, history
+        self.totals: list[float] = []
+
+    def _fail(self, why: str) -> None:
+        raise DetkitError(
+            f"{why} at step {self.loop.step}: lower train.optimizer.lr, set train.trainer.grad_clip, "
+            "or check the data (see `detkit data stats`)"
+        )
+
+    def after_step(self) -> None:
+        loop = self.loop
+        if not loop.log_now():
+            return
+        values = loop.window.mean()
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            self._fail(f"loss became {values[bad[-1]]} ({', '.join(bad)})")
+        total = values.get("total")
+        if total is None:
+            return
+        if self.max_loss is not None and total > self.max_loss:
+            self._fail(f"loss {total:.4g} exceeded train.loss_guard.max_loss {self.max_loss:g}")
+        if self.max_ratio is not None and len(self.totals) >= self.history:
+            median = statistics.median(self.totals[-self.history:])
+            if median > 0 and total > self.max_ratio * median:
+                self._fail(f"loss {total:.4g} is over {self.max_ratio:g}x the recent median {median:.4g} "
+                           "(train.loss_guard.max_ratio)")
+        self.totals = (self.totals + [total])[-self.history:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": list(self.totals)} if self.totals else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals = [float(v) for v in state.get("totals", [])]
+
+
+class LoggingHook(HookBase):
+    """Every ``train.log_interval`` steps (and at each epoch's end) emits a "train" record.
+
+    The record holds the window's mean of each named loss the trainer returned,
+    the learning rate, images/s over the window (all ranks) and whether the
+    backbone is frozen.
+    """
+
+    priority = 40
+
+    def before_epoch(self) -> None:
+        self.throughput = Throughput()
+        self.loop.window.reset()
+
+    def after_step(self) -> None:
+        loop = self.loop
+        self.throughput.add(loop.step_images)
+        if not loop.log_now():
+            return
+        record = {"type": "train", "epoch": loop.epoch, "step": loop.step, **loop.window.mean(),
+                  "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": self.throughput.rate(),
+                  "backbone_frozen": loop.backbone_frozen}
+        loop.window.reset()
+        loop.emit(record)
+
+
+# --------------------------------------------------------------- evaluation
+class EvalHook(HookBase):
+    """Evaluates on ``data.val`` every ``eval.interval`` epochs and at the end.
+
+    Emits an "eval" record, keeps ``loop.eval_result`` and ``loop.best_metric``
+    and sets ``loop.improved`` for the checkpoint hook.  Runs under the other
+    hooks' evaluation weights (the EMA).  Under torchrun every rank predicts
+    on its shard of the images and rank 0 computes the metrics.
+    """
+
+    priority = 45
+
+    def __init__(self) -> None:
+        self.val_loader = None
+
+    def due(self) -> bool:
+        loop = self.loop
+        interval = loop.cfg.eval.interval
+        done = loop.epoch + 1
+        return loop.val_set is not None and bool(interval) and (done % interval == 0 or done == loop.epochs)
+
+    def before_epoch(self) -> None:
+        self.loop.improved = False
+
+    def after_epoch(self) -> None:
+        loop = self.loop
+        if not self.due():
+            return
+        result = self.run_evaluation()
+        if result is None:  # a rank other than 0: its predictions went to rank 0
+            return
+        loop.eval_result = result
+        # NaN (a class without ground truth) is not JSON: write null.
+        aps = {k: (None if v is None or math.isnan(v) else v) for k, v in result.get("AP", {}).items()}
+        loop.emit({"type": "eval", "epoch": loop.epoch, "step": loop.step, "mAP": result["mAP"], "AP": aps})
+        score = self.score(result)
+        if score > loop.best_metric:
+            loop.best_metric = score
+            loop.improved = True
+
+    @staticmethod
+    def score(result: dict[str, Any]) -> float:
+        """The number best.pt follows."""
+        return float(result["mAP"])
+
+    def run_evaluation(self) -> dict[str, Any] | None:
+        """The one place the training loop evaluates (None on ranks other than 0)."""
+        from detkit.data.loader import build_loader
+        from detkit.engine.distributed import evaluate_distributed
+
+        loop = self.loop
+        cfg = loop.cfg
+        if self.val_loader is None:  # built once: its workers persist between evaluations
+            self.val_loader = build_loader(loop.val_set, batch_size=cfg.data.batch_size, shuffle=False,
+                                           num_workers=cfg.data.num_workers, seed=cfg.train.seed)
+        with loop.eval_weights():
+            if loop.dist.enabled:
+                return evaluate_distributed(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device,
+                                            loop.dist)
+            return evaluate(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device)
+
+
+# -------------------------------------------------------------- checkpoints
+class CheckpointHook(HookBase):
+    """``last.pt`` every ``train.checkpoint_interval`` epochs, every ``train.checkpoint_every_iters``
+    steps and at the end; ``best.pt`` when the evaluation improved.  Rank 0 writes (atomically)."""
+
+    priority = 60
+
+    def __init__(self, epoch_interval: int = 1, every_iters: int | None = None):
+        self.epoch_interval = epoch_interval
+        self.every_iters = every_iters
+
+    def _iter_due(self) -> bool:
+        return bool(self.every_iters) and self.loop.step % self.every_iters == 0
+
+    def after_step(self) -> None:
+        loop = self.loop
+        # The step that ends an epoch is saved after the epoch's evaluation.
+        if loop.epoch_step < loop.epoch_steps[loop.epoch] and self._iter_due():
+            loop.save_checkpoint(loop.run_dir / "last.pt")
+
+    def after_epoch(self) -> None:
+        loop = self.loop
+        done = loop.epoch + 1
+        if loop.improved:
+            loop.save_checkpoint(loop.run_dir / "best.pt")
+        if done % self.epoch_interval == 0 or done == loop.epochs or self._iter_due():
+            loop.save_checkpoint(loop.run_dir / "last.pt")
+
+
+class SummaryHook(HookBase):
+    """At the end of a finished run (rank 0): the loss plot, the AP table and one summary line."""
+
+    priority = 100
+
+    def after_train(self) -> None:
+        loop = self.loop
+        if not (loop.completed and loop.is_main):
+            return
+        run_dir: Path = loop.run_dir
+        plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "losses.png", loop.loss_names or None)
+        minutes = (time.perf_counter() - loop.t_start) / 60
+        if loop.eval_result is not None:
+            loop.console.print(metrics_table(loop.eval_result, title=f"val AP ({len(loop.val_set)} images)"))
+        summary = f"done in {minutes:.1f} min: {run_dir / 'last.pt'}"
+        if loop.val_set is not None and loop.best_metric > -math.inf:
+            summary += f", best val mAP@{loop.cfg.eval.iou_thresh} {loop.best_metric:.4f} ({run_dir / 'best.pt'})"
+        if plot:
+            summary += f", loss curves {plot}"
+        loop.console.print(summary, markup=False, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- assembly
+def default_hooks(cfg: Any) -> list[HookBase]:
+    """The built-in hooks a config asks for, plus its ``train.hooks`` plugins and ``train.ema``."""
+    tc = cfg.train
+    guard = tc.loss_guard
+    hooks: list[HookBase] = [
+        ProgressHook(),
+        MetricsFileHook(),
+        FrozenBackboneHook(tc.freeze_backbone_epochs),
+        LRScheduleHook(),
+        NonFiniteLossHook(guard.max_loss, guard.max_ratio, guard.history),
+        LoggingHook(),
+        EvalHook(),
+        CheckpointHook(tc.checkpoint_interval, tc.checkpoint_every_iters),
+        SummaryHook(),
+    ]
+    if tc.ema is not None:
+        hooks.append(EMAHook(**tc.ema.model_dump()))
+    for i, spec in enumerate(tc.hooks):
+        hook = spec.build()
+        if not isinstance(hook, HookBase):
+            raise ConfigError(f"train.hooks[{i}]: hook '{spec.type}' is a {type(hook).__name__}, "
+                              "not a detkit.engine.hooks.HookBase")
+        hooks.append(hook)
+    return sort_hooks(hooks)
+
+
+def sort_hooks(hooks: list[HookBase]) -> list[HookBase]:
+    """By priority, stable (equal priorities keep their order)."""
+    return sorted(hooks, key=lambda h: h.priority)

@@ -1,0 +1,346 @@
+"""The hook-based training loop: order, plugin hooks, iteration checkpoints, EMA, accumulation, loss guard."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from torch import nn
+
+from detkit.config import load_config
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.distributed import DistInfo
+from detkit.engine.hooks import EMAHook, HookBase
+from detkit.engine.train import TrainLoop, train
+from detkit.errors import ConfigError, DetkitError
+from detkit.interfaces import Detector, Trainer
+from detkit.registry import registry
+
+# ------------------------------------------------------------ toy plugins
+EVENTS: list[tuple] = []
+
+
+class Recorder(HookBase):
+    """Records every call with what the loop shows at that point."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        tag: str = "r"
+
+    def __init__(self, tag: str = "r"):
+        self.tag = tag
+
+    def before_train(self):
+        EVENTS.append(("before_train", self.loop.step))
+
+    def before_epoch(self):
+        EVENTS.append(("before_epoch", self.loop.epoch))
+
+    def before_step(self):
+        EVENTS.append(("before_step", self.loop.step))
+
+    def after_step(self):
+        EVENTS.append(("after_step", self.loop.step, tuple(self.loop.losses)))
+
+    def after_epoch(self):
+        EVENTS.append(("after_epoch", self.loop.epoch, self.loop.eval_result is not None))
+
+    def after_train(self):
+        EVENTS.append(("after_train", self.loop.completed))
+
+
+class StopAt(HookBase):
+    """Asks the loop to stop after step ``step`` (after the checkpoint hook has run)."""
+
+    priority = 70
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        step: int
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self):
+        if self.loop.step == self.step:
+            self.loop.request_stop("test")
+
+
+class ToyDetector(Detector):
+    """A linear model of the mean colour: enough for the loop, nothing Faster R-CNN."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x, mode="forward", **kw):
+        return self.lin(x.mean((2, 3))).squeeze(1)
+
+    def predict(self, images, score_thresh=None, nms_iou=None, resize=True):
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+                for _ in images]
+
+
+class ToyTrainer(Trainer):
+    """Mean squared error between the prediction and the number of boxes: a per-image mean."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        offset: float = 0.0
+
+    def __init__(self, model, optimizer=None, offset: float = 0.0):
+        super().__init__()
+        self.model, self.optimizer, self.offset = model, optimizer, offset
+
+    def forward(self, imgs, bboxes, labels, scale=1.0, image_sizes=None):
+        target = torch.tensor([float(len(b)) for b in bboxes], device=imgs.device)
+        mse = ((self.model(imgs) - target) ** 2).mean() + self.offset
+        return {"mse": mse, "total": mse}
+
+
+@pytest.fixture
+def toys(clean_registry):
+    EVENTS.clear()
+    registry("hook").register("recorder")(Recorder)
+    registry("hook").register("stop_at")(StopAt)
+    registry("detector").register("toy_detector")(ToyDetector)
+    registry("trainer").register("toy_trainer")(ToyTrainer)
+    yield
+
+
+TOY = """
+model: {type: toy_detector}
+data:
+  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
+  batch_size: 4
+  transforms: {min_size: 64, max_size: 64}
+train:
+  epochs: 1
+  trainer: {type: toy_trainer}
+  optimizer: {type: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
+  scheduler: {type: constant}
+  log_interval: 1
+  device: cpu
+eval: {interval: 0}
+"""
+
+
+def toy_config(tmp_path: Path, *overrides: str):
+    path = tmp_path / "toy.yaml"
+    path.write_text(TOY)
+    return load_config(path, list(overrides))
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+# ------------------------------------------------------------------- order
+def test_builtin_hooks_run_in_the_documented_order(toys, tmp_path):
+    cfg = toy_config(tmp_path, "train.ema={decay: 0.9}", "train.hooks=[{type: recorder}]")
+    loop = TrainLoop(cfg, tmp_path / "run", Console(quiet=True), torch.device("cpu"), DistInfo())
+    assert [type(h).__name__ for h in loop.hooks] == [
+        "ProgressHook", "MetricsFileHook", "FrozenBackboneHook", "LRScheduleHook", "EMAHook",
+        "NonFiniteLossHook", "LoggingHook", "EvalHook", "Recorder", "CheckpointHook", "SummaryHook",
+    ]
+
+
+def test_plugin_hook_from_config_sees_each_event_in_order(toys, tmp_path):
+    cfg = toy_config(tmp_path, "train.epochs=2", "train.hooks=[{type: recorder, tag: x}]")
+    run_dir = train(cfg, out_dir=tmp_path / "run")
+    names = ("mse", "total")
+    assert EVENTS == [
+        ("before_train", 0),
+        ("before_epoch", 0),
+        ("before_step", 0), ("after_step", 1, names), ("before_step", 1), ("after_step", 2, names),
+        ("after_epoch", 0, False),
+        ("before_epoch", 1),
+        ("before_step", 2), ("after_step", 3, names), ("before_step", 3), ("after_step", 4, names),
+        ("after_epoch", 1, False),
+        ("after_train", True),
+    ]
+    # The loss names come from the trainer's dict, not from a fixed list.
+    recs = records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all({"mse", "total"} <= set(r) and "rpn_loc" not in r for r in recs)
+    assert (run_dir / "losses.png").exists()
+
+
+def test_plugin_hook_params_are_validated_at_load_time(toys, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.hooks\[0\]\.tga"):
+        toy_config(tmp_path, "train.hooks=[{type: recorder, tga: x}]")
+    with pytest.raises(ConfigError, match=r"train\.hooks\[0\]\.type: unknown hook 'recordr'.*'recorder'"):
+        toy_config(tmp_path, "train.hooks=[{type: recordr}]")
+
+
+# ------------------------------------------------------------ checkpoints
+def test_checkpoint_every_iters_resumes_mid_epoch_exactly(toys, tmp_path):
+    common = ["train.epochs=2", "data.batch_size=2", "train.checkpoint_every_iters=3", "train.ema={decay: 0.6, tau: 0}"]
+    straight = train(toy_config(tmp_path, *common), out_dir=tmp_path / "straight")
+    # Stopped after step 5 of 8: epoch 1, one step into it; step 3 was saved by iteration, 5 on stop.
+    split = train(toy_config(tmp_path, *common, "train.hooks=[{type: recorder}, {type: stop_at, step: 5}]"),
+                  out_dir=tmp_path / "split")
+    saves = [e for e in EVENTS if e[0] == "after_train"]
+    assert saves == [("after_train", False)]
+    stopped = load_checkpoint(split / "last.pt")
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["step"]) == (1, 1, 5)
+    train(toy_config(tmp_path, *common), out_dir=split, resume=split / "last.pt")
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    assert (b["epoch"], b["step"]) == (2, 8)
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    for key in a["hooks"]["ema"]["weights"]:
+        assert torch.allclose(a["hooks"]["ema"]["weights"][key], b["hooks"]["ema"]["weights"][key], atol=1e-6)
+    assert [r["step"] for r in records(split)] == list(range(1, 9))
+    assert [r["total"] for r in records(split)] == pytest.approx([r["total"] for r in records(straight)], rel=1e-6)
+
+
+def test_iteration_checkpoints_are_written_between_epochs(toys, tmp_path, monkeypatch):
+    seen = []
+    import detkit.engine.train as train_mod
+
+    real = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, **kw: (seen.append((Path(path).name, kw["step"], kw["epoch"], kw["epoch_step"])), real(path, **kw))[1])
+    train(toy_config(tmp_path, "data.batch_size=2", "train.checkpoint_every_iters=1"), out_dir=tmp_path / "run")
+    # 4 steps in one epoch: steps 1-3 by iteration, step 4 with the epoch's end.
+    assert seen == [("last.pt", 1, 0, 1), ("last.pt", 2, 0, 2), ("last.pt", 3, 0, 3), ("last.pt", 4, 1, 0)]
+
+
+# --------------------------------------------------------------------- EMA
+def test_ema_hook_averages_and_swaps_weights():
+    model = nn.Linear(2, 1)
+    hook = EMAHook(decay=0.75, tau=0)
+    hook.loop = SimpleNamespace(model=model)
+    hook.before_train()
+    old = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    new = model.weight.detach().clone()
+    hook.after_step()
+    expected = 0.75 * old + 0.25 * new
+    assert torch.allclose(hook.shadow["weight"], expected)
+    with hook.eval_weights():
+        assert torch.allclose(model.weight, expected)
+        state = hook.state_dict()  # what a checkpoint saves while the average is in the model
+        assert state["in_model"] == "ema" and torch.equal(state["weights"]["weight"], new)
+    assert torch.equal(model.weight, new)
+    # Warm-up: the first update with tau keeps little of the initial weights.
+    warm = EMAHook(decay=0.9999, tau=2000)
+    warm.updates = 0
+    assert warm.current_decay() == 0.0 and EMAHook(decay=0.5, tau=0).current_decay() == 0.5
+
+
+def test_evaluation_and_checkpoints_use_the_ema_weights(toys, tmp_path, monkeypatch):
+    import detkit.engine.hooks as hooks_mod
+
+    evaluated = []
+
+    def fake_evaluate(model, loader, classes, cfg, device, **kw):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"mAP": 0.5, "AP": {}}
+
+    monkeypatch.setattr(hooks_mod, "evaluate", fake_evaluate)
+    val = "data.val={type: synthetic, num_images: 2, image_size: [64, 64], object_size: [16, 32], split: val}"
+    run = train(toy_config(tmp_path, val, "eval.interval=1", "train.ema={decay: 0.5, tau: 0}"), out_dir=tmp_path / "run")
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    trained = last["hooks"]["ema"]["weights"]
+    assert len(evaluated) == 1
+    for key in trained:
+        assert torch.equal(evaluated[0][key], last["model"][key]) and torch.equal(best["model"][key], last["model"][key])
+    assert not torch.equal(last["model"]["lin.weight"], trained["lin.weight"]), "EMA weights equal the trained ones"
+
+
+# ------------------------------------------------------------ accumulation
+def test_accumulating_two_batches_of_two_equals_one_batch_of_four(toys, tmp_path):
+    big = train(toy_config(tmp_path, "train.epochs=2"), out_dir=tmp_path / "big")
+    acc = train(toy_config(tmp_path, "train.epochs=2", "data.batch_size=2", "train.accumulate=2"), out_dir=tmp_path / "acc")
+    a, b = load_checkpoint(big / "last.pt"), load_checkpoint(acc / "last.pt")
+    assert a["step"] == b["step"] == 4  # optimizer steps, not micro-batches
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    assert [r["total"] for r in records(acc)] == pytest.approx([r["total"] for r in records(big)], rel=1e-5)
+    one = train(toy_config(tmp_path, "train.epochs=2", "data.batch_size=2"), out_dir=tmp_path / "one")
+    assert not torch.allclose(load_checkpoint(one / "last.pt")["model"]["lin.weight"], a["model"]["lin.weight"])
+
+
+class CountingWrapper(nn.Module):
+    """Stands in for DistributedDataParallel: forwards, and counts ``no_sync`` entries."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.forwards = self.no_syncs = 0
+        self.in_no_sync = False
+        self.synced_backwards = 0
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        if not self.in_no_sync:
+            self.synced_backwards += 1
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        self.no_syncs += 1
+        self.in_no_sync = True
+        try:
+            yield
+        finally:
+            self.in_no_sync = False
+
+
+def test_accumulation_skips_the_gradient_sync_on_all_but_the_last_micro_batch(toys, tmp_path):
+    cfg = toy_config(tmp_path, "data.batch_size=1", "train.accumulate=4")
+    (tmp_path / "run").mkdir()
+    loop = TrainLoop(cfg, tmp_path / "run", Console(quiet=True), torch.device("cpu"), DistInfo())
+    wrapper = CountingWrapper(loop.trainer)
+    loop.trainer_module = wrapper
+    loop.run()
+    assert loop.step == 2 and wrapper.forwards == 8  # 8 images, batch 1, 4 per step
+    assert wrapper.no_syncs == 6 and wrapper.synced_backwards == 2
+
+
+def test_an_epoch_that_does_not_divide_steps_with_what_is_left(toys, tmp_path):
+    # 8 images / batch 2 = 4 micro-batches; accumulate 3 -> steps of 3 and 1.
+    run = train(toy_config(tmp_path, "data.batch_size=2", "train.accumulate=3"), out_dir=tmp_path / "run")
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+
+
+# -------------------------------------------------------------- loss guard
+def test_a_nan_loss_stops_with_one_line(toys, tmp_path):
+    with pytest.raises(DetkitError, match=r"^loss became nan \(mse, total\) at step 1: lower train.optimizer.lr"):
+        train(toy_config(tmp_path, "train.trainer.offset=.nan"), out_dir=tmp_path / "run")
+
+
+def test_loss_guard_stops_a_loss_above_the_cap(toys, tmp_path):
+    with pytest.raises(DetkitError, match=r"exceeded train.loss_guard.max_loss 100"):
+        train(toy_config(tmp_path, "train.trainer.offset=1000", "train.loss_guard.max_loss=100"),
+              out_dir=tmp_path / "run")
+    # Below the cap it trains.
+    train(toy_config(tmp_path, "train.trainer.offset=10", "train.loss_guard.max_loss=100"), out_dir=tmp_path / "ok")
+
+
+def test_loss_guard_ratio_to_the_recent_median(toys, tmp_path):
+    from detkit.engine.hooks import NonFiniteLossHook
+
+    hook = NonFiniteLossHook(max_ratio=3.0, history=2)
+    window = SimpleNamespace(mean=lambda: {"total": values[-1]})
+    hook.loop = SimpleNamespace(log_now=lambda: True, window=window, step=7)
+    values = []
+    for v in (1.0, 1.2, 2.0):  # 2.0 < 3 x median(1.0, 1.2)
+        values.append(v)
+        hook.after_step()
+    values.append(10.0)
+    with pytest.raises(DetkitError, match=r"over 3x the recent median 1.6 .*at step 7"):
+        hook.after_step()
