@@ -269,13 +269,44 @@ def data_stats(
     config: Path = typer.Argument(..., help="Config file."),
     overrides: Optional[List[str]] = SetOption,
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Only the first N training images."),
+    check: bool = typer.Option(False, "--check-images", help="Also decode every train and val image and list the unreadable ones (exit 1 if any)."),
 ) -> None:
-    """Box statistics and anchor coverage of the training split, with suggested anchors."""
+    """Box statistics and anchor coverage of the training split, with suggested anchors.
+
+    Exits 1 on an empty training split, and with --check-images when an image cannot be read.
+    """
     from detkit.config import load_config
     from detkit.data.stats import dataset_stats, print_report
 
     cfg = load_config(config, overrides or [])
+    checks = _check_images(cfg) if check else []
     print_report(dataset_stats(cfg, max_images, source=str(config)), console)
+    bad = sum(len(c.unreadable) for c in checks)
+    for c in checks:
+        console.print(f"data.{c.split}: {c.checked - len(c.unreadable)} of {c.checked} images decode",
+                      markup=False, highlight=False)
+        for line in c.unreadable:
+            console.print(f"  unreadable: {line}", markup=False, highlight=False, soft_wrap=True)
+    if bad:
+        err_console.print(f"error: {bad} image(s) cannot be read", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+def _check_images(cfg: Any) -> list[Any]:
+    """Decode every image of the train and (if set) val split with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from detkit.data.loader import build_dataset
+    from detkit.data.stats import check_images
+
+    results = []
+    for split in ("train", "val") if cfg.data.val is not None else ("train",):
+        dataset = build_dataset(cfg.data, split, augment=False)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err_console, transient=True) as bar:
+            task = bar.add_task(f"decoding data.{split} images", total=len(dataset))
+            results.append(check_images(dataset, split, lambda done, total: bar.update(task, completed=done)))
+    return results
 
 
 # ------------------------------------------------------- import and predict

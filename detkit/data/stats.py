@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from detkit.errors import DataError
+
 THRESHOLDS: tuple[float, ...] = (0.7, 0.5, 0.3)
 PERCENTILES: tuple[int, ...] = (5, 25, 50, 75, 95)
 
@@ -254,6 +256,8 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
     from detkit.data.box_report import find_box_report
 
     dataset = build_dataset(cfg.data, "train", augment=False)
+    if len(dataset) == 0:
+        raise DataError(f"{source}: data.train is empty (0 images); nothing to measure")
     ann = without_degenerate_boxes(collect_annotations(dataset, max_images))
     box_report = find_box_report(dataset)
     n_img = ann.sizes.shape[0]
@@ -310,6 +314,41 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
     if best_cov is not None and not _better(best_cov, current):
         report.notes.append("the configured anchors already cover these boxes as well as the suggestion")
     return report
+
+
+# ------------------------------------------------------------- image check
+@dataclass
+class ImageCheck:
+    """``data stats --check-images``: how many images of a split decode, and why the others do not."""
+
+    split: str
+    checked: int
+    unreadable: list[str]  # one line each, naming the file
+
+
+def check_images(
+    dataset: Any, split: str, progress: Callable[[int, int], None] | None = None
+) -> ImageCheck:
+    """Decode every image of ``dataset`` (a split as :func:`build_dataset` returns it).
+
+    The reader's own items are loaded (no transforms), so a missing, truncated or
+    corrupt file is found here rather than in the middle of an epoch.
+    """
+    inner = getattr(dataset, "dataset", dataset)
+    n = len(inner)
+    if n == 0:
+        raise DataError(f"data.{split} is empty (0 images)")
+    bad: list[str] = []
+    for i in range(n):
+        try:
+            inner[i]
+        except DataError as exc:
+            bad.append(str(exc))
+        except Exception as exc:  # a plugin's reader: still one line per image
+            bad.append(f"data.{split} image {i}: {type(exc).__name__}: {exc}")
+        if progress is not None:
+            progress(i + 1, n)
+    return ImageCheck(split, n, bad)
 
 
 def yaml_snippet(path: Sequence[str], scales: list[float], ratios: list[float]) -> str:
