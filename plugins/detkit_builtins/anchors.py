@@ -127,6 +127,8 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, feat_h: int, feat_w: int, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
+        if torch.jit.is_tracing():  # export: the sizes are traced values, the graph computes the grid
+            return _grid(self.base, feat_h, feat_w, self.stride, self.stride, self.offset, device)
         key = (int(feat_h), int(feat_w), device)
         cached = self._cache.get(key)
         if cached is not None:

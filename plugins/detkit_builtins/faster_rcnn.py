@@ -193,7 +193,7 @@ class FasterRCNN(Detector):
         if mode == "head":
             return self.head(x, kw["rois"], kw["roi_indices"], tuple(kw["input_size"]))
         if mode == "forward":
-            input_size = (int(x.shape[-2]), int(x.shape[-1]))
+            input_size = (x.shape[-2], x.shape[-1])  # ints; traced values when exporting
             features = self.extract(self.normalize(x))
             out = self._rpn(features, kw.get("image_sizes"), kw.get("scale", 1.0), x.shape[0], input_size)
             roi_cls_locs, roi_scores = self.head(features, out.rois, out.roi_indices, input_size)
@@ -358,14 +358,42 @@ class FasterRCNN(Detector):
         score_thresh: float,
         nms_iou: float,
     ) -> list[dict[str, Tensor]]:
+        """:meth:`detections`, split per image: ``[{"boxes", "scores", "labels"}]``."""
+        boxes, scores, labels, counts = self.detections(
+            roi_cls_locs, roi_scores, rois, roi_indices, image_sizes, orig_sizes, num_images, score_thresh, nms_iou
+        )
+        # The one host sync of predict: N counts to split the flat result per image.
+        splits = counts.tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": l}
+            for b, s, l in zip(boxes.split(splits), scores.split(splits), labels.split(splits))
+        ]
+
+    def detections(
+        self,
+        roi_cls_locs: Tensor,
+        roi_scores: Tensor,
+        rois: Tensor,
+        roi_indices: Tensor,
+        image_sizes: Tensor,
+        orig_sizes: Tensor,
+        num_images: int,
+        score_thresh: float | None = None,
+        nms_iou: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Decode, threshold and NMS the head's outputs for a whole batch at once.
 
         ``image_sizes``/``orig_sizes``: ``[N, 2]`` (h, w) of each network input
         and original image.  NMS runs per (image, class) in one ``batched_nms``.
+        Returns flat ``boxes [K, 4]`` (original pixels), ``scores [K]``,
+        ``labels [K]``, grouped by image and best first within one, and the
+        ``[N]`` counts per image.  Traceable (the exported graph ends here).
         """
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_iou = self.nms_iou if nms_iou is None else nms_iou
         c = self.num_classes
         r = rois.shape[0]
-        locs = roi_cls_locs.float().view(r, c + 1, 4)[:, 1:]
+        locs = roi_cls_locs.float().reshape(r, c + 1, 4)[:, 1:]
         boxes = box_ops.decode(rois.float().unsqueeze(1), locs, self.loc_std.float())  # [R, C, 4]
         sizes = image_sizes.to(boxes.dtype)[roi_indices]  # [R, 2]
         if self.clip_detections:
@@ -388,14 +416,7 @@ class FasterRCNN(Detector):
         keep = batched_nms(boxes, scores, image_idx * c + labels, nms_iou)  # best first
         # By image, best first, at most max_detections each.
         keep, _, counts = group_and_cap(keep, image_idx, num_images, self.max_detections)
-        # The one host sync of predict: N counts to split the flat result per image.
-        splits = counts.tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(
-                boxes[keep].split(splits), scores[keep].split(splits), labels[keep].split(splits)
-            )
-        ]
+        return boxes[keep], scores[keep], labels[keep], counts
 
     # ------------------------------------------------------------------ import
     def import_state_dict(self, state_dict: Mapping[str, Tensor], source: str = "faster-rcnn-pytorch") -> None:

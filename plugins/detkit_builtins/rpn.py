@@ -99,10 +99,10 @@ class ProposalCreator(nn.Module):
         # Top k of each level (shapes only: the level sizes are Python ints).
         idx, lvl, start = [], [], 0
         for level, count in enumerate(levels):
-            k = min(pre_nms, count)
+            k = _min_size(pre_nms, count)
             top = scores[:, start:start + count].topk(k, dim=1).indices + start  # [N, k], best first
             idx.append(top)
-            lvl.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            lvl.append(torch.full_like(top[0], level))
             start += count
         top_idx = torch.cat(idx, dim=1) if num_levels > 1 else idx[0]
         top_lvl = torch.cat(lvl) if num_levels > 1 else lvl[0]
@@ -231,7 +231,7 @@ class RegionProposalNetwork(ProposalGenerator):
         outs = [self._head(m) for m in maps]
         locs = torch.cat([o[0] for o in outs], dim=1) if len(outs) > 1 else outs[0][0]
         scores = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
-        sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        sizes = [(m.shape[-2], m.shape[-1]) for m in maps]  # ints; traced values when exporting
         num_per_level = None
         if self.multi_level:
             if input_size is None:
@@ -247,6 +247,13 @@ class RegionProposalNetwork(ProposalGenerator):
                 locs.detach(), fg, anchors, image_sizes, scale, num_per_level
             )
         return RPNOutput(locs, scores, rois, roi_indices, anchors)
+
+
+def _min_size(limit: int, size: int | Tensor) -> int | Tensor:
+    """``min(limit, size)``; a traced size (export) stays a tensor so the graph keeps it dynamic."""
+    if isinstance(size, Tensor):
+        return torch.clamp(size, max=limit)
+    return min(limit, size)
 
 
 def _input_size(image_sizes: Tensor, finest: tuple[int, int], stride: int) -> tuple[int, int]:

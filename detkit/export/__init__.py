@@ -1,0 +1,206 @@
+"""Export a detector's whole inference path to ONNX or TorchScript.
+
+The exported graph takes one image, ``uint8 [3, H, W]`` RGB (channels first,
+any height and width), and returns ``boxes float32 [K, 4]`` (x1, y1, x2, y2 in
+the image's own pixels), ``scores float32 [K]`` and ``labels int64 [K]``
+(0..C-1), best first: the same detections as ``model.predict([image])``.
+Resizing, normalisation, proposals, the RoI head, box decoding and per-class
+NMS are all inside the graph.
+
+:class:`ExportableDetector` composes the detector's own pieces (``forward``
+and ``detections``); only the resize is new code, because ``predict``'s
+resizers (PIL, torch's uint8 kernel) do not trace: :mod:`detkit.export.resize`
+reproduces them exactly with tensor operations.  The graph is recorded by
+tracing, so every size inside it is computed by tensor operations and stays
+dynamic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from detkit.errors import DetkitError
+from detkit.export.resize import resize_uint8
+
+Format = Literal["onnx", "torchscript"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+OPSET = 17
+INPUT_NAMES = ["image"]
+OUTPUT_NAMES = ["boxes", "scores", "labels"]
+
+
+class ExportError(DetkitError):
+    """The model cannot be exported as asked (format, missing package, untraceable model)."""
+
+
+def resized_size(
+    height: Tensor, width: Tensor, min_size: int, max_size: int | None, rounding: str = "round"
+) -> tuple[Tensor, Tensor]:
+    """:func:`detkit.data.transforms.resize_shape` on 0-d int64 sizes, in tensor arithmetic.
+
+    The same IEEE operations in float64 (``round``, ``floor``: Python floats
+    are doubles; ``torch.round`` rounds half to even as ``round`` does) or
+    integer floor division (``truncate``), so a traced graph gives the sizes
+    ``predict`` uses for every image.
+    """
+    short, long = torch.minimum(height, width), torch.maximum(height, width)
+    if rounding == "truncate":
+        num, den = torch.full_like(short, min_size), short
+        if max_size is not None:
+            capped = long * min_size > max_size * short
+            num = torch.where(capped, torch.full_like(long, max_size), num)
+            den = torch.where(capped, long, den)
+        new_h, new_w = height * num // den, width * num // den
+    else:
+        h, w = height.to(torch.float64), width.to(torch.float64)
+        scale = min_size / short.to(torch.float64)
+        if max_size is not None:
+            longf = long.to(torch.float64)
+            scale = torch.where(longf * scale > max_size, max_size / longf, scale)
+        step = torch.floor if rounding == "floor" else torch.round
+        if rounding not in ("floor", "round"):
+            raise ExportError(f"preprocess.rounding {rounding!r} is not exportable")
+        new_h, new_w = step(h * scale).to(torch.int64), step(w * scale).to(torch.int64)
+    return new_h.clamp(min=1), new_w.clamp(min=1)
+
+
+class ExportableDetector(nn.Module):
+    """``image uint8 [3, H, W]`` -> ``(boxes [K, 4], scores [K], labels [K])``, traceable.
+
+    Wraps a detector that has ``preprocess`` (min_size, max_size, resample,
+    backend), the multi-mode ``forward`` and ``detections`` (the batched,
+    flat post-processing that ``predict`` splits per image).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for attr in ("preprocess", "detections"):
+            if not hasattr(model, attr):
+                raise ExportError(f"{type(model).__name__} cannot be exported: it has no `{attr}`")
+        self.model = model.eval()
+        p = model.preprocess
+        self.min_size, self.max_size = int(p.min_size), p.max_size
+        self.resample, self.backend = p.resample, p.backend
+        self.rounding = p.rounding
+        unsupported = []
+        if p.backend == "torch" and not p.antialias:
+            unsupported.append("preprocess.antialias: false (only the antialiased resize is exportable)")
+        if p.size_divisible != 1:
+            unsupported.append("preprocess.size_divisible > 1")
+        if unsupported:
+            raise ExportError(f"{type(model).__name__} cannot be exported with " + "; ".join(unsupported))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        height, width = _dim(image, -2), _dim(image, -1)
+        new_h, new_w = resized_size(height, width, self.min_size, self.max_size, self.rounding)
+        x = resize_uint8(image, new_h, new_w, self.resample, self.backend) / 255.0
+        x = x.unsqueeze(0)
+        image_sizes = torch.stack((new_h, new_w)).unsqueeze(0)
+        orig_sizes = torch.stack((height, width)).unsqueeze(0).to(torch.float32)
+        roi_cls_locs, roi_scores, rois, roi_indices = self.model(x, image_sizes=image_sizes, scale=1.0)
+        boxes, scores, labels, _ = self.model.detections(
+            roi_cls_locs, roi_scores, rois, roi_indices, image_sizes, orig_sizes, 1
+        )
+        return boxes, scores, labels
+
+
+def _dim(image: Tensor, dim: int) -> Tensor:
+    size = image.shape[dim]
+    return size if isinstance(size, Tensor) else torch.tensor(size, dtype=torch.int64)
+
+
+def example_image(height: int = 96, width: int = 128, seed: int = 0) -> Tensor:
+    """A blocky random uint8 image for tracing (blocks give a varied, realistic-ish trace)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (3, max(height // 8, 1), max(width // 8, 1)), generator=g, dtype=torch.uint8)
+    return torch.nn.functional.interpolate(small[None].float(), size=(height, width), mode="nearest")[0].to(
+        torch.uint8
+    )
+
+
+def export_model(
+    model: nn.Module, out: str | Path, format: Format = "onnx", example: Tensor | None = None, opset: int = OPSET
+) -> Path:
+    """Trace ``model``'s inference path and write it to ``out`` (written to a temporary file, then renamed)."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    wrapper = ExportableDetector(model).eval()
+    example = example_image() if example is None else example
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns about every Python value it records; the graph is checked by the tests.
+            warnings.simplefilter("ignore")
+            if format == "torchscript":
+                traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+                torch.jit.save(traced, str(tmp))
+            else:
+                _require_onnx()
+                torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=INPUT_NAMES,
+                    output_names=OUTPUT_NAMES,
+                    dynamic_axes={
+                        "image": {1: "height", 2: "width"},
+                        "boxes": {0: "detections"},
+                        "scores": {0: "detections"},
+                        "labels": {0: "detections"},
+                    },
+                )
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(
+            'ONNX export needs the `onnx` package: pip install -e ".[export]" (or pip install onnx onnxruntime)'
+        ) from exc
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, format: Format = "onnx") -> Path:
+    """Load a detkit checkpoint and export its detector (see :func:`export_model`)."""
+    from detkit.engine.checkpoint import load_detector
+
+    model, _ = load_detector(checkpoint)
+    return export_model(model, out, format)
+
+
+def load_exported(path: str | Path, **options: Any):
+    """A callable ``image uint8 [3, H, W] -> (boxes, scores, labels)`` for an exported file (numpy for ONNX)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], **options)
+
+        def run(image):
+            import numpy as np
+
+            return tuple(session.run(None, {"image": np.asarray(image, dtype=np.uint8)}))
+
+        return run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the TorchScript loader
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    def run_torchscript(image):
+        with torch.inference_mode():
+            return tuple(module(torch.as_tensor(image)))
+
+    return run_torchscript
