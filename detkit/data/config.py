@@ -42,6 +42,11 @@ class DataConfig(BaseModel):
     batch_size: int = Field(1, gt=0)
     num_workers: int = Field(0, ge=0)
     size_divisor: int = Field(
-        0, ge=0, description="pad batches up to a multiple of this (e.g. the backbone stride); 0 = none"
+        32, ge=0,
+        description="pad batches up to a multiple of this (a multiple of the backbone stride): few batch "
+        "shapes, so cudnn.benchmark tunes each once; 0 = pad to the largest image only",
+    )
+    group_by_aspect: bool = Field(
+        True, description="batch training images of similar aspect ratio together (less padding)"
     )
     transforms: TransformConfig = TransformConfig()

@@ -6,11 +6,25 @@ from a generator seeded by ``(seed, epoch)``, and yields ``(index, seed)``
 pairs.  :class:`TransformedDataset` seeds the sample's transform with it.  So
 an epoch's batches and augmentations depend on the seed and the epoch only,
 not on the number of workers or on which worker loads a sample.
+
+Throughput (issue 8):
+
+* **Aspect-ratio groups.**  With ``group_ids`` the sampler reorders each
+  epoch's permutation so that every run of ``batch_size`` consecutive samples
+  comes from one group (images of similar aspect ratio, as in torchvision's
+  detection references), so padded batches waste few pixels.  The leftovers
+  of all groups end the epoch, mixed.  The number of batches is unchanged.
+* **Small, uint8 batches.**  Workers (each runs one torch thread, as
+  ``DataLoader`` sets it) send images as uint8, padded to ``size_divisor``
+  (32 by default: a handful of batch shapes, so ``cudnn.benchmark`` tunes
+  each once); :meth:`Batch.to` makes them float32 on the device.
+* **Prefetch to the device.**  :class:`DevicePrefetcher` copies the next
+  batch from pinned memory on a side CUDA stream while the current one trains.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -73,16 +87,33 @@ class EpochSampler(Sampler):
     :meth:`set_epoch` when resuming.  With ``num_replicas > 1`` each rank gets
     every ``num_replicas``-th sample of the same permutation, padded by
     wrapping around so all ranks take the same number of steps.
+
+    ``group_ids`` (one int per sample) with ``batch_size > 1``: each rank's
+    samples are reordered so that every ``batch_size`` consecutive ones share
+    a group (see :func:`group_in_batches`).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        group_ids: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+        if group_ids is not None and len(group_ids) != size:
+            raise ValueError(f"{len(group_ids)} group ids for {size} samples")
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.group_ids = list(group_ids) if group_ids is not None else None
+        self.batch_size = batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -100,8 +131,53 @@ class EpochSampler(Sampler):
         total = len(self) * self.num_replicas
         if total > self.size and self.size > 0:
             order = torch.cat((order, order[: total - self.size]))
-        mine = order[self.rank :: self.num_replicas]
-        return iter(zip(mine.tolist(), seeds[mine].tolist()))
+        mine = order[self.rank :: self.num_replicas].tolist()
+        if self.group_ids is not None and self.batch_size > 1:
+            mine = group_in_batches(mine, [self.group_ids[i] for i in mine], self.batch_size)
+        return iter(zip(mine, seeds[mine].tolist()))
+
+
+def group_in_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[int]:
+    """``indices`` reordered so that each full run of ``batch_size`` shares one group.
+
+    Streams through ``indices`` in order, filling one bucket per group and
+    emitting a bucket when it holds ``batch_size``; the partly filled buckets
+    follow at the end, in order of their first sample.  The same items, the
+    same count: ``ceil(len / batch_size)`` batches, as without grouping.
+    """
+    buckets: dict[int, list[int]] = {}
+    out: list[int] = []
+    for index, group in zip(indices, groups):
+        bucket = buckets.setdefault(group, [])
+        bucket.append(index)
+        if len(bucket) == batch_size:
+            out += bucket
+            del buckets[group]
+    for bucket in buckets.values():
+        out += bucket
+    return out
+
+
+# Aspect-ratio bins (height / width), log-spaced around 1 like torchvision's references.
+_ASPECT_BINS = [2 ** (k / 3) for k in range(-3, 4)]  # 0.5 .. 2.0
+
+
+def aspect_ratio_groups(dataset: Any) -> list[int] | None:
+    """A group id per sample from its image's height / width, or None where sizes are unknown.
+
+    Reads sizes from the data set's annotations (``annotation(i)``: VOC/COCO
+    headers, never pixels).  Bins are log-spaced from 1/2 to 2; a set whose
+    images all share one bin gives one group.
+    """
+    base = dataset.dataset if isinstance(dataset, TransformedDataset) else dataset
+    if not hasattr(base, "annotation"):
+        return None
+    groups = []
+    for i in range(len(base)):
+        (h, w), _ = base.annotation(i)
+        ratio = h / w if w else 1.0
+        groups.append(sum(ratio >= b for b in _ASPECT_BINS))
+    return groups
 
 
 def build_dataset(
@@ -143,17 +219,25 @@ def build_loader(
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
+    group_by_aspect: bool = True,
+    uint8: bool = True,
 ) -> DataLoader:
     """A DataLoader of :class:`~detkit.data.collate.Batch` es over ``dataset``.
 
     ``size_divisor`` defaults to the data set's own (set by :func:`build_dataset`).
     Workers persist across epochs; the sampler is ``loader.sampler``
-    (an :class:`EpochSampler`, with ``set_epoch``).
+    (an :class:`EpochSampler`, with ``set_epoch``).  ``group_by_aspect``
+    (shuffled loaders of a :class:`TransformedDataset`, batches of 2 or more)
+    batches images of similar aspect ratio together.  ``uint8`` ships images
+    as uint8 until :meth:`Batch.to`; ``pin_memory`` is for CUDA training.
     """
     if size_divisor is None:
         size_divisor = int(getattr(dataset, "size_divisor", 0))
     if isinstance(dataset, TransformedDataset):
-        sampler: Sampler = EpochSampler(len(dataset), shuffle, seed, num_replicas, rank)
+        groups = aspect_ratio_groups(dataset) if group_by_aspect and shuffle and batch_size > 1 else None
+        if groups is not None and len(set(groups)) < 2:
+            groups = None  # one shape class: grouping would change nothing
+        sampler: Sampler = EpochSampler(len(dataset), shuffle, seed, num_replicas, rank, groups, batch_size)
     else:
         # A plain data set takes int indices: shuffle with a seeded generator.
         g = torch.Generator()
@@ -170,9 +254,66 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=Collate(size_divisor),
+        collate_fn=Collate(size_divisor, uint8=uint8),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=loader_gen,
     )
+
+
+class DevicePrefetcher:
+    """Iterates ``batches`` already on ``device``, the next one copied while the current one trains.
+
+    On CUDA the copy runs on a side stream from pinned memory
+    (``non_blocking``), and each batch is handed over with a stream wait (no
+    host synchronisation) and ``record_stream`` so the allocator keeps its
+    memory until the compute stream is done with it.  On other devices it is
+    a plain ``batch.to(device)``.  Works for anything with ``.to(device,
+    non_blocking=...)``.
+    """
+
+    def __init__(self, batches: Iterable[Any], device: torch.device | str):
+        self.device = torch.device(device)
+        self.iterator = iter(batches)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._next: Any = None
+        self._done = False
+        self._preload()
+
+    def _preload(self) -> None:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self._next, self._done = None, True
+            return
+        if self.stream is None:
+            self._next = batch.to(self.device)
+            return
+        with torch.cuda.stream(self.stream):
+            self._next = batch.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        batch = self._next
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in _tensors(batch):
+                t.record_stream(current)
+        self._preload()
+        return batch
+
+
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    values = vars(batch).values() if hasattr(batch, "__dict__") else batch
+    for v in values:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, Tensor))

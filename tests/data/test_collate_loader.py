@@ -106,3 +106,87 @@ def test_plain_dataset_loader(tiny_synth):
     batches = list(loader)
     assert len(batches) == 1 and batches[0].image_ids[0] == "train_000000"
     assert batches[0].scales.tolist() == [1.0] * 4 and batches[0].orig_sizes[0].tolist() == [64, 80]
+
+
+# ------------------------------------------------------------ throughput (issue 8)
+def test_group_in_batches_keeps_items_and_count_and_groups_full_batches():
+    from detkit.data.loader import group_in_batches
+
+    indices = list(range(11))
+    groups = [0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1]
+    out = group_in_batches(indices, groups, 3)
+    assert sorted(out) == indices
+    full = [out[k : k + 3] for k in range(0, 9, 3)]
+    assert all(len({groups[i] for i in b}) == 1 for b in full)
+    assert full[0] == [1, 3, 4]  # group 1 fills first, in stream order
+    assert out[9:] == [7, 8]  # the unfilled bucket ends the epoch
+
+
+class _Shaped(torch.utils.data.Dataset):
+    """Images of two aspect ratios (landscape 16x32, portrait 32x16), alternating."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.classes = ["x"]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def size(self, i: int) -> tuple[int, int]:
+        return (16, 32) if i % 2 == 0 else (32, 16)
+
+    def annotation(self, i: int):
+        return self.size(i), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+    def __getitem__(self, i: int):
+        h, w = self.size(i)
+        return torch.rand(3, h, w), {**self.annotation(i)[1], "image_id": str(i)}
+
+
+def _shaped_loader(group_by_aspect: bool, **kw):
+    from detkit.data.config import TransformConfig
+    from detkit.data.transforms import build_transform
+
+    ds = TransformedDataset(_Shaped(12), build_transform(TransformConfig(min_size=16, max_size=32, hflip=0.0), True),
+                            seed=1, size_divisor=32)
+    return build_loader(ds, batch_size=2, shuffle=True, seed=3, group_by_aspect=group_by_aspect, **kw)
+
+
+def test_grouped_batches_share_an_aspect_ratio_and_pad_less():
+    grouped, plain = _shaped_loader(True), _shaped_loader(False)
+    for epoch in range(2):
+        grouped.sampler.set_epoch(epoch)
+        plain.sampler.set_epoch(epoch)
+        g_batches, p_batches = list(grouped), list(plain)
+        assert len(g_batches) == len(p_batches) == len(grouped) == 6
+        assert sorted(i for b in g_batches for i in b.image_ids) == sorted(i for b in p_batches for i in b.image_ids)
+        assert all(len({tuple(s) for s in b.image_sizes.tolist()}) == 1 for b in g_batches)
+        assert all(tuple(b.images.shape[-2:]) in ((32, 32),) for b in g_batches)  # divisor 32 rounds 16 up
+        mixed = [b for b in p_batches if len({tuple(s) for s in b.image_sizes.tolist()}) > 1]
+        assert mixed, "the ungrouped control should mix shapes (seeded)"
+
+
+def test_default_size_divisor_pads_to_32():
+    assert DataConfig.model_validate({"train": {"type": "synthetic"}}).size_divisor == 32
+    images, _ = pad_images([torch.rand(3, 33, 40)], size_divisor=32)
+    assert images.shape == (1, 3, 64, 64)
+
+
+def test_uint8_batches_become_float_on_the_device():
+    samples = [(torch.rand(3, 6, 8), _target(1)), (torch.rand(3, 5, 8), _target(2))]
+    as_float = Collate(size_divisor=8)(samples)
+    as_uint8 = Collate(size_divisor=8, uint8=True)(samples)
+    assert as_uint8.images.dtype == torch.uint8 and as_uint8.images.shape == as_float.images.shape
+    moved = as_uint8.to("cpu")
+    assert moved.images.dtype == torch.float32
+    assert (moved.images - as_float.images).abs().max() <= 0.5 / 255 + 1e-6  # rounded, not truncated
+
+
+def test_device_prefetcher_yields_every_batch_on_the_device(data_cfg):
+    from detkit.data.loader import DevicePrefetcher
+
+    loader = build_loader(build_dataset(data_cfg, "train"), batch_size=2, shuffle=False)
+    expected = [b.image_ids for b in loader]
+    got = list(DevicePrefetcher(loader, "cpu"))
+    assert [b.image_ids for b in got] == expected
+    assert all(b.images.dtype == torch.float32 for b in got)

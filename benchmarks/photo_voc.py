@@ -1,0 +1,85 @@
+"""Photo-like JPEGs in VOC layout, for the loader and train-loop benchmarks.
+
+There are no real photograph data sets on the machines these benchmarks ran
+on, and nothing can be downloaded.  These images are generated to cost what
+photographs cost to decode and resize: smooth colour fields plus
+multi-octave value noise, a few textured objects and sensor-like pixel
+noise, saved as quality-90 4:2:0 JPEGs (about 2 bits per pixel, like the
+real JPEGs found on the machine: matplotlib's ``grace_hopper.jpg`` has 1.6,
+a 720x477 photo in the Rust docs 2.35).  They are not photographs: decoding
+speed depends on the entropy of the DCT coefficients, which these match
+only roughly.  Sizes vary like PASCAL VOC's (landscape and portrait,
+333-500 x 500 px).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from detkit.data.export import voc_xml
+
+CLASSES = ["a", "b", "c", "d"]
+# (height, width) of VOC-like images: mostly landscape, some portrait.
+SIZES = [(375, 500), (333, 500), (500, 375), (500, 333), (375, 500), (281, 500), (500, 500), (400, 500)]
+
+
+def _noise(g: torch.Generator, h: int, w: int, cells: int) -> torch.Tensor:
+    """Smooth value noise: a random ``cells``-grid upsampled bicubically."""
+    grid = torch.rand(1, 3, cells, max(2, cells * w // h), generator=g)
+    return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)[0]
+
+
+def photo_like(g: torch.Generator, h: int, w: int) -> tuple[np.ndarray, list[list[float]], list[int]]:
+    """An ``[H, W, 3]`` uint8 image, its boxes (xyxy) and labels."""
+    img = 0.5 * _noise(g, h, w, 3)
+    for cells, amp in ((8, 0.25), (24, 0.12), (64, 0.07), (160, 0.04)):
+        img += amp * (_noise(g, h, w, cells) - 0.5)
+    boxes, labels = [], []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        bw, bh = (int(v) for v in torch.randint(40, min(h, w) // 2, (2,), generator=g))
+        x, y = int(torch.randint(0, w - bw, (1,), generator=g)), int(torch.randint(0, h - bh, (1,), generator=g))
+        texture = 0.6 * torch.rand(3, 1, 1, generator=g) + 0.3 * (_noise(g, bh, bw, 12) - 0.5)
+        img[:, y : y + bh, x : x + bw] = texture
+        boxes.append([x, y, x + bw, y + bh])
+        labels.append(int(torch.randint(0, len(CLASSES), (1,), generator=g)))
+    img += 0.03 * torch.randn(img.shape, generator=g)
+    arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(arr), boxes, labels
+
+
+def make_photo_voc(root: str | Path, num_images: int, seed: int = 0, split: str = "train") -> Path:
+    """Write ``num_images`` photo-like JPEGs with VOC annotations under ``root``; returns ``root``."""
+    root = Path(root)
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    ids = []
+    for i in range(num_images):
+        h, w = rnd.choice(SIZES)
+        arr, boxes, labels = photo_like(g, h, w)
+        image_id = f"{split}_{i:06d}"
+        Image.fromarray(arr, "RGB").save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        n = len(boxes)
+        voc_xml(image_id, f"{image_id}.jpg", (h, w), torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+                torch.tensor(labels), torch.zeros(n, dtype=torch.bool), CLASSES).write(
+            root / "Annotations" / f"{image_id}.xml", encoding="unicode")
+        ids.append(image_id)
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def bits_per_pixel(root: str | Path) -> float:
+    files = list((Path(root) / "JPEGImages").glob("*.jpg"))
+    bits = sum(f.stat().st_size for f in files) * 8
+    pixels = 0
+    for f in files:
+        with Image.open(f) as im:
+            pixels += im.size[0] * im.size[1]
+    return bits / max(pixels, 1)
