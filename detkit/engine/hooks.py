@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict
 
 from detkit.engine.config import EMAConfig
 from detkit.engine.evaluate import evaluate, metrics_table
-from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses
+from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
 from detkit.errors import ConfigError, DetkitError
 
 if TYPE_CHECKING:
@@ -145,6 +145,9 @@ class MetricsFileHook(HookBase):
 
     def before_train(self) -> None:
         if self.loop.is_main:
+            # Records after the step this run starts from (a resume) are trained again; a
+            # torn last line from a crash would swallow the next record. Both go first.
+            trim_metrics(self.loop.run_dir / "metrics.jsonl", self.loop.step)
             self.writer = MetricsWriter(self.loop.run_dir / "metrics.jsonl", tensorboard=self.loop.cfg.train.tensorboard)
 
     def on_record(self, record: dict[str, Any]) -> None:

@@ -73,11 +73,56 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, warn: bool = True) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a line that does not parse is skipped with a warning.
+
+    A crash (``kill -9``, a full disk) in the middle of a write leaves a torn
+    last line; it must not turn the rest of the file, or a finished run's
+    summary, into a traceback.
+    """
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(n)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(n)
+    if bad and warn:
+        import warnings
+
+        lines = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{path}: skipped unparsable line(s) {lines} (a write cut short by a crash?)", stacklevel=2)
+    return records
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the records up to ``step`` (and unparsable lines out); returns how many were dropped.
+
+    A run resumed from a checkpoint of step ``step`` trains the later steps
+    again: their old records (and a torn last line) go, so the file holds
+    each step once.  Rewritten atomically; untouched when nothing is dropped.
+    """
+    from detkit.io import atomic_write_text
+
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [line for line in fh if line.strip()]
+    records = read_metrics(path, warn=False)
+    keep = [r for r in records if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+    dropped = len(lines) - len(keep)
+    if dropped:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return dropped
 
 
 class _ProgressWithInfo(Progress):

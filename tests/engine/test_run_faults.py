@@ -1,0 +1,75 @@
+"""Issue 9: faults around a training run (torn metrics, run directories, SIGTERM, divergence)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from detkit.config import load_config
+from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.logging import read_metrics, trim_metrics
+from detkit.engine.train import train
+
+TINY = """
+name: tiny
+model:
+  type: faster_rcnn
+  backbone: {type: tiny, channels: [8, 8, 8, 16], tail_features: 16}
+  rpn:
+    type: rpn
+    mid_channels: 8
+    anchor: {scales: [1, 2, 4], offset: 0.5}
+    proposal: {train_pre_nms: 100, train_post_nms: 16, test_pre_nms: 100, test_post_nms: 8, min_size: 2}
+  roi_head: {type: roi_head, pool: roi_pool}
+  preprocess: {min_size: 64, max_size: 64}
+data:
+  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
+  batch_size: 4
+  transforms: {min_size: 64, max_size: 64}
+train:
+  epochs: 1
+  trainer:
+    type: faster_rcnn_trainer
+    anchor_target: {type: anchor_target, n_sample: 16}
+    proposal_target: {type: proposal_target, n_sample: 8}
+  optimizer: {type: sgd, lr: 0.01}
+  log_interval: 1
+eval: {interval: 0}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def steps(run_dir: Path, kind: str = "train") -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
+
+
+# ----------------------------------------------------------------- case 2
+def test_read_metrics_skips_a_torn_line_with_a_warning(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "tra')
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: skipped unparsable line\(s\) 3"):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert trim_metrics(path, 1) == 2  # step 2 and the torn line
+    assert path.read_text() == '{"type": "train", "step": 1}\n'
+
+
+def test_resume_drops_records_after_the_checkpoint_and_a_torn_line(tiny_config, tmp_path):
+    run_dir = train(load_config(tiny_config), out_dir=tmp_path / "run")
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 2
+    # What a kill -9 during step 4 of a longer run leaves: steps 3-4 logged past the
+    # checkpoint, and half a line.
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        for step in (3, 4):
+            fh.write(json.dumps({"type": "train", "epoch": 1, "step": step, "total": 1.0}) + "\n")
+        fh.write('{"type": "train", "epoch": 1, "st')
+    train(load_config(tiny_config, ["train.epochs=2"]), out_dir=run_dir, resume=run_dir / "last.pt")
+    assert steps(run_dir) == [1, 2, 3, 4]  # each step once, nothing torn
+    assert (run_dir / "losses.png").exists()
