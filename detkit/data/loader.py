@@ -50,6 +50,7 @@ class TransformedDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.size_divisor = size_divisor
+        self.group_by_aspect = True  # batch similar aspect ratios together (build_loader's default)
 
     @property
     def classes(self) -> list[str]:
@@ -204,7 +205,9 @@ def build_dataset(
     dataset = registry("dataset").build(spec)
     train = (split == "train") if augment is None else augment
     transform = build_transform(data_cfg.transforms, train=train)
-    return TransformedDataset(dataset, transform, seed=seed, size_divisor=data_cfg.size_divisor)
+    out = TransformedDataset(dataset, transform, seed=seed, size_divisor=data_cfg.size_divisor)
+    out.group_by_aspect = data_cfg.group_by_aspect
+    return out
 
 
 def build_loader(
@@ -219,7 +222,7 @@ def build_loader(
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
-    group_by_aspect: bool = True,
+    group_by_aspect: bool | None = None,
     uint8: bool = True,
 ) -> DataLoader:
     """A DataLoader of :class:`~detkit.data.collate.Batch` es over ``dataset``.
@@ -227,12 +230,14 @@ def build_loader(
     ``size_divisor`` defaults to the data set's own (set by :func:`build_dataset`).
     Workers persist across epochs; the sampler is ``loader.sampler``
     (an :class:`EpochSampler`, with ``set_epoch``).  ``group_by_aspect``
-    (shuffled loaders of a :class:`TransformedDataset`, batches of 2 or more)
+    (default: the data set's, set from ``data.group_by_aspect``; shuffled loaders of a :class:`TransformedDataset`, batches of 2 or more)
     batches images of similar aspect ratio together.  ``uint8`` ships images
     as uint8 until :meth:`Batch.to`; ``pin_memory`` is for CUDA training.
     """
     if size_divisor is None:
         size_divisor = int(getattr(dataset, "size_divisor", 0))
+    if group_by_aspect is None:
+        group_by_aspect = bool(getattr(dataset, "group_by_aspect", True))
     if isinstance(dataset, TransformedDataset):
         groups = aspect_ratio_groups(dataset) if group_by_aspect and shuffle and batch_size > 1 else None
         if groups is not None and len(set(groups)) < 2:
