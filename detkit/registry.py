@@ -43,6 +43,9 @@ KINDS: tuple[str, ...] = (
     "dataset",
     "evaluator",
     "hook",
+    "optimizer",
+    "lr_scheduler",
+    "transform",
 )
 
 

@@ -9,28 +9,48 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from detkit.registry import Component, ComponentSpec, EvaluatorSpec, TrainerSpec
 
 HookSpec = Annotated[ComponentSpec, Component("hook")]
+OptimizerSpec = Annotated[ComponentSpec, Component("optimizer")]
+LRSchedulerSpec = Annotated[ComponentSpec, Component("lr_scheduler")]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OptimizerConfig(_Strict):
-    type: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+# Before optimizers and schedules were plugins, one model held every type's
+# fields and ignored those that did not apply.  Such a field is dropped with a
+# warning, so existing configs keep working.
+_LEGACY_FIELDS = {
+    "optimizer": ({"sgd", "adam", "adamw"}, {"momentum", "betas"}),
+    "scheduler": ({"step", "cosine", "constant"}, {"milestones", "gamma", "min_lr_ratio"}),
+}
 
 
-class SchedulerConfig(_Strict):
-    type: Literal["step", "cosine", "constant"] = "step"
-    milestones: list[int] = Field(default_factory=list, description="epochs at which 'step' multiplies lr by gamma")
-    gamma: float = Field(0.1, gt=0)
-    warmup_iters: int = Field(0, ge=0)
-    warmup_factor: float = Field(0.001, gt=0, le=1)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a share of lr")
+def _drop_legacy_fields(section: str, value: object) -> object:
+    import warnings
 
+    from detkit.registry import registry
+
+    builtins, legacy = _LEGACY_FIELDS[section]
+    if not isinstance(value, dict) or value.get("type", _DEFAULT_TYPES[section]) not in builtins:
+        return value
+    name = value.get("type", _DEFAULT_TYPES[section])
+    kind = "optimizer" if section == "optimizer" else "lr_scheduler"
+    try:
+        accepted = set(registry(kind).get(name).params.model_fields)
+    except Exception:  # an unknown or broken plugin: let validation report it
+        return value
+    unused = sorted(k for k in value if k in legacy and k not in accepted)
+    if not unused:
+        return value
+    warnings.warn(
+        f"train.{section}: {', '.join(unused)} does not apply to '{name}' and is ignored; "
+        "remove it from the config", UserWarning, stacklevel=2,
+    )
+    return {k: v for k, v in value.items() if k not in unused}
+
+
+_DEFAULT_TYPES = {"optimizer": "sgd", "scheduler": "step"}
 
 class EMAConfig(_Strict):
     """``train.ema``: an exponential moving average of the weights (see detkit.engine.hooks.EMAHook)."""
@@ -54,8 +74,14 @@ class TrainConfig(_Strict):
         default_factory=lambda: {"type": "faster_rcnn_trainer"}, validate_default=True
     )
     epochs: int = Field(14, gt=0)
-    optimizer: OptimizerConfig = OptimizerConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: {"type": "sgd"}, validate_default=True,
+        description="an optimizer plugin: sgd, adam, adamw, or a detkit.optimizer entry point",
+    )
+    scheduler: LRSchedulerSpec = Field(
+        default_factory=lambda: {"type": "step"}, validate_default=True,
+        description="an lr_scheduler plugin (stepped per optimizer step): step, cosine, constant, ...",
+    )
     amp: bool = Field(False, description="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step (gradient accumulation): an effective "
@@ -86,6 +112,16 @@ class TrainConfig(_Strict):
     hooks: list[HookSpec] = Field(
         default_factory=list, description="extra training hooks from plugins: [{type: name, ...params}]"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_optimizer_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            data = dict(data)
+            for section in _LEGACY_FIELDS:
+                if section in data:
+                    data[section] = _drop_legacy_fields(section, data[section])
+        return data
 
 
 class EvalConfig(_Strict):

@@ -1,17 +1,38 @@
-"""Optimizers and per-iteration learning-rate schedules from the config."""
+"""Optimizers and per-iteration learning-rate schedules: the built-in ``optimizer`` and
+``lr_scheduler`` plugins.
+
+Both are plugin kinds like any component (entry-point groups ``detkit.optimizer``
+and ``detkit.lr_scheduler``; config ``train.optimizer`` / ``train.scheduler`` as
+``{type: name, ...params}``).
+
+- An **optimizer** factory is called with its params and ``model`` (the
+  detector) and returns a ``torch.optim.Optimizer``.  The built-ins ``sgd``,
+  ``adam`` and ``adamw`` put weights in a group with ``weight_decay`` and
+  biases/normalisation parameters in one without.
+- An **lr_scheduler** factory is called with its params, ``optimizer`` and
+  ``epoch_steps`` (optimizer steps in each epoch; epochs may differ in length,
+  as in a frozen-backbone phase with its own batch size) and returns a
+  ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps once per
+  optimizer step.  The built-ins ``step``, ``cosine`` and ``constant`` share a
+  linear warm-up (``warmup_iters``, ``warmup_factor``).
+"""
 
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from detkit.engine.config import OptimizerConfig, SchedulerConfig
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
+# ------------------------------------------------------------------ optimizers
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights decay; biases and normalisation parameters do not (they only shift/scale)."""
     decay, no_decay, seen = [], [], set()
@@ -26,39 +47,140 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.type == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.type == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+class SGDParams(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, description="on weights only, not on biases and norms")
 
 
-def lr_factor(cfg: SchedulerConfig, it: int, epoch_starts: Sequence[int], total_iters: int) -> float:
-    """Multiplier of the base learning rate at iteration ``it`` (0-based).
-
-    ``epoch_starts[e]`` is the first iteration of epoch ``e``: epochs may have
-    different lengths (a frozen-backbone phase with its own batch size).
-    """
-    if cfg.type == "step":
-        epoch = bisect.bisect_right(epoch_starts, it) - 1
-        factor = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    elif cfg.type == "cosine":
-        progress = min(it / max(total_iters, 1), 1.0)
-        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    else:
-        factor = 1.0
-    if it < cfg.warmup_iters:
-        alpha = it / cfg.warmup_iters
-        factor *= cfg.warmup_factor * (1 - alpha) + alpha
-    return factor
+class AdamParams(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(5e-4, ge=0, description="on weights only, not on biases and norms")
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epoch_iters: Sequence[int]
+def sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum (Faster R-CNN's optimizer)."""
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def adam(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam; its weight decay is an L2 term in the gradient."""
+    return torch.optim.Adam(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+def adamw(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW: decoupled weight decay (Loshchilov & Hutter)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+sgd.Params = SGDParams  # type: ignore[attr-defined]
+adam.Params = AdamParams  # type: ignore[attr-defined]
+adamw.Params = AdamParams  # type: ignore[attr-defined]
+
+
+def build_optimizer(model: nn.Module, spec: Any) -> torch.optim.Optimizer:
+    """The ``train.optimizer`` component for ``model``."""
+    from detkit.registry import registry
+
+    optimizer = registry("optimizer").build(spec, model=model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer plugin '{getattr(spec, 'type', spec)}' returned a {type(optimizer).__name__}, "
+                        "not a torch.optim.Optimizer")
+    return optimizer
+
+
+# ----------------------------------------------------------- LR schedules
+class _Warmup(_Strict):
+    warmup_iters: int = Field(0, ge=0, description="steps of linear warm-up from warmup_factor x lr")
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+
+
+class StepParams(_Warmup):
+    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+
+
+class CosineParams(_Warmup):
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a share of lr")
+
+
+class ConstantParams(_Warmup):
+    pass
+
+
+def warmup_multiplier(it: int, warmup_iters: int, factor: float) -> float:
+    """Linear warm-up from ``factor`` to 1 over the first ``warmup_iters`` steps."""
+    if it >= warmup_iters:
+        return 1.0
+    alpha = it / warmup_iters
+    return factor * (1 - alpha) + alpha
+
+
+def _lambda_scheduler(
+    optimizer: torch.optim.Optimizer, curve: Callable[[int], float], warmup_iters: int, warmup: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler stepped once per iteration; ``epoch_iters`` are the epochs' lengths."""
-    starts = [sum(epoch_iters[:e]) for e in range(len(epoch_iters))]
-    total = sum(epoch_iters)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, starts, total))
+    # A plain function (not a callable object): LambdaLR's state_dict then stores
+    # nothing of it, and checkpoints stay loadable with weights_only=True.
+    def factor(it: int) -> float:
+        return curve(it) * warmup_multiplier(it, warmup_iters, warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _starts(epoch_steps: Sequence[int]) -> list[int]:
+    return [sum(epoch_steps[:e]) for e in range(len(epoch_steps))]
+
+
+def step_schedule(
+    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], milestones: list[int], gamma: float,
+    warmup_iters: int, warmup_factor: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x gamma at each milestone epoch (counted in epochs, whatever their lengths)."""
+    starts = _starts(epoch_steps)
+
+    def curve(it: int) -> float:
+        epoch = bisect.bisect_right(starts, it) - 1
+        return gamma ** sum(epoch >= m for m in milestones)
+
+    return _lambda_scheduler(optimizer, curve, warmup_iters, warmup_factor)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], min_lr_ratio: float,
+    warmup_iters: int, warmup_factor: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Half a cosine from lr to ``min_lr_ratio`` x lr over the whole run."""
+    total = max(sum(epoch_steps), 1)
+
+    def curve(it: int) -> float:
+        progress = min(it / total, 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return _lambda_scheduler(optimizer, curve, warmup_iters, warmup_factor)
+
+
+def constant_schedule(
+    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], warmup_iters: int, warmup_factor: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured lr throughout (after the warm-up)."""
+    return _lambda_scheduler(optimizer, lambda it: 1.0, warmup_iters, warmup_factor)
+
+
+step_schedule.Params = StepParams  # type: ignore[attr-defined]
+cosine_schedule.Params = CosineParams  # type: ignore[attr-defined]
+constant_schedule.Params = ConstantParams  # type: ignore[attr-defined]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: Any, epoch_steps: Sequence[int]) -> Any:
+    """The ``train.scheduler`` component, stepped once per optimizer step."""
+    from detkit.registry import registry
+
+    return registry("lr_scheduler").build(spec, optimizer=optimizer, epoch_steps=list(epoch_steps))
+
+
+def lr_factor(scheduler: Any, it: int) -> float:
+    """The multiplier of the base learning rate a LambdaLR scheduler gives at step ``it``."""
+    return scheduler.lr_lambdas[0](it)
