@@ -83,6 +83,14 @@ class TrainConfig(_Strict):
         description="an lr_scheduler plugin (stepped per optimizer step): step, cosine, constant, ...",
     )
     amp: bool = Field(False, description="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    cudnn_benchmark: bool = Field(
+        True, description="CUDA: let cuDNN time its convolution algorithms once per batch shape (data.size_divisor "
+        "keeps the shapes few)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the backbone and the RoI tail in place (CUDA; compiles once per batch "
+        "shape, so it pays only on long runs: see benchmarks/README.md)"
+    )
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step (gradient accumulation): an effective "
         "batch of data.batch_size x accumulate; steps, log and checkpoint intervals count optimizer steps"

@@ -16,7 +16,10 @@ progress and metrics, evaluation, checkpoints, the loss guard, EMA, plugin
 hooks) is a hook in :mod:`detkit.engine.hooks`, called in the documented order.
 
 Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``last.pt``,
-``best.pt``, ``losses.png``.
+``best.pt``, ``losses.png``.  It is created only once the config, the data
+and the model have been built; one that already holds checkpoints is refused
+unless the run resumes or ``overwrite`` is set; leftovers of a save that was
+killed mid-write (``.*.tmp``) are removed at the start.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
-from detkit.errors import CheckpointError, ConfigError, DetkitError
+from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError
+from detkit.io import stale_temporaries
 from detkit.registry import registry
 
 
@@ -60,6 +64,38 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
         raise ConfigError(
             f"train.out_dir: {cfg.train.out_dir!r} may only use the placeholder {{name}} ({exc})"
         ) from None
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml")
+
+
+def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
+    """Refuse to train a new run over one that holds checkpoints (unless resuming or overwriting)."""
+    if resume is not None or overwrite or not run_dir.is_dir():
+        return
+    held = sorted(p.name for p in run_dir.glob("*.pt"))
+    if held:
+        raise RunDirectoryError(
+            f"{run_dir}: already holds a run ({', '.join(held)}); continue it with --resume "
+            f"{run_dir / ('last.pt' if 'last.pt' in held else held[0])}, train into a new directory with "
+            "--out, or replace it with --overwrite"
+        )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
+    """Create the run directory; with ``overwrite`` remove the old run's files; drop stale temporaries."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    if overwrite:
+        for path in [*run_dir.glob("*.pt"), *(run_dir / n for n in RUN_FILES)]:
+            path.unlink(missing_ok=True)
+    stale = stale_temporaries(run_dir)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        _say(console, f"removed {len(stale)} unfinished temporary file(s) of an interrupted save from {run_dir}")
 
 
 def _say(console: Console, text: str) -> None:
@@ -217,6 +253,12 @@ class TrainLoop:
         self.optimizer = build_optimizer(self.model, tc.optimizer)
         self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer)
         self.trainer.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+        if tc.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay the same
+            for part in (self.model.extractor, getattr(self.model.head, "classifier", None)):
+                if isinstance(part, torch.nn.Module):
+                    part.compile()
         # The module the step's forward pass runs through: the trainer, or under
         # torchrun its DistributedDataParallel wrapper (set by DistributedHook).
         self.trainer_module: torch.nn.Module = self.trainer
@@ -246,7 +288,7 @@ class TrainLoop:
             self._loaders[batch_size] = build_loader(
                 self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
                 seed=tc.seed, drop_last=len(self.train_set) >= batch_size * world,
-                num_replicas=world, rank=self.dist.rank,
+                num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda",
             )
         loader = self._loaders[batch_size]
         loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
@@ -260,6 +302,8 @@ class TrainLoop:
 
     def batches(self, epoch: int, skip_steps: int = 0) -> Iterator[Any]:
         """This epoch's batches, after the first ``skip_steps`` optimizer steps' worth."""
+        from detkit.data.loader import DevicePrefetcher
+
         loader = self.loader_for(epoch)
         if skip_steps:
             # Resumed mid-epoch: the same epoch order, minus what was trained on.
@@ -268,7 +312,8 @@ class TrainLoop:
                                 sampler=_SkipSampler(loader.sampler, skip), num_workers=loader.num_workers,
                                 collate_fn=loader.collate_fn, drop_last=loader.drop_last,
                                 pin_memory=loader.pin_memory)
-        return iter(loader)
+        # The next batch is copied to the device (a side stream on CUDA) while this one trains.
+        return DevicePrefetcher(loader, self.device)
 
     def to_device(self, batch: Any) -> Any:
         """The one place a batch moves to the training device."""
@@ -444,6 +489,7 @@ def train(
     resume: Path | None = None,
     out_dir: Path | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train as ``cfg`` says; returns the run directory.
 
@@ -459,7 +505,7 @@ def train(
     console = console or Console(quiet=not dist_info.is_main)
     try:
         with peer_failures_exit_quietly(dist_info):
-            return _train(cfg, config_path, resume, out_dir, console, device, dist_info)
+            return _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
     finally:
         shutdown(dist_info)
 
@@ -472,18 +518,19 @@ def _train(
     console: Console,
     device: torch.device,
     dist_info: DistInfo,
+    overwrite: bool = False,
 ) -> Path:
     seed_everything(cfg.train.seed)
     run_dir = run_dir_for(cfg, config_path, out_dir)
-    try:
-        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-            run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    if dist_info.is_main:
+        check_run_dir(run_dir, resume, overwrite)
+    # Data, model and checkpoint are checked before anything is written: a failed
+    # start leaves no empty run directory behind.
     loop = TrainLoop(cfg, run_dir, console, device, dist_info)
     if resume is not None:
         loop.resume(resume)
-    if dist_info.is_main:
+    if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+        prepare_run_dir(run_dir, overwrite, console)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tc = cfg.train
     backbone = cfg.model.params.model_dump().get("backbone", {})
