@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated, Union
 
-from detkit.registry import DatasetSpec
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from detkit.registry import Component, ComponentSpec, DatasetSpec
+
+TransformSpec = Annotated[ComponentSpec, Component("transform")]
 
 
 class TransformConfig(BaseModel):
@@ -49,4 +53,10 @@ class DataConfig(BaseModel):
     group_by_aspect: bool = Field(
         True, description="batch training images of similar aspect ratio together (less padding)"
     )
-    transforms: TransformConfig = TransformConfig()
+    transforms: Annotated[
+        Union[Annotated[TransformConfig, Tag("settings")], Annotated[list[TransformSpec], Tag("steps")]],
+        Discriminator(lambda v: "steps" if isinstance(v, list) else "settings"),
+    ] = Field(
+        default_factory=TransformConfig,
+        description="the settings mapping, or a list of transform plugins: [{type: resize, ...}, {type: hflip}]",
+    )

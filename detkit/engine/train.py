@@ -37,7 +37,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Sampler
 
 from detkit.config import Config
-from detkit.data.transforms import resize_shape
+from detkit.data.transforms import build_transform
 from detkit.engine.amp import Amp
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
@@ -116,19 +116,18 @@ _PROBE_SIZES = ((375, 500), (500, 375))
 def _warn_if_predict_resizes_differently(model: Any, cfg: Config, console: Console) -> None:
     """Training sizes come from data.transforms, `predict` sizes from the detector's own
     preprocessing: a model trained at one size and used at another loses accuracy silently."""
-    t = cfg.data.transforms
-    if t.fixed_size is not None:
+    transform = build_transform(cfg.data.transforms, train=False)
+    if transform.fixed_size is not None:
         return
     for h, w in _PROBE_SIZES:
         theirs = model.predict_input_size(h, w)
         if theirs is None:
             return
-        ours = resize_shape(h, w, t.min_size, t.max_size)
+        ours = transform.output_size(h, w)
         if max(abs(ours[0] - theirs[0]), abs(ours[1] - theirs[1])) > 1:  # rounding may differ by 1 px
-            _say(console, f"warning: data.transforms (min_size {t.min_size}, max_size {t.max_size}) resizes a "
-                          f"{h}x{w} image to {ours[0]}x{ours[1]} but `detkit predict` (the detector's "
-                          f"preprocess) resizes it to {theirs[0]}x{theirs[1]}; set them alike unless that "
-                          "is intended")
+            _say(console, f"warning: data.transforms resizes a {h}x{w} image to {ours[0]}x{ours[1]} but "
+                          f"`detkit predict` (the detector's preprocess) resizes it to {theirs[0]}x{theirs[1]}; "
+                          "set them alike unless that is intended")
             return
 
 

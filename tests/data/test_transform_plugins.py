@@ -1,0 +1,91 @@
+"""Transforms as plugins: the list form, its equivalence with the settings mapping, a third-party step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from detkit.config import validate
+from detkit.data.config import TransformConfig
+from detkit.data.transforms import DetectionTransform, HorizontalFlip, Photometric, Resize
+from detkit.errors import ConfigError
+from detkit.interfaces import Transform
+from detkit.registry import registry
+
+
+@pytest.fixture
+def image_and_target():
+    image = torch.rand(3, 40, 60, generator=torch.Generator().manual_seed(0))
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 20], [30, 10, 60, 40]]), "labels": torch.tensor([0, 2])}
+    return image, target
+
+
+def test_builtins_are_registered_through_entry_points():
+    assert {"resize", "hflip", "photometric"} <= set(registry("transform").names())
+    assert registry("transform").get("hflip").provider.distribution == "detkit"
+
+
+def test_the_list_form_equals_the_settings_mapping_sample_for_sample(image_and_target):
+    image, target = image_and_target
+    settings = TransformConfig(min_size=40, max_size=200, hflip=0.5, photometric=True, scale_jitter=(0.5, 1.5))
+    steps = [{"type": "resize", "min_size": 40, "max_size": 200, "scale_jitter": [0.5, 1.5]},
+             {"type": "hflip", "p": 0.5}, {"type": "photometric"}]
+    a, b = DetectionTransform(settings, train=True), DetectionTransform(steps, train=True)
+    flips = set()
+    for seed in range(8):
+        ia, ta = a(image, target, torch.Generator().manual_seed(seed))
+        ib, tb = b(image, target, torch.Generator().manual_seed(seed))
+        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"]) and ta["scale"] == tb["scale"]
+        flips.add(bool(ta["boxes"][0, 0] > 0))
+    assert flips == {True, False}  # both outcomes seen: the draws are really used
+
+
+def test_eval_mode_skips_augmentations_and_boxes_only_agrees(image_and_target):
+    image, target = image_and_target
+    t = DetectionTransform([Resize(min_size=80, max_size=1000), HorizontalFlip(p=1.0), Photometric()], train=False)
+    out, tgt = t(image, target)
+    assert out.shape == (3, 80, 120)
+    assert torch.allclose(tgt["boxes"], target["boxes"] * 2)  # scaled, not flipped
+    size, tgt2 = t.boxes_only((40, 60), target)
+    assert size == (80, 120) and torch.equal(tgt["boxes"], tgt2["boxes"])
+    assert t.output_size(40, 60) == (80, 120) and t.fixed_size is None
+    assert DetectionTransform([Resize(fixed_size=(32, 32))], train=False).fixed_size == (32, 32)
+
+
+class Invert(Transform):
+    """A third-party step: 1 - pixels, in train mode with probability p."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        p: float = 1.0
+
+    random_draws = 1
+    train_only = True
+
+    def __init__(self, p: float = 1.0):
+        self.p = p
+
+    def __call__(self, image, target, rand):
+        if rand is not None and bool(rand[0] < self.p):
+            image = 1 - image
+        return image, target
+
+
+def test_a_plugin_transform_from_the_config(clean_registry, image_and_target):
+    registry("transform").register("invert")(Invert)
+    base = {"model": {"type": "faster_rcnn", "backbone": {"type": "tiny"}},
+            "data": {"train": {"type": "synthetic"},
+                     "transforms": [{"type": "resize", "min_size": 40, "max_size": 60}, {"type": "invert"}]}}
+    cfg = validate(base, "x.yaml")
+    image, target = image_and_target
+    out, _ = DetectionTransform(cfg.data.transforms, train=True)(image, target, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, 1 - image)
+    out, _ = DetectionTransform(cfg.data.transforms, train=False)(image, target)
+    assert torch.equal(out, image)
+    base["data"]["transforms"][1] = {"type": "invert", "q": 1}
+    with pytest.raises(ConfigError, match=r"data\.transforms\.steps\[1\]\.q: Extra inputs"):
+        validate(base, "x.yaml")
+    base["data"]["transforms"] = {"min_sise": 3}
+    with pytest.raises(ConfigError, match=r"data\.transforms\.settings\.min_sise: Extra inputs"):
+        validate(base, "x.yaml")
