@@ -238,18 +238,20 @@ def train(
     *,
     resume: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train as the config says (a YAML path, a mapping or a :class:`detkit.config.Config`); returns the run directory.
 
     ``overrides``: ``["train.epochs=3", ...]`` as ``--set`` takes them.
     ``resume``: a checkpoint to continue from.  ``out_dir``: the run directory
-    (default ``train.out_dir``).
+    (default ``train.out_dir``).  A run directory that already holds
+    checkpoints is refused unless ``resume`` or ``overwrite`` is given.
     """
     from detkit.engine.train import train as run_training
 
     cfg, path = _config(config, overrides)
     return run_training(cfg, config_path=path, resume=Path(resume) if resume is not None else None,
-                        out_dir=Path(out_dir) if out_dir is not None else None)
+                        out_dir=Path(out_dir) if out_dir is not None else None, overwrite=overwrite)
 
 
 def evaluate(

@@ -201,11 +201,16 @@ def train(
     overrides: Optional[List[str]] = SetOption,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this checkpoint (e.g. runs/x/last.pt)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out_dir)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the checkpoints and metrics of a run already in the run directory."),
 ) -> None:
-    """Train a detector as the config describes."""
+    """Train a detector as the config describes.
+
+    A run directory that already holds checkpoints is refused: continue it with --resume, pick another with --out,
+    or replace it with --overwrite.
+    """
     from detkit.api import train as run_training
 
-    run_training(config, overrides or [], resume=resume, out_dir=out_dir)
+    run_training(config, overrides or [], resume=resume, out_dir=out_dir, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------- eval

@@ -203,7 +203,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             # Like `extends`: the old type's parameters would not fit the new one.
             node.clear()
         elif isinstance(old, dict) and isinstance(value, dict):
-            value = merge(old, value)
+            # merge() resets a child whose type changes; do the same for this node.
+            value = merge({} if "type" in value and value["type"] != old.get("type") else old, value)
         node[keys[-1]] = value
     return data
 

@@ -32,6 +32,12 @@ class PluginLoadError(DetkitError):
     exit_code = 2
 
 
+class RunDirectoryError(DetkitError):
+    """The run directory already holds a run that this command would overwrite."""
+
+    exit_code = 2
+
+
 class DataError(DetkitError):
     """A data set, annotation or image file is missing or malformed."""
 

@@ -158,6 +158,9 @@ def test_set_of_a_component_type_starts_from_the_new_types_defaults(tmp_path, to
     for sets in (["model.backbone.width=3", "model.backbone.type=toy_wide"],
                  ["model.backbone.type=toy_wide", "model.backbone.width=3"]):
         assert load_config(path, sets).to_dict()["model"]["backbone"] == {"type": "toy_wide", "width": 3}
+    # A whole component given with another type: its defaults too, not the old parameters.
+    whole = load_config(path, ["model.backbone={type: toy_wide}"]).to_dict()["model"]["backbone"]
+    assert whole == {"type": "toy_wide", "width": 8}
     # The same type again keeps the file's parameters.
     assert load_config(path, ["model.backbone.type=toy_bb"]).to_dict()["model"]["backbone"]["depth"] == 4
 

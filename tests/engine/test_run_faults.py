@@ -73,3 +73,43 @@ def test_resume_drops_records_after_the_checkpoint_and_a_torn_line(tiny_config, 
     train(load_config(tiny_config, ["train.epochs=2"]), out_dir=run_dir, resume=run_dir / "last.pt")
     assert steps(run_dir) == [1, 2, 3, 4]  # each step once, nothing torn
     assert (run_dir / "losses.png").exists()
+
+
+# ----------------------------------------------------------------- case 6
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tiny_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from detkit.cli import app
+    from detkit.errors import RunDirectoryError
+
+    run_dir = train(load_config(tiny_config), out_dir=tmp_path / "run")
+    before = (run_dir / "last.pt").read_bytes()
+    result = CliRunner().invoke(app, ["train", str(tiny_config), "--out", str(run_dir)])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.startswith(f"error: {run_dir}: already holds a run (last.pt)") and "\n" not in line
+    assert f"--resume {run_dir / 'last.pt'}" in line and "--out" in line and "--overwrite" in line
+    assert (run_dir / "last.pt").read_bytes() == before and steps(run_dir) == [1, 2]
+    with pytest.raises(RunDirectoryError):
+        train(load_config(tiny_config), out_dir=run_dir)
+    train(load_config(tiny_config), out_dir=run_dir, overwrite=True)
+    assert steps(run_dir) == [1, 2]  # replaced, not appended
+
+
+def test_a_failed_start_leaves_no_run_directory(tiny_config, tmp_path):
+    from detkit.errors import DataError
+
+    run_dir = tmp_path / "runs" / "x"
+    cfg = load_config(tiny_config, [f"data.train={{type: voc, root: {tmp_path / 'nowhere'}}}"])
+    with pytest.raises(DataError):
+        train(cfg, out_dir=run_dir)
+    assert not run_dir.exists() and not run_dir.parent.exists()
+
+
+def test_stale_temporary_files_are_removed_on_the_next_start(tiny_config, tmp_path, capsys):
+    run_dir = train(load_config(tiny_config), out_dir=tmp_path / "run")
+    stale = run_dir / ".last.pt.k2j3h4.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"half a checkpoint")
+    train(load_config(tiny_config, ["train.epochs=2"]), out_dir=run_dir, resume=run_dir / "last.pt")
+    assert not stale.exists()
+    assert "removed 1 unfinished temporary file(s)" in capsys.readouterr().out
