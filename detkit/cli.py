@@ -317,20 +317,38 @@ def _check_images(cfg: Any) -> list[Any]:
 # ------------------------------------------------------- import and predict
 @app.command("import-weights")
 def import_weights_cmd(
-    src: Path = typer.Argument(..., help="Checkpoint in the faster-rcnn-pytorch layout (.pth)."),
-    dst: Path = typer.Argument(..., help="detkit checkpoint to write."),
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone of SRC: vgg16 or resnet50."),
-    classes: Path = typer.Option(..., "--classes", help="Text file with the foreground class names, one per line, in label order."),
+    src: Path = typer.Argument(
+        ..., help="Checkpoint to convert (.pth); with --source torchvision it may be left out (then only DST is "
+        "given) to use torchvision's published weights, fetched into $TORCH_HOME when missing."
+    ),
+    dst: Optional[Path] = typer.Argument(None, help="detkit checkpoint to write."),
+    source: str = typer.Option("faster-rcnn-pytorch", "--source", help="Layout of SRC: faster-rcnn-pytorch or torchvision."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="faster-rcnn-pytorch: backbone of SRC, vgg16 or resnet50."),
+    model: Optional[str] = typer.Option(None, "--model", help="torchvision: the model of SRC (default fasterrcnn_resnet50_fpn)."),
+    classes: Optional[Path] = typer.Option(
+        None, "--classes", help="Text file with the foreground class names, one per line, in label order. "
+        "torchvision: default its COCO names; another class count keeps all but the class-specific layers."
+    ),
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="Import config (default: configs/import/faster_rcnn_pytorch_<backbone>.yaml)."
+        None, "--config", "-c", help="Import config (default: configs/import/faster_rcnn_pytorch_<backbone>.yaml "
+        "or configs/import/torchvision_<model>.yaml)."
     ),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
-    """Convert faster-rcnn-pytorch weights into a detkit checkpoint with the same detections."""
+    """Convert faster-rcnn-pytorch or torchvision weights into a detkit checkpoint with the same detections."""
     from detkit.engine.import_weights import default_import_config, import_weights
+    from detkit.errors import ConfigError
 
-    config_path = config if config is not None else default_import_config(backbone)
-    written = import_weights(src, dst, config_path, classes, overrides or [])
+    if dst is None:  # one path: the destination; the weights come from torchvision
+        if source != "torchvision":
+            raise ConfigError("SRC DST: both are needed unless --source torchvision")
+        src, dst = None, src
+    if source == "torchvision":
+        model = model or "fasterrcnn_resnet50_fpn"
+    elif backbone is None:
+        raise ConfigError("--backbone: needed for --source faster-rcnn-pytorch (vgg16 or resnet50)")
+    config_path = config if config is not None else default_import_config(backbone, source, model)
+    written = import_weights(src, dst, config_path, classes, overrides or [], source=source, model=model)
     console.print(f"wrote {written} (config {config_path})", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -1,10 +1,18 @@
 """Import weights trained by another implementation into a detkit checkpoint.
 
-Supported source: the faster-rcnn-pytorch layout (``extractor.*``, ``rpn.*``,
-``head.*``; see ``configs/import/``).  The detector is built from an import
-config that reproduces that implementation's inference pipeline, the weights
-are mapped onto it, and the result is saved as an ordinary detkit checkpoint
-that ``detkit predict`` and ``detkit eval`` read.
+Sources:
+
+* ``faster-rcnn-pytorch`` (``extractor.*``, ``rpn.*``, ``head.*``; VGG16 or
+  ResNet50 C4; see ``configs/import/faster_rcnn_pytorch_*.yaml``);
+* ``torchvision``: its detection models' state dicts
+  (``configs/import/torchvision_<model>.yaml``); without a file, torchvision's
+  published COCO weights are fetched into its cache.
+
+The detector is built from an import config that reproduces that
+implementation's inference pipeline, the weights are mapped onto it, and the
+result is saved as an ordinary detkit checkpoint that ``detkit predict`` and
+``detkit eval`` read.  With ``--classes`` naming a different number of classes
+than the file holds, everything but the class-specific layers is kept.
 """
 
 from __future__ import annotations
@@ -17,13 +25,39 @@ import torch
 from detkit.errors import CheckpointError, ConfigError, DataError
 
 BACKBONES = ("vgg16", "resnet50")
+SOURCES = ("faster-rcnn-pytorch", "torchvision")
+
+# torchvision detection models that map onto detkit's components, with their COCO weights.
+TORCHVISION_MODELS = {
+    "fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
+}
+# ... and those that do not (yet), with the reason.
+TORCHVISION_UNSUPPORTED = {
+    "fasterrcnn_resnet50_fpn_v2": "its FPN and box head use normalised convs (FastRCNNConvFCHead: 4 convs "
+    "+ 1 fc with BatchNorm) and its RPN head has 2 convs; detkit's fpn and multiscale_roi_head have neither",
+    "fasterrcnn_mobilenet_v3_large_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
+}
 
 
-def default_import_config(backbone: str) -> Path:
-    """``configs/import/faster_rcnn_pytorch_<backbone>.yaml`` of this source tree."""
-    if backbone not in BACKBONES:
+def check_torchvision_model(model: str | None) -> str:
+    """``model`` if detkit can import it, else a one-line ConfigError."""
+    if model in TORCHVISION_MODELS:
+        return model
+    if model in TORCHVISION_UNSUPPORTED:
+        raise ConfigError(f"--model {model}: not supported: {TORCHVISION_UNSUPPORTED[model]}")
+    raise ConfigError(f"--model {model!r}: expected one of {', '.join(TORCHVISION_MODELS)}")
+
+
+def default_import_config(backbone: str | None = None, source: str = "faster-rcnn-pytorch",
+                          model: str | None = None) -> Path:
+    """The import config of this source tree for ``source`` (and ``backbone`` or ``model``)."""
+    if source == "torchvision":
+        name = f"torchvision_{check_torchvision_model(model)}.yaml"
+    elif backbone not in BACKBONES:
         raise ConfigError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
-    name = f"faster_rcnn_pytorch_{backbone}.yaml"
+    else:
+        name = f"faster_rcnn_pytorch_{backbone}.yaml"
     candidates = [
         Path(__file__).resolve().parents[2] / "configs" / "import" / name,  # source checkout
         Path.cwd() / "configs" / "import" / name,
@@ -75,34 +109,83 @@ def extract_state_dict(obj: Any, src: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def torchvision_weights(model: str) -> Path:
+    """The local file of torchvision's COCO weights for ``model``: cached, or fetched now."""
+    from detkit import hub
+
+    name = TORCHVISION_MODELS[check_torchvision_model(model)]
+    return hub.fetch(hub.weights_enum(name), f"torchvision's {model} weights")
+
+
+def torchvision_classes(model: str) -> list[str]:
+    """The class names torchvision's COCO weights for ``model`` predict, label 1 first."""
+    from detkit import hub
+
+    categories = hub.weights_enum(TORCHVISION_MODELS[check_torchvision_model(model)]).meta["categories"]
+    return list(categories[1:])  # [0] is __background__
+
+
 def import_weights(
-    src: str | Path,
+    src: str | Path | None,
     dst: str | Path,
     config_path: str | Path,
-    classes_file: str | Path,
+    classes_file: str | Path | None,
     overrides: Iterable[str] = (),
     source: str = "faster-rcnn-pytorch",
+    model: str | None = None,
 ) -> Path:
-    """Convert the checkpoint ``src`` into the detkit checkpoint ``dst``; returns ``dst``."""
-    from detkit.config import load_config
-    from detkit.engine.checkpoint import build_detector, load_file, save_checkpoint, without_pretrained
+    """Convert the checkpoint ``src`` into the detkit checkpoint ``dst``; returns ``dst``.
 
-    classes = read_classes(classes_file)
-    cfg = load_config(config_path, overrides)
+    ``source: torchvision`` takes ``model`` (default ``fasterrcnn_resnet50_fpn``);
+    ``src=None`` then uses torchvision's published weights (fetched into its
+    cache when missing), and ``classes_file=None`` its COCO class names.
+    A ``classes_file`` with another number of classes than ``src`` keeps every
+    layer but the class-specific ones, which start fresh.
+    """
+    from detkit.config import load_config
+    from detkit.io import load_file
+    from detkit.engine.checkpoint import save_checkpoint
+    from detkit.registry import build_detector, without_pretrained
+
+    if source not in SOURCES:
+        raise ConfigError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
+    if source == "torchvision":
+        model = check_torchvision_model(model or "fasterrcnn_resnet50_fpn")
+        if src is None:
+            src = torchvision_weights(model)
+    elif src is None:
+        raise ConfigError("SRC: a faster-rcnn-pytorch checkpoint file is needed")
     state = extract_state_dict(load_file(src), src)
+    file_classes = _classes_in_file(state, source)
+    if classes_file is not None:
+        classes = read_classes(classes_file)
+    elif source == "torchvision" and file_classes == len(torchvision_classes(model)):
+        classes = torchvision_classes(model)
+    else:
+        raise ConfigError("--classes: a file with the class names, one per line, is needed for this checkpoint")
+    new_classes = file_classes is not None and file_classes != len(classes)
+    cfg = load_config(config_path, overrides)
     config = cfg.to_dict()
     config["model"] = without_pretrained(config["model"])  # weights come from src
-    model = build_detector(config["model"], len(classes))
-    if not hasattr(model, "import_state_dict"):
+    detector = build_detector(config["model"], len(classes))
+    if not hasattr(detector, "import_state_dict"):
         raise ConfigError(f"{config_path}: model {config['model']['type']!r} cannot import {source} weights")
     try:
-        model.import_state_dict(state, source=source)
+        fresh = detector.import_state_dict(state, source=source, new_classes=new_classes)
     except CheckpointError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
+    imported = {"path": str(src), "source": source}
+    if model is not None:
+        imported["model"] = model
+    if fresh:
+        imported["fresh"] = list(fresh)  # class-specific layers left at their initialisation
     return save_checkpoint(
-        dst,
-        model=model.state_dict(),
-        config=config,
-        classes=classes,
-        imported_from={"path": str(src), "source": source},
+        dst, model=detector.state_dict(), config=config, classes=classes, imported_from=imported
     )
+
+
+def _classes_in_file(state: Mapping[str, torch.Tensor], source: str) -> int | None:
+    """Foreground classes of the file's box classifier, when it has one we recognise."""
+    key = "roi_heads.box_predictor.cls_score.weight" if source == "torchvision" else "head.score.weight"
+    w = state.get(key)
+    return None if w is None or w.dim() != 2 else int(w.shape[0]) - 1

@@ -419,34 +419,66 @@ class FasterRCNN(Detector):
         return boxes[keep], scores[keep], labels[keep], counts
 
     # ------------------------------------------------------------------ import
-    def import_state_dict(self, state_dict: Mapping[str, Tensor], source: str = "faster-rcnn-pytorch") -> None:
+    # Layers whose shape depends on the number of classes: with another class
+    # list they start fresh (fine-tuning to new classes), everything else loads.
+    CLASS_SPECIFIC = ("head.score.", "head.cls_loc.")
+
+    def import_state_dict(
+        self, state_dict: Mapping[str, Tensor], source: str = "faster-rcnn-pytorch", new_classes: bool = False
+    ) -> list[str]:
         """Load weights saved by another implementation (``source``) into this model.
 
         ``faster-rcnn-pytorch``: ``extractor.*`` is the backbone trunk (an
         ``nn.Sequential``), ``rpn.{conv1,score,loc}``, ``head.classifier.*``
-        (the RoI tail), ``head.{cls_loc,score}``.  Missing or unexpected keys and
-        wrong shapes raise a CheckpointError listing them.
+        (the RoI tail), ``head.{cls_loc,score}``.  ``torchvision``: its
+        ``fasterrcnn_resnet50_fpn`` state dict (see
+        :mod:`detkit_builtins.import_torchvision`).  With ``new_classes`` the
+        class-specific layers (``head.score``, ``head.cls_loc``) keep their
+        fresh initialisation when their shapes differ from the file's.  Missing
+        or unexpected keys and wrong shapes raise a CheckpointError listing
+        them.  Returns the keys left at their initialisation.
         """
-        if source != "faster-rcnn-pytorch":
-            raise CheckpointError(f"unknown checkpoint source {source!r}; supported: faster-rcnn-pytorch")
-        trunk = getattr(self.extractor, "trunk_name", None)
-        if trunk is None:
-            raise CheckpointError(
-                f"backbone {type(self.extractor).__name__} has no faster-rcnn-pytorch layout "
-                "(use vgg16 or resnet50)"
-            )
-
-        def to_ours(key: str) -> str:
-            if key.startswith("extractor."):
-                return f"extractor.{trunk}." + key[len("extractor."):]
-            return key
-
-        def to_theirs(key: str) -> str:
-            prefix = f"extractor.{trunk}."
-            return "extractor." + key[len(prefix):] if key.startswith(prefix) else key
-
-        mapped = {to_ours(k): v for k, v in state_dict.items()}
         own = self.state_dict()
+        if source == "torchvision":
+            from detkit_builtins import import_torchvision as tv
+
+            mapped, unknown = tv.map_state(state_dict, own)
+            to_theirs = tv.to_torchvision
+            if unknown:
+                shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+                raise CheckpointError(
+                    f"torchvision checkpoint has keys outside fasterrcnn_resnet50_fpn's layout: {shown}"
+                )
+        elif source == "faster-rcnn-pytorch":
+            trunk = getattr(self.extractor, "trunk_name", None)
+            if trunk is None or self.multi_level:
+                raise CheckpointError(
+                    f"backbone {type(self.extractor).__name__} has no faster-rcnn-pytorch layout "
+                    "(use vgg16 or resnet50 without out_features)"
+                )
+
+            def to_ours(key: str) -> str:
+                if key.startswith("extractor."):
+                    return f"extractor.{trunk}." + key[len("extractor."):]
+                return key
+
+            def to_theirs(key: str) -> str:
+                prefix = f"extractor.{trunk}."
+                return "extractor." + key[len(prefix):] if key.startswith(prefix) else key
+
+            mapped = {to_ours(k): v for k, v in state_dict.items()}
+        else:
+            raise CheckpointError(
+                f"unknown checkpoint source {source!r}; supported: faster-rcnn-pytorch, torchvision"
+            )
+        fresh: list[str] = []
+        if new_classes:
+            fresh = sorted(
+                k for k in own
+                if k.startswith(self.CLASS_SPECIFIC) and k in mapped and mapped[k].shape != own[k].shape
+            )
+            for k in fresh:
+                mapped[k] = own[k]
         problems = state_mismatches(own, mapped, to_theirs, shown=10)
         if problems:
             raise CheckpointError(
@@ -454,3 +486,4 @@ class FasterRCNN(Detector):
                 f"{self.num_classes} classes); " + "; ".join(problems)
             )
         self.load_state_dict(mapped, strict=True)
+        return fresh

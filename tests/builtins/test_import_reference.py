@@ -1,9 +1,10 @@
 """Imported faster-rcnn-pytorch checkpoints give the same detections as that pipeline.
 
 The original weights cannot be downloaded here, so the test builds a random
-checkpoint in the listed layout (../shared/reference-checkpoints/*.txt) and
+checkpoint in the listed layout (reference_checkpoints/*.txt beside this file) and
 compares detkit against an independent, deliberately plain reimplementation
-of the reference inference pipeline written from the README's facts: one image
+of the reference inference pipeline written from the facts in
+reference_checkpoints/README.md: one image
 at a time, Python loops over classes, numpy box arithmetic.
 """
 
@@ -24,7 +25,7 @@ from detkit.errors import CheckpointError
 from detkit.registry import registry
 
 REPO = Path(__file__).resolve().parents[2]
-LISTINGS = REPO.parent / "shared" / "reference-checkpoints"
+LISTINGS = Path(__file__).resolve().parent / "reference_checkpoints"  # copied in: tests stand alone
 NUM_CLASSES = 3
 # The pipeline uses a 600 px short side and keeps 300 proposals; fewer keep the
 # test fast (ResNet50's layer4 runs once per RoI).  Both sides get the same values.

@@ -1,0 +1,95 @@
+"""torchvision's detection weights in detkit's layout.
+
+``fasterrcnn_resnet50_fpn`` (v1) maps one to one onto ``resnet50``
+(``out_features: [C2, C3, C4, C5]``) + ``fpn`` + ``rpn`` + ``multiscale_roi_head``:
+
+=====================================  =====================================
+torchvision                            detkit
+=====================================  =====================================
+``backbone.body.conv1/bn1``            ``extractor.features.0/1``
+``backbone.body.layer1..3``            ``extractor.features.4..6``
+``backbone.body.layer4``               ``extractor.layer4``
+``backbone.fpn.*``                     ``neck.*``
+``rpn.head.conv.0.0``                  ``rpn.conv1``
+``rpn.head.cls_logits`` (1 per anchor) ``rpn.score`` (2 per anchor)
+``rpn.head.bbox_pred``                 ``rpn.loc``
+``roi_heads.box_head.fc6/fc7``         ``head.box_head.fc6/fc7``
+``roi_heads.box_predictor.cls_score``  ``head.score``
+``roi_heads.box_predictor.bbox_pred``  ``head.cls_loc``
+=====================================  =====================================
+
+torchvision scores an anchor with one logit and a sigmoid; detkit with two
+logits (background, object) and a softmax.  ``softmax([0, x])[1] ==
+sigmoid(x)``, so the background channel gets zero weights and bias.
+``FrozenBatchNorm2d`` files have no ``num_batches_tracked``: the model's own
+(zero) counters are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from torch import Tensor
+
+_RULES = [
+    (r"^backbone\.body\.conv1\.", "extractor.features.0."),
+    (r"^backbone\.body\.bn1\.", "extractor.features.1."),
+    (r"^backbone\.body\.layer1\.", "extractor.features.4."),
+    (r"^backbone\.body\.layer2\.", "extractor.features.5."),
+    (r"^backbone\.body\.layer3\.", "extractor.features.6."),
+    (r"^backbone\.body\.layer4\.", "extractor.layer4."),
+    (r"^backbone\.fpn\.", "neck."),
+    (r"^rpn\.head\.conv\.0\.0\.", "rpn.conv1."),
+    (r"^rpn\.head\.cls_logits\.", "rpn.score."),
+    (r"^rpn\.head\.bbox_pred\.", "rpn.loc."),
+    (r"^roi_heads\.box_head\.", "head.box_head."),
+    (r"^roi_heads\.box_predictor\.cls_score\.", "head.score."),
+    (r"^roi_heads\.box_predictor\.bbox_pred\.", "head.cls_loc."),
+]
+_COMPILED = [(re.compile(p), r) for p, r in _RULES]
+_REVERSE = [(re.compile("^" + re.escape(r)), p[1:].replace("\\", "")) for p, r in _RULES]
+
+
+def to_detkit(key: str) -> str | None:
+    """The detkit key of a torchvision key, or ``None`` when no rule matches."""
+    for pattern, repl in _COMPILED:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return None
+
+
+def to_torchvision(key: str) -> str:
+    """The torchvision spelling of a detkit key (for error messages)."""
+    for pattern, repl in _REVERSE:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
+
+
+def _two_logits(t: Tensor) -> Tensor:
+    """``[A, ...]`` object logits -> ``[2A, ...]`` (background 0, object) pairs."""
+    out = t.new_zeros((t.shape[0] * 2, *t.shape[1:]))
+    out[1::2] = t
+    return out
+
+
+def map_state(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """``(mapped state, unmapped torchvision keys)``; counters the file lacks are filled from ``own``."""
+    mapped: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        ours = to_detkit(key)
+        if ours is None:
+            unknown.append(key)
+            continue
+        if ours.startswith("rpn.score."):
+            value = _two_logits(value)
+        mapped[ours] = value
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in mapped:
+            mapped[key] = value  # FrozenBatchNorm2d has no counter
+    return mapped, unknown
+
+
+__all__ = ["map_state", "to_detkit", "to_torchvision"]

@@ -1,0 +1,177 @@
+"""Import of torchvision's fasterrcnn_resnet50_fpn: same detections as torchvision itself.
+
+torchvision's model is built with seeded random weights (nothing is
+downloaded), its box predictor scaled so that scores spread over (0, 1)
+instead of saturating, and its state dict saved to a file.  ``import_weights``
+converts that file with ``configs/import/torchvision_fasterrcnn_resnet50_fpn.yaml``
+(min/max size and proposal counts lowered on both sides for speed), and
+detkit's ``predict`` must give torchvision's ``model.eval()(images)``
+detections within 1 px and 1e-3 in score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from detkit.engine.checkpoint import load_checkpoint, load_detector
+from detkit.errors import CheckpointError, ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "import" / "torchvision_fasterrcnn_resnet50_fpn.yaml"
+NUM_CLASSES = 5  # foreground; torchvision counts background too
+SMALL = dict(min_size=120, max_size=160, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
+OVERRIDES = [
+    "model.preprocess.min_size=120",
+    "model.preprocess.max_size=160",
+    "model.rpn.proposal.test_pre_nms=300",
+    "model.rpn.proposal.test_post_nms=100",
+]
+
+
+def scene(seed: int, height: int, width: int) -> torch.Tensor:
+    """A ``[3, H, W]`` float image: a colour gradient with a few filled shapes."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: float(torch.rand((), generator=g))  # noqa: E731
+    ys = torch.linspace(0, 1, height)[:, None]
+    xs = torch.linspace(0, 1, width)[None, :]
+    bg = torch.stack([0.3 + 0.4 * ys * xs, 0.5 * ys + 0.2 * xs, 0.6 - 0.3 * xs + 0 * ys])
+    im = Image.fromarray((bg.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = int(r() * width * 0.7), int(r() * height * 0.7)
+        x1, y1 = x0 + 15 + int(r() * width * 0.3), y0 + 15 + int(r() * height * 0.3)
+        colour = tuple(int(255 * r()) for _ in range(3))
+        (draw.ellipse if r() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    return torch.from_numpy(__import__("numpy").asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def torchvision_model():
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, **SMALL)
+    with torch.no_grad():
+        # Untrained fc7 activations are large: the default predictor init saturates every
+        # score at 1.0, and ties make the order (and the 100-detection cap) arbitrary.
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.005)
+        model.roi_heads.box_predictor.bbox_pred.weight.normal_(0, 0.01)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [scene(1, 120, 160), scene(2, 144, 128)]
+
+
+def assert_same_detections(ours: dict, theirs: dict) -> None:
+    """One-to-one match: same label, box within 1 px, score within 1e-3."""
+    assert len(ours["boxes"]) == len(theirs["boxes"])
+    assert len(theirs["boxes"]) > 0
+    used = torch.zeros(len(ours["boxes"]), dtype=torch.bool)
+    for box, score, label in zip(theirs["boxes"], theirs["scores"], theirs["labels"]):
+        d = (ours["boxes"] - box).abs().amax(dim=1)
+        ok = (d <= 1.0) & ((ours["scores"] - score).abs() <= 1e-3) & (ours["labels"] == label - 1) & ~used
+        assert ok.any(), f"torchvision detection {box.tolist()} {float(score):.4f} class {int(label)} unmatched"
+        used[torch.nonzero(ok)[0, 0]] = True
+
+
+def test_imported_model_gives_torchvisions_detections(tmp_path, torchvision_model, images):
+    from detkit.engine.import_weights import import_weights
+
+    src = tmp_path / "fasterrcnn.pth"
+    torch.save(torchvision_model.state_dict(), src)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"c{i}\n" for i in range(NUM_CLASSES)))
+    dst = import_weights(src, tmp_path / "out.pt", CONFIG, classes, OVERRIDES, source="torchvision",
+                         model="fasterrcnn_resnet50_fpn")
+    model, ckpt = load_detector(dst)
+    assert ckpt["imported_from"]["source"] == "torchvision" and "fresh" not in ckpt["imported_from"]
+    with torch.no_grad():
+        theirs = torchvision_model(images)
+    ours = model.predict(images)  # both images in one padded batch, as torchvision runs them
+    # Resized as torchvision does (one padded batch of 160 x 128 after padding to 32).
+    assert [model.preprocess.output_size(*im.shape[-2:]) for im in images] == [(120, 160), (135, 120)]
+    for o, t in zip(ours, theirs):
+        assert_same_detections(o, t)
+
+
+def test_other_class_count_keeps_all_but_class_layers(tmp_path, torchvision_model):
+    from detkit.engine.import_weights import import_weights
+
+    src = tmp_path / "fasterrcnn.pth"
+    torch.save({"model": torchvision_model.state_dict()}, src)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    dst = import_weights(src, tmp_path / "out.pt", CONFIG, classes, OVERRIDES, source="torchvision")
+    ckpt = load_checkpoint(dst)
+    assert ckpt["classes"] == ["cat", "dog"]
+    fresh = ckpt["imported_from"]["fresh"]
+    assert fresh == ["head.cls_loc.bias", "head.cls_loc.weight", "head.score.bias", "head.score.weight"]
+    state, theirs = ckpt["model"], torchvision_model.state_dict()
+    assert state["head.score.weight"].shape == (3, 1024)
+    assert torch.equal(state["head.box_head.fc6.weight"], theirs["roi_heads.box_head.fc6.weight"])
+    assert torch.equal(state["neck.layer_blocks.3.0.weight"], theirs["backbone.fpn.layer_blocks.3.0.weight"])
+    assert torch.equal(state["extractor.layer4.2.conv3.weight"], theirs["backbone.body.layer4.2.conv3.weight"])
+    # Object logit in the odd channels, background channel zero.
+    assert torch.equal(state["rpn.score.weight"][1::2], theirs["rpn.head.cls_logits.weight"])
+    assert not state["rpn.score.weight"][0::2].any()
+
+
+def test_cached_torchvision_file_is_used_without_src(tmp_path, monkeypatch, torchvision_model):
+    """No SRC: the file in $TORCH_HOME's cache is used; nothing is downloaded."""
+    from detkit.engine.import_weights import import_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    # A "COCO" file: torchvision's 91-way predictor, so the default class names apply.
+    state = dict(torchvision_model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.randn(91, 1024, generator=g) * 0.005
+    state["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(91)
+    state["roi_heads.box_predictor.bbox_pred.weight"] = torch.randn(364, 1024, generator=g) * 0.01
+    state["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(364)
+    torch.save(state, cache / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    dst = import_weights(None, tmp_path / "coco.pt", CONFIG, None, OVERRIDES, source="torchvision")
+    ckpt = load_checkpoint(dst)
+    assert len(ckpt["classes"]) == 90 and ckpt["classes"][:3] == ["person", "bicycle", "car"]
+    assert ckpt["imported_from"]["path"] == str(cache / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth")
+
+
+def test_offline_without_file_names_the_file_and_directory(tmp_path, monkeypatch):
+    from detkit.engine.import_weights import import_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(CheckpointError) as err:
+        import_weights(None, tmp_path / "coco.pt", CONFIG, None, source="torchvision")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+    assert not (tmp_path / "coco.pt").exists()
+
+
+def test_unsupported_torchvision_models_say_why():
+    from detkit.engine.import_weights import check_torchvision_model
+
+    with pytest.raises(ConfigError, match="MobileNetV3"):
+        check_torchvision_model("fasterrcnn_mobilenet_v3_large_fpn")
+    with pytest.raises(ConfigError, match="FastRCNNConvFCHead"):
+        check_torchvision_model("fasterrcnn_resnet50_fpn_v2")
+    with pytest.raises(ConfigError, match="expected one of fasterrcnn_resnet50_fpn"):
+        check_torchvision_model("retinanet_resnet50_fpn")
