@@ -128,6 +128,12 @@ def list_plugins(
     if as_json:
         console.print_json(json.dumps(rows))
     problems = [r for r in rows if r["status"].startswith(("failed", "conflict"))]
+    from detkit.plugins import unknown_groups
+    from detkit.registry import REGISTRIES
+
+    # A misspelt group (detkit.optimiser) would hide its plugins without a word.
+    for group in unknown_groups(REGISTRIES):
+        err_console.print(group.message(REGISTRIES), markup=False, highlight=False, soft_wrap=True)
     if not as_json:
         console.print(plugins_table(rows))
         # The reasons go below the table, one line each: in a column they would

@@ -127,3 +127,45 @@ def find_entry_points(kinds: Iterable[str]) -> Found:
             else:
                 entries.append(found)
     return Found(entries, disabled)
+
+
+@dataclass(frozen=True)
+class UnknownGroup:
+    """Entry points in a ``detkit.*`` group that names no kind this detkit knows."""
+
+    group: str
+    distribution: str
+    version: str | None
+    names: tuple[str, ...]
+
+    def message(self, kinds: Iterable[str]) -> str:
+        known = ", ".join(GROUP_PREFIX + k for k in kinds)
+        return (
+            f"warning: {self.distribution} {self.version or ''} declares entry points in the unknown group "
+            f"'{self.group}' ({', '.join(self.names)}); they are ignored. Known groups: {known}"
+        ).replace("  ", " ")
+
+
+def unknown_groups(kinds: Iterable[str]) -> list[UnknownGroup]:
+    """``detkit.*`` entry-point groups on ``sys.path`` that are not ``detkit.<kind>`` (metadata only).
+
+    A misspelt group (``detkit.optimiser``) would otherwise hide a plugin without a word.
+    """
+    known = {GROUP_PREFIX + k for k in kinds}
+    found: list[UnknownGroup] = []
+    seen: set[str] = set()
+    for dist in importlib.metadata.distributions():
+        try:
+            name = _normalise(dist.metadata["Name"] or "?")
+            eps = dist.entry_points
+        except Exception:  # unreadable metadata: not ours to report here
+            continue
+        if name in seen:  # the same distribution twice on sys.path: the first one wins
+            continue
+        seen.add(name)
+        groups: dict[str, list[str]] = {}
+        for ep in eps:
+            if ep.group.startswith(GROUP_PREFIX) and ep.group not in known:
+                groups.setdefault(ep.group, []).append(ep.name)
+        found += [UnknownGroup(g, name, dist.version, tuple(n)) for g, n in groups.items()]
+    return sorted(found, key=lambda u: (u.distribution, u.group))
