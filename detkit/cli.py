@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from detkit.errors import DetkitError
+from detkit.errors import DetkitError, Terminated
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,6 +43,8 @@ class _Group(TyperGroup):
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
             err_console.print(f"error: {user_message(exc)}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated:  # SIGTERM: the loop already said where the last checkpoint is
+            raise typer.Exit(Terminated.exit_code) from None
 
 
 def user_message(exc: DetkitError) -> str:

@@ -32,6 +32,12 @@ class PluginLoadError(DetkitError):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``docker stop``) ended the run; handled like Ctrl-C, exit code 128 + 15."""
+
+    exit_code = 143
+
+
 class RunDirectoryError(DetkitError):
     """The run directory already holds a run that this command would overwrite."""
 

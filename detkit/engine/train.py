@@ -44,7 +44,7 @@ from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
-from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError
+from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.io import stale_temporaries
 from detkit.registry import registry
 
@@ -369,7 +369,47 @@ class TrainLoop:
                 stack.enter_context(hook.eval_weights())
             yield
 
+    @contextmanager
+    def _sigterm_handler(self) -> Iterator[None]:
+        """SIGTERM (schedulers, ``docker stop``) is handled like Ctrl-C.
+
+        With ``train.checkpoint_every_iters`` (and one process) the current
+        step finishes and is saved to ``last.pt`` before the run ends; otherwise,
+        or at a second SIGTERM, the step is abandoned at once.  Either way the
+        last line says where the last checkpoint is, and the exit code is 143.
+        """
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            graceful = bool(self.cfg.train.checkpoint_every_iters) and not self.dist.enabled
+            if graceful and not self.terminated and self.stop_requested is None:
+                self.terminated = True
+                last = self.run_dir / "last.pt"
+                self.request_stop(f"received SIGTERM; {last} holds this step (continue with --resume {last})")
+                return
+            self.terminated = True
+            raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     def run(self) -> Path:
+        self.terminated = False
+        with self._sigterm_handler():
+            run_dir = self._run()
+        if self.terminated:  # stopped cleanly after saving: still not a finished run
+            raise Terminated()
+        return run_dir
+
+    def _run(self) -> Path:
         self.t_start = time.perf_counter()
         started: list[HookBase] = []
         try:
@@ -404,12 +444,15 @@ class TrainLoop:
             self.completed = self.stop_requested is None
             if self.stop_requested:
                 _say(self.console, f"stopped at step {self.step}: {self.stop_requested}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             last = self.run_dir / "last.pt"
+            how = " by SIGTERM" if isinstance(exc, Terminated) else ""
             if self.is_main and last.exists():
                 held = f"step {self.saved_step}" if self.saved_step is not None else "the last saved step"
-                _say(self.console, f"interrupted at step {self.step}; {last} holds {held} "
+                _say(self.console, f"interrupted{how} at step {self.step}; {last} holds {held} "
                                    f"(continue with --resume {last})")
+            elif self.is_main:
+                _say(self.console, f"interrupted{how} at step {self.step}, before the first checkpoint")
             raise
         finally:
             failing = not self.completed and self.stop_requested is None

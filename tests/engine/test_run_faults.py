@@ -113,3 +113,51 @@ def test_stale_temporary_files_are_removed_on_the_next_start(tiny_config, tmp_pa
     train(load_config(tiny_config, ["train.epochs=2"]), out_dir=run_dir, resume=run_dir / "last.pt")
     assert not stale.exists()
     assert "removed 1 unfinished temporary file(s)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- case 12
+def _train_then_sigterm(tiny_config, tmp_path, extra):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detkit.cli", "train", str(tiny_config), "--out", str(run_dir),
+         "--set", "train.epochs=200", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "last.pt").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out, run_dir
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_when_iteration_checkpoints_are_on(tiny_config, tmp_path):
+    rc, out, run_dir = _train_then_sigterm(tiny_config, tmp_path, ["--set", "train.checkpoint_every_iters=50"])
+    assert rc == 143, out
+    line = next(line for line in out.splitlines() if "SIGTERM" in line)
+    assert line.startswith("stopped at step ") and f"{run_dir / 'last.pt'} holds this step" in line
+    step = int(line.split()[3].rstrip(":"))
+    assert load_checkpoint(run_dir / "last.pt")["step"] == step  # saved before exiting, not at step 50
+    assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_sigterm_without_iteration_checkpoints_is_like_ctrl_c(tiny_config, tmp_path):
+    rc, out, run_dir = _train_then_sigterm(tiny_config, tmp_path, [])
+    assert rc == 143, out
+    line = next(line for line in out.splitlines() if "SIGTERM" in line)
+    assert line.startswith("interrupted by SIGTERM at step ")
+    assert f"{run_dir / 'last.pt'} holds step" in line and "--resume" in line
+    assert "Traceback" not in out
