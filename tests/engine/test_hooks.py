@@ -344,3 +344,42 @@ def test_loss_guard_ratio_to_the_recent_median(toys, tmp_path):
     values.append(10.0)
     with pytest.raises(DetkitError, match=r"over 3x the recent median 1.6 .*at step 7"):
         hook.after_step()
+
+
+# ------------------------------------------------------- interrupts, transforms
+class InterruptAt(HookBase):
+    """Ctrl-C after step ``step`` (after the checkpoint hook)."""
+
+    priority = 70
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        step: int
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self):
+        if self.loop.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_names_the_saved_step(toys, tmp_path):
+    import io
+
+    registry("hook").register("interrupt_at")(InterruptAt)
+    out = io.StringIO()
+    cfg = toy_config(tmp_path, "data.batch_size=2", "train.checkpoint_every_iters=2",
+                     "train.hooks=[{type: recorder}, {type: interrupt_at, step: 3}]")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out_dir=tmp_path / "run", console=Console(file=out, width=200))
+    last = tmp_path / "run" / "last.pt"
+    assert f"interrupted at step 3; {last} holds step 2 (continue with --resume {last})" in out.getvalue()
+    assert load_checkpoint(last)["step"] == 2
+    assert EVENTS[-1] == ("after_train", False)  # hooks still closed their files
+
+
+def test_transform_steps_from_the_config_train(toys, tmp_path):
+    run = train(toy_config(tmp_path, "data.transforms=[{type: resize, min_size: 32, max_size: 32}, {type: hflip}]"),
+                out_dir=tmp_path / "run")
+    assert load_checkpoint(run / "last.pt")["config"]["data"]["transforms"][0]["min_size"] == 32
