@@ -58,8 +58,9 @@ def fetch(entry, what: str) -> Path:
     if path.is_file():
         return path
     try:
-        # torchvision's own path: load_state_dict_from_url into the hub cache, with a progress bar.
-        entry.get_state_dict(progress=True, check_hash=True)
+        # What entry.get_state_dict() does (torchvision's weights API): load_state_dict_from_url
+        # into the hub cache, with a progress bar; called through torch.hub so it can be stubbed.
+        torch.hub.load_state_dict_from_url(entry.url, progress=True, check_hash=True)
     except Exception as exc:  # URLError, HTTPError, hash mismatch, socket timeouts ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(

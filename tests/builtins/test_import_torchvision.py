@@ -157,6 +157,7 @@ def test_offline_without_file_names_the_file_and_directory(tmp_path, monkeypatch
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(CheckpointError) as err:
         import_weights(None, tmp_path / "coco.pt", CONFIG, None, source="torchvision")
     msg = str(err.value)
@@ -175,3 +176,24 @@ def test_unsupported_torchvision_models_say_why():
         check_torchvision_model("fasterrcnn_resnet50_fpn_v2")
     with pytest.raises(ConfigError, match="expected one of fasterrcnn_resnet50_fpn"):
         check_torchvision_model("retinanet_resnet50_fpn")
+
+
+def test_backbone_pretrained_true_offline_is_one_line(tmp_path, monkeypatch):
+    """``pretrained: true`` fetches ImageNet weights into torch's cache; offline it names the file."""
+    from detkit.registry import registry
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    calls = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError) as err:
+        registry("backbone").build({"type": "resnet50", "pretrained": True})
+    msg = str(err.value)
+    assert "\n" not in msg and "resnet50-0676ba61.pth" in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+    assert calls == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]

@@ -156,20 +156,27 @@ def resolve_pretrained(pretrained: str | bool | None, filename: str, backbone: s
     """The local file of ImageNet weights that ``pretrained`` asks for, or ``None``.
 
     ``pretrained`` is a path, or ``True`` for torchvision's cache
-    (``$TORCH_HOME/hub/checkpoints/<filename>``).  Nothing is ever downloaded:
-    the weights are hundreds of MB and the machines this runs on may be offline.
+    (``$TORCH_HOME/hub/checkpoints/<filename>``), fetched there through
+    torchvision's weights API (with its progress bar) when missing; offline,
+    one line names the file and where to put it.  A path is never downloaded.
     """
     if pretrained is None or pretrained is False:
         return None
     field = "model.backbone.pretrained"
     if pretrained is True:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        from detkit import hub
+        from detkit.errors import CheckpointError
+
+        path = hub.cache_dir() / filename
         if path.is_file():
             return path
-        raise ConfigError(
-            f"{field}: true needs {path}, which is not there and detkit does not download weights; "
-            f"put the file there or give its path, e.g. `{field}: /path/to/{filename}`"
-        )
+        entry = hub.weights_by_file(filename)
+        if entry is None:
+            raise ConfigError(f"{field}: true needs {path}; put the file there or give its path")
+        try:
+            return hub.fetch(entry, f"the {backbone} ImageNet weights")
+        except CheckpointError as exc:
+            raise ConfigError(f"{field}: true: {exc}") from None
     path = Path(os.path.expanduser(str(pretrained)))
     if not path.is_file():
         raise ConfigError(
