@@ -387,6 +387,25 @@ def predict_cmd(
                   soft_wrap=True)
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="A detkit checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model.onnx, model.pt)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the file on two test images and compare with predict."),
+) -> None:
+    """Export the whole inference path (resize to boxes) to ONNX or TorchScript.
+
+    The file takes one uint8 RGB image [3, H, W] of any size and returns boxes [K, 4] in the image's
+    pixels, scores [K] and labels [K]. ONNX needs pip install -e ".[export]".
+    """
+    from detkit.export import export_checkpoint
+
+    path, compared = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
+    note = f"; checked against predict ({compared} detections)" if compared is not None else ""
+    console.print(f"{format} -> {path}{note}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="detkit")

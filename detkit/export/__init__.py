@@ -18,6 +18,7 @@ dynamic.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,10 +59,11 @@ def resized_size(
         new_h, new_w = height * num // den, width * num // den
     else:
         h, w = height.to(torch.float64), width.to(torch.float64)
-        scale = min_size / short.to(torch.float64)
+        # full_like(...) / x, not number / x: torch computes the latter as reciprocal(x) * number.
+        shortf, longf = short.to(torch.float64), long.to(torch.float64)
+        scale = torch.full_like(shortf, min_size) / shortf
         if max_size is not None:
-            longf = long.to(torch.float64)
-            scale = torch.where(longf * scale > max_size, max_size / longf, scale)
+            scale = torch.where(longf * scale > max_size, torch.full_like(longf, max_size) / longf, scale)
         step = torch.floor if rounding == "floor" else torch.round
         if rounding not in ("floor", "round"):
             raise ExportError(f"preprocess.rounding {rounding!r} is not exportable")
@@ -173,26 +175,98 @@ def _require_onnx() -> None:
         ) from exc
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, format: Format = "onnx") -> Path:
-    """Load a detkit checkpoint and export its detector (see :func:`export_model`)."""
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, format: Format = "onnx", check: bool = True
+) -> tuple[Path, int | None]:
+    """Export a detkit checkpoint's detector (see :func:`export_model`).
+
+    With ``check``, the written file is run on two random images and must
+    give ``predict``'s detections (:func:`verify_export`).  Returns the path
+    and the number of detections compared (``None`` without a check).
+    """
     from detkit.engine.checkpoint import load_detector
 
+    if format not in FORMATS:  # before the (slow) load
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     model, _ = load_detector(checkpoint)
-    return export_model(model, out, format)
+    path = export_model(model, out, format)
+    return path, (verify_export(model, path) if check else None)
+
+
+def compare_detections(
+    got: tuple[Any, Any, Any], expected: dict[str, Tensor], box_tol: float = 1.0, score_tol: float = 1e-3
+) -> str | None:
+    """``None`` when ``got`` (boxes, scores, labels) matches ``expected`` (a ``predict`` result), else why not.
+
+    Detections are matched one to one per class (order among near-equal
+    scores may differ between runtimes): same count, scores within
+    ``score_tol`` in rank order, every expected box within ``box_tol`` px of a
+    distinct exported box.
+    """
+    boxes, scores, labels = (torch.as_tensor(_numpy(t)) for t in got)
+    e_boxes, e_scores, e_labels = (expected[k].detach().cpu() for k in ("boxes", "scores", "labels"))
+    if len(scores) != len(e_scores):
+        return f"{len(scores)} detections, predict gives {len(e_scores)}"
+    for c in torch.unique(e_labels).tolist():
+        mine, theirs = labels == c, e_labels == c
+        if int(mine.sum()) != int(theirs.sum()):
+            return f"class {c}: {int(mine.sum())} detections, predict gives {int(theirs.sum())}"
+        s1, s2 = scores[mine].sort(descending=True).values, e_scores[theirs].sort(descending=True).values
+        if (s1 - s2).abs().max() > score_tol:
+            return f"class {c}: scores differ by {(s1 - s2).abs().max():.2e}"
+        free = torch.ones(int(mine.sum()), dtype=torch.bool)
+        for box in e_boxes[theirs]:
+            d = (boxes[mine] - box).abs().amax(dim=1).masked_fill(~free, float("inf"))
+            j = int(d.argmin())
+            if d[j] > box_tol:
+                return f"class {c}: no exported box within {box_tol} px of {box.tolist()}"
+            free[j] = False
+    return None
+
+
+def _numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+
+
+def verify_export(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int], ...] = ((240, 320), (300, 200))) -> int:
+    """Run the exported file and ``model.predict`` on random images of ``sizes``; raise ExportError on a mismatch.
+
+    Returns the number of detections compared.
+    """
+    run = load_exported(path)
+    compared = 0
+    for i, (h, w) in enumerate(sizes):
+        image = example_image(h, w, seed=i)
+        expected = model.predict([image])[0]
+        problem = compare_detections(run(image), expected)
+        if problem is not None:
+            raise ExportError(f"{path}: the exported model disagrees with predict on a {h}x{w} image: {problem}")
+        compared += len(expected["scores"])
+    return compared
 
 
 def load_exported(path: str | Path, **options: Any):
-    """A callable ``image uint8 [3, H, W] -> (boxes, scores, labels)`` for an exported file (numpy for ONNX)."""
+    """A callable ``image uint8 [3, H, W] -> (boxes, scores, labels)`` for an exported file.
+
+    ONNX files run in onnxruntime (numpy in and out), TorchScript files in torch.
+    """
     path = Path(path)
-    if path.suffix == ".onnx":
-        import onnxruntime as ort
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # TorchScript files are zip archives, ONNX files protobuf
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ExportError(
+                'running an ONNX file needs onnxruntime: pip install -e ".[export]"'
+            ) from exc
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], **options)
 
         def run(image):
             import numpy as np
 
-            return tuple(session.run(None, {"image": np.asarray(image, dtype=np.uint8)}))
+            return tuple(session.run(None, {"image": np.asarray(_numpy(image), dtype=np.uint8)}))
 
         return run
     with warnings.catch_warnings():

@@ -1,0 +1,77 @@
+"""The traceable resize and size rule reproduce predict's (PIL, torch's uint8 kernel, resize_shape) exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from detkit.data.transforms import resize_shape
+from detkit.export import resized_size
+from detkit.export.resize import resize_uint8
+
+# (in_h, in_w, out_h, out_w): shrinking and growing each side, one side unchanged, and both
+# orders of Pillow's passes (it runs the vertical one first when the height shrinks by more
+# than twice as many pixels as the width).
+CASES = [
+    (40, 50, 97, 120),  # both grow
+    (90, 70, 30, 25),  # both shrink, horizontal first
+    (100, 60, 30, 55),  # height shrinks much more: vertical first
+    (60, 100, 20, 140),  # height shrinks, width grows: vertical first
+    (64, 48, 64, 90),  # height unchanged
+    (33, 77, 150, 77),  # width unchanged
+    (181, 23, 37, 200),
+]
+
+
+def random_image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("case", CASES)
+def test_pil_backend_is_bit_exact(case, kind):
+    h, w, nh, nw = case
+    array = random_image(h, w, seed=sum(case))
+    resample = Image.BICUBIC if kind == "bicubic" else Image.BILINEAR
+    expected = np.asarray(Image.fromarray(array).resize((nw, nh), resample)).transpose(2, 0, 1)
+    image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    got = resize_uint8(image, torch.tensor(nh), torch.tensor(nw), kind, "pil")
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("case", CASES)
+def test_torch_backend_is_bit_exact(case, kind):
+    h, w, nh, nw = case
+    image = torch.from_numpy(random_image(h, w, seed=sum(case) + 1)).permute(2, 0, 1).contiguous()
+    mode = TF.InterpolationMode.BICUBIC if kind == "bicubic" else TF.InterpolationMode.BILINEAR
+    expected = TF.resize(image, [nh, nw], interpolation=mode, antialias=True)
+    got = resize_uint8(image, torch.tensor(nh), torch.tensor(nw), kind, "torch")
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=0)
+
+
+def test_traced_resize_keeps_sizes_dynamic():
+    def resize(image, size):
+        return resize_uint8(image, size[0], size[1], "bicubic", "pil")
+
+    traced = torch.jit.trace(resize, (torch.zeros(3, 20, 30, dtype=torch.uint8), torch.tensor([40, 50])))
+    h, w, nh, nw = CASES[2]
+    array = random_image(h, w, seed=7)
+    expected = np.asarray(Image.fromarray(array).resize((nw, nh), Image.BICUBIC)).transpose(2, 0, 1)
+    got = traced(torch.from_numpy(array).permute(2, 0, 1).contiguous(), torch.tensor([nh, nw]))
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("rounding", ["round", "floor", "truncate"])
+@pytest.mark.parametrize("limits", [(600, 1000), (600, None), (128, 128), (800, 1333)])
+def test_resized_size_equals_resize_shape(rounding, limits):
+    min_size, max_size = limits
+    sizes = [(h, w) for h in (1, 7, 97, 128, 333, 375, 500, 599, 600, 1000, 1999) for w in (1, 13, 128, 353, 500, 640, 1280)]
+    for h, w in sizes:
+        got = resized_size(torch.tensor(h), torch.tensor(w), min_size, max_size, rounding)
+        assert tuple(int(v) for v in got) == resize_shape(h, w, min_size, max_size, rounding=rounding), (h, w)
