@@ -14,6 +14,7 @@ only roughly.  Sizes vary like PASCAL VOC's (landscape and portrait,
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -53,24 +54,37 @@ def photo_like(g: torch.Generator, h: int, w: int) -> tuple[np.ndarray, list[lis
     return np.ascontiguousarray(arr), boxes, labels
 
 
-def make_photo_voc(root: str | Path, num_images: int, seed: int = 0, split: str = "train") -> Path:
-    """Write ``num_images`` photo-like JPEGs with VOC annotations under ``root``; returns ``root``."""
+def _write_one(args: tuple[Path, int, int, str]) -> str:
+    root, i, seed, split = args
+    g = torch.Generator().manual_seed(seed * 1_000_003 + i)  # image i depends on (seed, i) only
+    h, w = random.Random(seed * 1_000_003 + i).choice(SIZES)
+    arr, boxes, labels = photo_like(g, h, w)
+    image_id = f"{split}_{i:06d}"
+    Image.fromarray(arr, "RGB").save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+    n = len(boxes)
+    voc_xml(image_id, f"{image_id}.jpg", (h, w), torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+            torch.tensor(labels), torch.zeros(n, dtype=torch.bool), CLASSES).write(
+        root / "Annotations" / f"{image_id}.xml", encoding="unicode")
+    return image_id
+
+
+def make_photo_voc(root: str | Path, num_images: int, seed: int = 0, split: str = "train", jobs: int | None = None) -> Path:
+    """Write ``num_images`` photo-like JPEGs with VOC annotations under ``root``; returns ``root``.
+
+    ``jobs`` processes (default: all CPUs) write them; the files do not depend on it.
+    """
     root = Path(root)
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    rnd = random.Random(seed)
-    ids = []
-    for i in range(num_images):
-        h, w = rnd.choice(SIZES)
-        arr, boxes, labels = photo_like(g, h, w)
-        image_id = f"{split}_{i:06d}"
-        Image.fromarray(arr, "RGB").save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
-        n = len(boxes)
-        voc_xml(image_id, f"{image_id}.jpg", (h, w), torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                torch.tensor(labels), torch.zeros(n, dtype=torch.bool), CLASSES).write(
-            root / "Annotations" / f"{image_id}.xml", encoding="unicode")
-        ids.append(image_id)
+    work = [(root, i, seed, split) for i in range(num_images)]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            ids = pool.map(_write_one, work, chunksize=4)
+    else:
+        ids = [_write_one(w) for w in work]
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
 

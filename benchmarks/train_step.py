@@ -134,22 +134,34 @@ class StepTimeline:
             h.remove()
 
 
-def build(name: str, device: torch.device, channels_last: bool, compile_: bool) -> tuple[nn.Module, Any]:
+def unfold_batchnorm(model: nn.Module) -> None:
+    """Undo ``fold_batchnorm``: BatchNorm as its own pass again (the layout before issue 8's fix)."""
+    for m in model.modules():
+        cls = type(m).__name__
+        if cls == "_BNFoldedConv2d":
+            m.__class__ = nn.Conv2d
+        elif cls == "_FoldedBatchNorm2d":
+            m.__class__ = nn.BatchNorm2d
+
+
+def build(name: str, device: torch.device, channels_last: bool, compile_: bool, fold_bn: bool = True) -> tuple[nn.Module, Any]:
     torch.manual_seed(0)
     model = registry("detector").build(
         {"type": "faster_rcnn", "backbone": {"type": name}, "channels_last": channels_last}, num_classes=20
     )
+    if not fold_bn:
+        unfold_batchnorm(model)
     model.to(device).train()
-    if compile_:
-        model.extractor = torch.compile(model.extractor)
-        model.head.classifier = torch.compile(model.head.classifier)
+    if compile_:  # in place, as train.compile does
+        model.extractor.compile()
+        model.head.classifier.compile()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     trainer = registry("trainer").build({"type": "faster_rcnn_trainer", "seed": 0}, model=model, optimizer=opt)
     return model, trainer
 
 
 def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> dict:
-    model, trainer = build(name, device, args.channels_last, args.compile)
+    model, trainer = build(name, device, args.channels_last, args.compile, args.fold_bn)
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
     boxes = [random_boxes(5, args.size, g).to(device) for _ in range(args.batch)]
@@ -167,6 +179,16 @@ def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) 
         sync(device)
         plain.append(time.perf_counter() - t)
     out: dict[str, Any] = {"plain": plain}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step(imgs, boxes, labels)
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile of one {name} step ({'amp' if amp else 'fp32'}), top ops by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
     if not args.split:
         return out
 
@@ -205,6 +227,9 @@ def main() -> None:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the RoI tail")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of one profiled step")
+    parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                        help="ResNet: BatchNorm as a separate pass (before the fold)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -218,7 +243,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {dev}, device {device}, {torch.get_num_threads()} threads, "
         f"load {load:.2f}; batch {args.batch} at {args.size}x{args.size}, channels_last {args.channels_last}, "
-        f"cudnn.benchmark {args.cudnn_benchmark if device.type == 'cuda' else '-'}, compile {args.compile}"
+        f"cudnn.benchmark {args.cudnn_benchmark if device.type == 'cuda' else '-'}, compile {args.compile}, "
+        f"fold_bn {args.fold_bn}"
     )
     summary: list[tuple[str, str, float]] = []
     for precision in args.precision:

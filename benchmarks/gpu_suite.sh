@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The issue-8 GPU measurements in one command, for a bare CUDA machine with torch
+# and torchvision but without detkit's other dependencies.
+#
+#   bash benchmarks/gpu_suite.sh [PARTS]      PARTS: any of step layout loop loader compile quickstart
+#                                              (default: step layout loop loader)
+#
+# Needs the wheels of pydantic, pydantic_core, annotated-types, typing-inspection and
+# entrypoints in .whl/ (see benchmarks/README.md, "GPU figures"); installs them and
+# detkit (no dependencies) into /tmp/site.  Writes logs under $OUT (or /tmp/gpu_suite).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+PARTS=${*:-step layout loop loader}
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if ! python3 -c "import pydantic, entrypoints" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . >/dev/null || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/tmp/site/bin:$PATH
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision, detkit; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cpus', __import__('os').cpu_count())"
+uptime
+
+STEP="python3 benchmarks/train_step.py --device cuda --batch 8 --size 600 --reps 10 --warmup 3 --no-split"
+if has step; then
+  echo "=== plain step, channels-last (default), fp32 and amp"
+  $STEP --precision fp32 amp 2>&1 | tee "$OUT/step.log" | grep -v "^$"
+fi
+if has layout; then
+  echo "=== plain step, NCHW (--no-channels-last)"
+  $STEP --precision fp32 amp --no-channels-last 2>&1 | tee "$OUT/step_nchw.log" | grep -A20 "^summary"
+  echo "=== resnet50 with BatchNorm as its own pass (--no-fold-bn), and a profile of the fp32 step"
+  $STEP --backbones resnet50 --precision fp32 amp --no-fold-bn 2>&1 | tee "$OUT/step_nofold.log" | grep -A20 "^summary"
+  $STEP --backbones resnet50 --precision fp32 --profile 25 --reps 3 2>&1 | tee "$OUT/profile_resnet.log" | grep -v "^$" | head -45
+fi
+if has loop; then
+  echo "=== detkit train vs its bare step (vgg16, amp, 12 workers)"
+  python3 benchmarks/train_loop.py --device cuda --backbone vgg16 --amp --batch 8 --size 600 --workers 12 \
+    --images 480 --epochs 3 --steps 40 --root /tmp/photo_voc 2>&1 | tee "$OUT/loop_vgg16.log"
+  echo "=== detkit train vs its bare step (resnet50, amp, 12 workers)"
+  python3 benchmarks/train_loop.py --device cuda --backbone resnet50 --amp --batch 8 --size 600 --workers 12 \
+    --epochs 2 --steps 30 --root /tmp/photo_voc 2>&1 | tee "$OUT/loop_resnet50.log"
+fi
+if has loader; then
+  echo "=== loader scaling (16 CPUs)"
+  python3 benchmarks/loader.py --workers 0 1 2 4 8 14 --batch 8 --size 600 --images 480 --root /tmp/photo_voc \
+    --pin 2>&1 | tee "$OUT/loader.log"
+fi
+if has compile; then
+  echo "=== torch.compile of backbone and RoI tail (amp)"
+  timeout 300 $STEP --precision amp --compile --warmup 4 2>&1 | tee "$OUT/step_compile.log" | grep -A20 "^summary"
+fi
+if has quickstart; then
+  for w in 0 4; do
+    echo "=== quickstart on the GPU, 1 epoch, num_workers $w"
+    rm -rf /tmp/qs$w
+    /usr/bin/time -f "%e s wall" detkit train configs/quickstart.yaml --out /tmp/qs$w --set train.device=cuda \
+      --set train.epochs=1 --set data.num_workers=$w 2>&1 | tail -3
+    python3 -c "import json,statistics;r=[json.loads(l) for l in open('/tmp/qs$w/metrics.jsonl')];t=[x['images_per_s'] for x in r if x.get('type')=='train'][1:];print('quickstart images/s (mean of windows after the first):', round(statistics.mean(t),1))"
+  done
+fi
+uptime

@@ -1,0 +1,135 @@
+"""Train-loader throughput against the number of workers, and JPEG decoding speed.
+
+1. **Decoding** (one thread): ``detkit.data.image.read_image_uint8`` (libjpeg-turbo
+   through ``torchvision.io.decode_jpeg``) against the plain PIL path it
+   replaced (``Image.open().convert("RGB")`` -> numpy -> tensor), ms per image
+   and whether the pixels are identical, on the generated photo-like JPEGs
+   and on every real photograph given with ``--real`` (by default the ones
+   found on the machine: matplotlib's ``grace_hopper.jpg``).
+2. **Loader**: images/s of ``build_loader`` over the train split (VOC layout,
+   short side ``--size``, hflip, batch ``--batch``, grouped by aspect ratio,
+   padded to 32, uint8 batches) for each ``--workers`` count: one epoch to
+   start the workers and warm up, then ``--epochs`` timed epochs.  Each
+   worker runs one torch thread (``DataLoader`` sets it).  Ratios are
+   against 1 worker.  ``--pin`` adds pinned memory (what CUDA training uses).
+
+The machine's load average is printed before and after: on a shared machine
+the worker scaling is only meaningful when it is quiet.
+
+Usage: ``python benchmarks/loader.py [--workers 0 1 2] [--images 96] [--batch 8]
+[--size 600] [--epochs 1] [--root DIR] [--pin]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_voc import CLASSES, bits_per_pixel, make_photo_voc  # noqa: E402
+
+from detkit.data.config import DataConfig  # noqa: E402
+from detkit.data.image import read_image_uint8  # noqa: E402
+from detkit.data.loader import build_dataset, build_loader  # noqa: E402
+
+
+def pil_read(path: str) -> torch.Tensor:
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def time_decoder(fn, files: list[str], reps: int) -> float:
+    for f in files[:2]:
+        fn(f)
+    t = time.perf_counter()
+    for _ in range(reps):
+        for f in files:
+            fn(f)
+    return (time.perf_counter() - t) / (reps * len(files))
+
+
+def decode_report(name: str, files: list[str], reps: int) -> None:
+    if not files:
+        return
+    same = all(torch.equal(read_image_uint8(f), pil_read(f)) for f in files)
+    pil = time_decoder(pil_read, files, reps)
+    fast = time_decoder(read_image_uint8, files, reps)
+    pix = sum(np.prod(Image.open(f).size) for f in files) / len(files)
+    print(f"  {name:28s} {len(files):4d} files, {pix / 1e3:6.0f} kpixel: PIL {pil * 1e3:6.2f} ms, "
+          f"detkit {fast * 1e3:6.2f} ms ({pil / fast:.2f}x), identical pixels: {same}")
+
+
+def loader_rate(root: Path, workers: int, args: argparse.Namespace) -> float:
+    cfg = DataConfig.model_validate({
+        "train": {"type": "voc", "root": str(root), "split": "train", "classes": CLASSES},
+        "batch_size": args.batch, "num_workers": workers,
+        "transforms": {"min_size": args.size, "max_size": args.max_size, "hflip": 0.5},
+    })  # fmt: skip
+    ds = build_dataset(cfg, "train", seed=0)
+    loader = build_loader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, seed=0, drop_last=True,
+                          pin_memory=args.pin)
+    for _ in loader:  # start the workers, warm the page cache
+        pass
+    n, t = 0, time.perf_counter()
+    for _ in range(args.epochs):
+        for batch in loader:
+            n += len(batch)
+    rate = n / (time.perf_counter() - t)
+    del loader
+    return rate
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=600)
+    p.add_argument("--max-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--decode-reps", type=int, default=3)
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--root", type=Path, default=None)
+    p.add_argument("--real", nargs="*", default=None, help="real JPEG photographs to decode")
+    args = p.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="detkit_loader_")) / "voc"
+    if not (root / "ImageSets" / "Main" / "train.txt").is_file():
+        make_photo_voc(root, args.images)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {load()}; {root}: "
+          f"{args.images} photo-like JPEGs, {bits_per_pixel(root):.2f} bits/pixel")
+
+    torch.set_num_threads(1)
+    real = args.real
+    if real is None:
+        import matplotlib
+
+        real = glob.glob(os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "*.jpg"))
+    print("decoding, 1 thread:")
+    decode_report("generated photo-like", sorted(glob.glob(str(root / "JPEGImages" / "*.jpg")))[:32], args.decode_reps)
+    decode_report("real photographs", real, args.decode_reps * 4)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    print(f"loader, batch {args.batch}, short side {args.size}, pin_memory {args.pin}:")
+    rates = {}
+    for w in args.workers:
+        rates[w] = loader_rate(root, w, args)
+        base = rates.get(1)
+        ratio = f", {rates[w] / base:.2f}x 1 worker" if base and w != 1 else ""
+        print(f"  {w:2d} workers: {rates[w]:7.1f} images/s{ratio}  (load {load()})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
