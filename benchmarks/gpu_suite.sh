@@ -19,6 +19,7 @@ if ! python3 -c "import pydantic, entrypoints" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . >/dev/null || exit 1
+rm -rf build detkit.egg-info  # setuptools' leftovers: an egg-info on sys.path would register every plugin twice
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
