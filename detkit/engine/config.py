@@ -63,8 +63,10 @@ class LossGuardConfig(_Strict):
     """``train.loss_guard``: stop a diverging run early (an inf/NaN loss always stops it)."""
 
     max_loss: float | None = Field(None, gt=0, description="stop when the logged total loss exceeds this")
+    # On by default: a loss 1000x its recent median is divergence, not noise, and
+    # training on would overwrite last.pt/best.pt with a ruined model.
     max_ratio: float | None = Field(
-        None, gt=1, description="stop when the logged total exceeds this many times the recent median"
+        1000.0, gt=1, description="stop when the logged total exceeds this many times the recent median (null: off)"
     )
     history: int = Field(20, ge=1, description="log points the median looks back over")
 

@@ -92,21 +92,20 @@ def shutdown(info: DistInfo) -> None:
 
 # ------------------------------------------------------------------ training
 def _trainable_batchnorms(model: nn.Module) -> list[tuple[nn.Module, str, nn.modules.batchnorm._BatchNorm]]:
-    """``(parent, attribute, layer)`` of every BatchNorm that trains: in training mode after ``model.train()``.
+    """``(parent, attribute, layer)`` of every plain BatchNorm that trains, i.e. is in training mode.
 
-    A frozen BatchNorm (``norm: frozen_bn``, ``freeze_bn``) stays in eval mode
-    through ``train()`` and is left alone.
+    Call it with the model in training mode: a frozen BatchNorm (``norm:
+    frozen_bn``) stays in eval mode through ``model.train()`` and is left out.
+    (Calling ``train()`` here would re-apply the backbones' freezing, which
+    also switches ``requires_grad``.)
     """
-    was_training = model.training
-    model.train()
-    found = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if (isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
-                    and child.training):
-                found.append((parent, name, child))
-    model.train(was_training)
-    return found
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
+        and child.training
+    ]
 
 
 def convert_sync_batchnorm(model: nn.Module) -> int:
@@ -115,7 +114,8 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
     The new layers take over the same parameter and buffer tensors (an
     optimizer built before keeps working) and the layer's mode.  Frozen
     BatchNorm layers stay plain BatchNorm: their statistics are fixed, there
-    is nothing to synchronise.  SyncBatchNorm needs CUDA; on the CPU it would
+    is nothing to synchronise: call it with the model in training mode, where
+    frozen layers are the ones in eval mode.  SyncBatchNorm needs CUDA; on the CPU it would
     fail at the first step, so :func:`wrap_for_training` refuses it there.
     """
     count = 0
@@ -190,6 +190,7 @@ class DistributedHook(HookBase):
 
     def before_train(self) -> None:
         loop = self.loop
+        loop.model.train()  # which BatchNorm layers train shows in their mode
         if self.sync_bn and loop.dist.enabled:
             if loop.device.type != "cuda":
                 raise ConfigError(
@@ -208,7 +209,7 @@ class DistributedHook(HookBase):
             return
         loop.trainer_module = loop.trainer  # drop the old wrapper (and its gradient hooks) first
         loop.trainer_module = wrap_for_training(loop.trainer, loop.dist, loop.device, self.find_unused_parameters)
-        self._trainable = trainable
+        self._trainable = tuple(p.requires_grad for p in loop.trainer.parameters())
 
 
 # ---------------------------------------------------------------- evaluation
@@ -252,22 +253,36 @@ def evaluate_distributed(
     cfg: "EvalConfig",
     device: torch.device,
     info: DistInfo,
+    *,
+    detections_path: str | os.PathLike | None = None,
+    progress: Any = None,
 ) -> dict[str, Any] | None:
     """:func:`detkit.engine.evaluate.evaluate`, with prediction sharded over the ranks.
 
     Every rank must call it.  Returns the metrics on rank 0 and None on the
     others; the metrics equal a single process's over the same loader.
+    ``detections_path`` (rank 0) and ``progress`` (this rank's shard) as for
+    ``evaluate``.
     """
-    from detkit.engine.evaluate import compute_metrics, evaluate, predict_dataset
+    from detkit.engine.evaluate import (
+        compute_metrics,
+        dataset_category_ids,
+        evaluate,
+        predict_dataset,
+        write_detections,
+    )
 
     if not info.enabled:
-        return evaluate(model, loader, classes, cfg, device)
-    results = predict_dataset(model, shard_loader(loader, info, cfg.max_images), cfg, device)
+        return evaluate(model, loader, classes, cfg, device, detections_path=detections_path, progress=progress)
+    results = predict_dataset(model, shard_loader(loader, info, cfg.max_images), cfg, device, progress)
     gathered = gather_results(results, info)
     if gathered is None:
         return None
-    category_ids = getattr(getattr(loader, "dataset", None), "category_ids", None)
-    return compute_metrics(gathered, classes, cfg, category_ids)
+    category_ids = dataset_category_ids(getattr(loader, "dataset", None))
+    out = compute_metrics(gathered, classes, cfg, category_ids)
+    if detections_path is not None:
+        write_detections(detections_path, gathered, category_ids)
+    return out
 
 
 # ------------------------------------------------------------------ failures

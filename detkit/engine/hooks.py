@@ -281,26 +281,36 @@ class NonFiniteLossHook(HookBase):
     """Stops training with one clear line when the logged loss is inf/NaN, or diverges.
 
     Checked at each log point on the window's mean losses (one host sync per
-    window, shared with :class:`LoggingHook`).  ``max_loss`` stops when the
-    total exceeds it; ``max_ratio`` stops when it exceeds that many times the
-    median of the previous ``history`` log points (after ``history`` of them).
+    window, shared with :class:`LoggingHook`), and before every iteration
+    checkpoint, so a diverged model never replaces the last good ``last.pt``.
+    ``max_loss`` stops when the total exceeds it; ``max_ratio`` stops when it
+    exceeds that many times the median of the previous ``history`` log points
+    (after ``history`` of them).
     """
 
     priority = 30
 
-    def __init__(self, max_loss: float | None = None, max_ratio: float | None = None, history: int = 20):
+    def __init__(self, max_loss: float | None = None, max_ratio: float | None = None, history: int = 20,
+                 checkpoint_every_iters: int | None = None):
         self.max_loss, self.max_ratio, self.history = max_loss, max_ratio, history
+        self.checkpoint_every_iters = checkpoint_every_iters  # checked before each iteration checkpoint too
         self.totals: list[float] = []
 
     def _fail(self, why: str) -> None:
+        loop = self.loop
+        saved, run_dir = getattr(loop, "saved_step", None), getattr(loop, "run_dir", None)
+        kept = (f"; {run_dir / 'last.pt'} keeps step {saved}, the last before it"
+                if saved is not None and run_dir is not None and (run_dir / "last.pt").exists() else "")
         raise DetkitError(
-            f"{why} at step {self.loop.step}: lower train.optimizer.lr, set train.trainer.grad_clip, "
-            "or check the data (see `detkit data stats`)"
+            f"{why} at step {loop.step}: lower train.optimizer.lr, set train.trainer.grad_clip, "
+            f"or check the data (see `detkit data stats`){kept}"
         )
 
     def after_step(self) -> None:
         loop = self.loop
-        if not loop.log_now():
+        every = self.checkpoint_every_iters
+        log_point = loop.log_now()
+        if not (log_point or (every and loop.step % every == 0)):
             return
         values = loop.window.mean()
         bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -316,7 +326,8 @@ class NonFiniteLossHook(HookBase):
             if median > 0 and total > self.max_ratio * median:
                 self._fail(f"loss {total:.4g} is over {self.max_ratio:g}x the recent median {median:.4g} "
                            "(train.loss_guard.max_ratio)")
-        self.totals = (self.totals + [total])[-self.history:]
+        if log_point:
+            self.totals = (self.totals + [total])[-self.history:]
 
     def state_dict(self) -> dict[str, Any]:
         return {"totals": list(self.totals)} if self.totals else {}
@@ -474,7 +485,7 @@ def default_hooks(cfg: Any) -> list[HookBase]:
         MetricsFileHook(),
         FrozenBackboneHook(tc.freeze_backbone_epochs),
         LRScheduleHook(),
-        NonFiniteLossHook(guard.max_loss, guard.max_ratio, guard.history),
+        NonFiniteLossHook(guard.max_loss, guard.max_ratio, guard.history, tc.checkpoint_every_iters),
         LoggingHook(),
         EvalHook(),
         CheckpointHook(tc.checkpoint_interval, tc.checkpoint_every_iters),

@@ -1,4 +1,17 @@
-"""Data-parallel training on CPU with the gloo backend (two processes)."""
+"""Data-parallel training and evaluation on CPU with the gloo backend (two processes).
+
+The equivalence tests build the detector in each process (``mp.spawn``) and
+compare with the same computation in this process:
+
+* DDP over 2 processes x 2 images equals one process stepping on the same 4
+  images as 2 accumulated micro-batches of 2 (``train.accumulate: 2``).  It does
+  not equal one forward pass over the 4 images exactly: the box losses divide
+  by the positives of each process's batch (not of the global batch), and the
+  target creators draw their random samples per batch.  Both match here
+  because the micro-batches are the ranks' batches and each draws from the
+  same seeded generator state.
+* Sharded evaluation gathered on rank 0 equals one process's evaluation exactly.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +20,31 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rich.console import Console
 
-from detkit.engine.distributed import average_gradients, broadcast_parameters
+from detkit.config import load_config
+from detkit.engine.distributed import (
+    DistInfo,
+    DistributedHook,
+    convert_sync_batchnorm,
+    evaluate_distributed,
+    wrap_for_training,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+SRC = (REPO / "tests" / "engine" / "test_train.py").read_text()
+TINY = SRC[SRC.index('TINY = """') + 10 : SRC.index('"""\n\n\n@pytest.fixture')]
+# Frozen BatchNorm: the statistics of a batch of 2 per process would differ from a batch of 4.
+FROZEN = TINY.replace("tail_features: 32}", "tail_features: 32, norm: frozen_bn}")
+assert FROZEN != TINY
+STEPS = 3
 
 
 def free_port() -> int:
@@ -24,42 +53,307 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _join(rank: int, port: int) -> DistInfo:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(rank)  # different initial weights per rank...
-    model = torch.nn.Linear(3, 1)
-    broadcast_parameters(model)  # ...until rank 0's are broadcast
-    average_gradients(model, 2)
+    return DistInfo(rank, 2, 0)
+
+
+# ------------------------------------------------------------- plain modules
+class _TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)).sum()
+
+
+def _worker_phases(rank: int, port: int, out: str) -> None:
+    info = _join(rank, port)
+    torch.manual_seed(rank)  # different initial weights per rank, until DDP broadcasts rank 0's
+    module = _TwoLayers()
+    loop = types.SimpleNamespace(trainer=module, model=module, dist=info, device=torch.device("cpu"),
+                                 console=Console(quiet=True), trainer_module=module)
+    hook = DistributedHook()
+    hook.loop = loop
+    hook.before_train()
     x = torch.full((1, 3), float(rank + 1))  # rank 0 sees 1s, rank 1 sees 2s
-    model(x).sum().backward()
-    torch.save({"weight": model.weight.detach().clone(), "grad": model.weight.grad.clone()}, f"{out}/{rank}.pt")
+    grads = []
+    for frozen in (False, True, False):  # trainable, "frozen backbone" (layer a), trainable again
+        for p in module.a.parameters():
+            p.requires_grad_(not frozen)
+        hook.before_step()
+        module.zero_grad(set_to_none=True)
+        loop.trainer_module(x).backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    torch.save({"weights": {k: v.clone() for k, v in module.state_dict().items()}, "grads": grads,
+                "wrapper": type(loop.trainer_module).__name__}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_gradients_are_averaged_and_weights_start_equal(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow
+def test_ddp_averages_gradients_in_every_phase_and_starts_from_rank0(tmp_path):
+    mp.spawn(_worker_phases, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    assert torch.equal(r0["weight"], r1["weight"])
-    # d(w.x)/dw = x: the mean of the ranks' inputs, 1.5, on both ranks.
-    assert torch.allclose(r0["grad"], torch.full((1, 3), 1.5)) and torch.equal(r0["grad"], r1["grad"])
+    assert r0["wrapper"] == "DistributedDataParallel"
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k  # broadcast from rank 0 at wrapping
+    assert [sorted(g) for g in r0["grads"]] == [["a.bias", "a.weight", "b.bias", "b.weight"],
+                                                ["b.bias", "b.weight"],
+                                                ["a.bias", "a.weight", "b.bias", "b.weight"]]
+    # d(sum(b(a x)))/d(b.weight) = a(x): averaged over the ranks' inputs, in all three phases.
+    a = torch.nn.Linear(3, 3)
+    a.load_state_dict({"weight": r0["weights"]["a.weight"], "bias": r0["weights"]["a.bias"]})
+    with torch.no_grad():
+        expected = (a(torch.full((1, 3), 1.0)) + a(torch.full((1, 3), 2.0))) / 2
+    for g0, g1 in zip(r0["grads"], r1["grads"]):
+        for name in g0:
+            assert torch.equal(g0[name], g1[name]), name
+        torch.testing.assert_close(g0["b.weight"], expected)
 
 
-def test_torchrun_trains_with_two_processes(tmp_path):
-    src = (REPO / "tests" / "engine" / "test_train.py").read_text()
-    tiny = src[src.index('TINY = """') + 10 : src.index('"""\n\n\n@pytest.fixture')]
+def test_wrap_is_the_trainer_itself_when_alone():
+    module = _TwoLayers()
+    assert wrap_for_training(module, DistInfo(), torch.device("cpu")) is module
+
+
+def test_sync_bn_converts_trainable_batchnorm_only_and_keeps_its_tensors():
+    from detkit.interfaces import freeze_batchnorm
+
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    model = torch.nn.Sequential(frozen, torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+
+    class Frozen(torch.nn.Module):  # freezing that survives train(), as the backbones do it
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            freeze_batchnorm(self.inner)
+            return self
+
+    model[0] = Frozen(frozen)
+    weight, mean = model[2].weight, model[2].running_mean
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()  # as DistributedHook does: a frozen BatchNorm shows in its mode
+    assert convert_sync_batchnorm(model) == 1
+    assert type(model[2]) is torch.nn.SyncBatchNorm and type(model[0].inner[1]) is torch.nn.BatchNorm2d
+    assert model[2].weight is weight and model[2].running_mean is mean  # the optimizer still holds them
+    assert any(p is model[2].weight for p in optimizer.param_groups[0]["params"])
+
+
+# ------------------------------------------------------------ the detector
+def _build(config: str):
+    from detkit.engine.optim import build_optimizer
+    from detkit.registry import registry
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = registry("detector").build(cfg.model, num_classes=4)
+    optimizer = build_optimizer(model, cfg.train.optimizer)
+    trainer = registry("trainer").build(cfg.train.trainer, model=model, optimizer=optimizer)
+    return cfg, model, trainer
+
+
+def _global_batch(cfg):
+    from detkit.data.collate import Collate
+    from detkit.data.loader import build_dataset
+
+    data = build_dataset(cfg.data, "train", augment=False)
+    return [data[i] for i in range(4)]
+
+
+def _step(trainer, samples, module=None, **kw):
+    from detkit.data.collate import Collate
+
+    b = Collate(0)(samples)
+    return trainer.train_step(b.images, b.boxes, b.labels, scale=b.scales, image_sizes=b.image_sizes,
+                              module=module, **kw)
+
+
+def _freeze(model, frozen: bool) -> None:
+    """The frozen-backbone phase as FrozenBackboneHook switches it (frozen BatchNorm stays frozen)."""
+    if not hasattr(model, "_trainable"):
+        model._trainable = {id(p): p.requires_grad for p in model.backbone_parameters()}
+    for p in model.backbone_parameters():
+        p.requires_grad_(False if frozen else model._trainable[id(p)])
+
+
+def _worker_detector(rank: int, port: int, config: str, out: str) -> None:
+    info = _join(rank, port)
+    cfg, model, trainer = _build(config)
+    model.train()
+    samples = _global_batch(cfg)[2 * rank : 2 * rank + 2]  # this rank's half of the global batch of 4
+    loop = types.SimpleNamespace(trainer=trainer, model=model, dist=info, device=torch.device("cpu"),
+                                 console=Console(quiet=True), trainer_module=trainer)
+    hook = DistributedHook()
+    hook.loop = loop
+    hook.before_train()
+    losses = []
+    for step in range(STEPS):
+        _freeze(model, step == 0)  # the first step in the frozen-backbone phase
+        hook.before_step()
+        torch.manual_seed(100 + step)  # seeded target sampling, the same state on both ranks
+        losses.append(_step(trainer, samples, loop.trainer_module)["total"])
+    torch.save({"weights": {k: v.clone() for k, v in model.state_dict().items()},
+                "wrapper": type(loop.trainer_module).__name__, "losses": losses}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def frozen_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(FROZEN)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, frozen_config):
+    mp.spawn(_worker_detector, args=(free_port(), frozen_config, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert r0["wrapper"] == "DistributedDataParallel"
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+
+    # One process, the same 4 images as 2 accumulated micro-batches (the ranks' halves).
+    cfg, model, trainer = _build(frozen_config)
+    model.train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = _global_batch(cfg)
+    for step in range(STEPS):
+        _freeze(model, step == 0)
+        for k, half in enumerate((samples[:2], samples[2:])):
+            torch.manual_seed(100 + step)
+            _step(trainer, half, loss_scale=0.5, zero_grad=k == 0, step=k == 1)
+    moved = 0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(v, start[k])
+    assert moved > 10  # the comparison is about trained weights, backbone included
+    trunk = [k for k in start if k.startswith("extractor.")]
+    assert any(not torch.equal(model.state_dict()[k], start[k]) for k in trunk)
+
+
+# ------------------------------------------------------------- evaluation
+def _worker_eval(rank: int, port: int, config: str, out: str) -> None:
+    info = _join(rank, port)
+    cfg, model, loader = _eval_setup(config)
+    results = [evaluate_distributed(model, loader, loader.dataset.classes, c, torch.device("cpu"), info)
+               for c in _eval_configs(cfg)]
+    if rank == 0:
+        torch.save(results, f"{out}/result.pt")
+    else:
+        assert results == [None, None]
+    dist.destroy_process_group()
+
+
+def _eval_setup(config: str):
+    from detkit.data.loader import build_dataset, build_loader
+
+    cfg, model, _ = _build(config)
+    val = build_dataset(cfg.data, "val")
+    return cfg, model, build_loader(val, batch_size=2, shuffle=False)
+
+
+def _eval_configs(cfg):
+    return [cfg.eval, cfg.eval.model_copy(update={"max_images": 4})]
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    # 7 images: the shards are uneven (4 + 3), nothing may be counted twice.
+    text = FROZEN.replace("num_images: 4, image_size", "num_images: 7, image_size")
+    text = text.replace("eval: {interval: 1, score_thresh: 0.0}", "eval: {interval: 1, score_thresh: 0.0, metric: [voc, coco]}")
     config = tmp_path / "tiny.yaml"
-    config.write_text(tiny)
+    config.write_text(text)
+    mp.spawn(_worker_eval, args=(free_port(), str(config), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "result.pt", weights_only=False)
+
+    from detkit.engine.evaluate import evaluate
+
+    cfg, model, loader = _eval_setup(str(config))
+    single = [evaluate(model, loader, loader.dataset.classes, c, torch.device("cpu")) for c in _eval_configs(cfg)]
+    assert [r["images"] for r in single] == [7, 4]
+    assert single[0]["metrics"]["voc/mAP"] > 0  # something is detected: the comparison is not of zeros
+    for s, d in zip(single, sharded):
+        assert d["images"] == s["images"]
+        assert json.dumps(d["metrics"], sort_keys=True) == json.dumps(s["metrics"], sort_keys=True)  # exactly (NaN too)
+        assert json.dumps(d["per_class"], sort_keys=True) == json.dumps(s["per_class"], sort_keys=True)
+
+
+# ------------------------------------------------------------------ the CLI
+def _torchrun(*args: str, launcher: str = "detkit", timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "detkit.cli", "train", str(config), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    env.pop("WORLD_SIZE", None)
+    if launcher == "detkit":
+        cmd = [sys.executable, "-c", "from detkit.engine.distributed import launch_main; launch_main()"]
+        cmd += ["--nproc-per-node", "2", "--master-port", str(free_port()), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "detkit.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes_and_only_rank0_writes(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"), launcher="torchrun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # 8 images, batch 4 per process, 2 processes: one step per epoch, logged once (by rank 0).
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [0, 1]
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
     assert proc.stdout.count("done in") == 1  # only rank 0 reports
+    names = {p.name for p in run.iterdir()}
+    assert names >= {"best.pt", "config.yaml", "last.pt", "losses.png", "metrics.jsonl"}
+    assert not [n for n in names if n.startswith(".") or "tmp" in n]  # no half-written files of a second writer
+    assert "Traceback" not in proc.stderr
+
+
+def _broken_voc(tmp_path: Path) -> Path:
+    """8 VOC images, one of them not an image: one rank fails on its shard, the other does not."""
+    from detkit.data.export import export_synthetic
+    from detkit.data.synthetic import SyntheticShapes
+
+    root = export_synthetic(tmp_path / "voc", "voc", SyntheticShapes(num_images=8, image_size=(64, 64), split="train"))
+    image = sorted((Path(root) / "JPEGImages").iterdir())[3]
+    image.write_bytes(b"not an image")
+    config = tmp_path / "broken.yaml"
+    config.write_text(TINY.replace(
+        "train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}",
+        f"train: {{type: voc, root: {root}, split: train, classes: [circle, square, triangle, cross]}}"))
+    return config
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_is_one_line(tmp_path):
+    config = _broken_voc(tmp_path)
+    proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "cannot read image" in lines[0], proc.stderr
+    # Plain torchrun: the ranks still print no traceback; torchrun adds its own failure report.
+    proc = _torchrun("train", str(config), "--out", str(tmp_path / "run2"), launcher="torchrun")
+    assert proc.returncode == 1
+    assert proc.stderr.count("cannot read image") == 1
+    assert "[rank" not in proc.stderr  # torchrun prefixes the workers' output lines; there are none
+
+
+@pytest.mark.slow
+def test_an_error_on_every_rank_is_reported_once(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.replace(  # every rank fails building its data set, after joining the group
+        "train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}",
+        f"train: {{type: voc, root: {tmp_path / 'missing'}, split: train}}"))
+    proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
