@@ -161,3 +161,35 @@ def test_sigterm_without_iteration_checkpoints_is_like_ctrl_c(tiny_config, tmp_p
     assert line.startswith("interrupted by SIGTERM at step ")
     assert f"{run_dir / 'last.pt'} holds step" in line and "--resume" in line
     assert "Traceback" not in out
+
+
+# ---------------------------------------------------------------- case 11
+def test_a_diverging_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    from detkit.engine.train import TrainLoop
+    from detkit.errors import DetkitError
+
+    run_step = TrainLoop.run_step
+
+    def diverging(self, batches, n):
+        losses = run_step(self, batches, n)
+        if self.step >= 2:  # from step 3 on: finite but absurd, as with a too-high LR
+            losses = {k: v * 0 + 1e25 for k, v in losses.items()}
+        return losses
+
+    monkeypatch.setattr(TrainLoop, "run_step", diverging)
+    cfg = load_config(tiny_config, ["train.epochs=3", "train.log_interval=2", "train.checkpoint_every_iters=1",
+                                    "train.loss_guard={max_ratio: 10, history: 1}"])
+    with pytest.raises(DetkitError) as info:
+        train(cfg, out_dir=tmp_path / "run")
+    msg = str(info.value)
+    assert msg.startswith("loss 1e+25 is over 10x the recent median") and "at step 3" in msg
+    assert "lower train.optimizer.lr" in msg  # the same advice as for a NaN
+    assert f"{tmp_path / 'run' / 'last.pt'} keeps step 2" in msg
+    # Step 3 was not a log point, but it was due for a checkpoint: the guard ran first.
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+def test_the_divergence_guard_is_on_by_default():
+    from detkit.engine.config import TrainConfig
+
+    assert TrainConfig().loss_guard.max_ratio == 1000
