@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor, nn
 
 from detkit.engine.config import EvalConfig
@@ -81,6 +82,8 @@ def predict_dataset(
     model.eval()
     total = _images_in(loader, cfg.max_images)
     results: list[ImageResult] = []
+    if progress is not None:
+        progress(0, total)
     try:
         for batch in loader:
             batch = batch.to(device)
@@ -232,20 +235,31 @@ def evaluate(
     return out
 
 
-def metrics_table(result: dict[str, Any], title: str = "validation") -> Table:
-    """Per-class columns for each evaluator; the scalar metrics in the caption."""
-    per_class: dict[str, dict[str, float]] = result.get("per_class") or {"AP": result.get("AP", {})}
-    metrics: dict[str, float] = result.get("metrics") or {"mAP": result["mAP"]}
-    caption = "  ".join(f"{k} {v:.4f}" if not math.isnan(v) else f"{k} -" for k, v in metrics.items())
-    table = Table(title=title, caption=caption)
+def metrics_table(result: dict[str, Any], title: str = "validation") -> Group:
+    """Per-class AP, one column per evaluator, then one line of metrics per evaluator."""
+    per_class: dict[str, dict[str, float]] = result.get("per_class") or {"voc": result.get("AP", {})}
+    metrics: dict[str, float] = result.get("metrics") or {"voc/mAP": result["mAP"]}
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    table = Table(title=title)
     table.add_column("class")
     for name in per_class:
         table.add_column(f"{name} AP", justify="right")
-    classes = list(next(iter(per_class.values()), {}))
-    for c in classes:
-        cells = [per_class[name].get(c) for name in per_class]
-        table.add_row(c, *("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}" for v in cells))
-    return table
+    for c in next(iter(per_class.values()), {}):
+        table.add_row(c, *(fmt(per_class[name].get(c)) for name in per_class))
+    lines = {}
+    for key, value in metrics.items():
+        evaluator, _, metric = key.partition("/")
+        lines.setdefault(evaluator, []).append(f"{metric} {fmt(value)}")
+    text = Text()
+    for evaluator, parts in lines.items():
+        text.append(f"{evaluator}: ", style="bold")
+        text.append("  ".join(parts) + "\n")
+    if result.get("best_key"):
+        text.append(f"best.pt follows {result['best_key']}", style="dim")
+    return Group(table, text)
 
 
 def write_report(

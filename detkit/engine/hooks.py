@@ -55,6 +55,8 @@ from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
 from detkit.errors import ConfigError, DetkitError
 
+VAL_DETECTIONS = "val_detections.json"  # the latest periodic evaluation's detections (COCO results)
+
 if TYPE_CHECKING:
     from detkit.engine.train import TrainLoop
 
@@ -126,8 +128,8 @@ class ProgressHook(HookBase):
         if record.get("type") == "train":
             self.display.log(record, self.loop.loss_names)
         elif record.get("type") == "eval" and "mAP" in record:
-            self.display.message(f"epoch {record['epoch'] + 1}: val mAP@{self.loop.cfg.eval.iou_thresh} "
-                                 f"{record['mAP']:.4f}")
+            key = record.get("best_key") or f"mAP@{self.loop.cfg.eval.iou_thresh}"
+            self.display.message(f"epoch {record['epoch'] + 1}: val {key} {record['mAP']:.4f}")
 
     def after_train(self) -> None:
         if self.display is not None:
@@ -396,7 +398,10 @@ class EvalHook(HookBase):
         loop.eval_result = result
         # NaN (a class without ground truth) is not JSON: write null.
         aps = {k: (None if v is None or math.isnan(v) else v) for k, v in result.get("AP", {}).items()}
-        loop.emit({"type": "eval", "epoch": loop.epoch, "step": loop.step, "mAP": result["mAP"], "AP": aps})
+        # "mAP" is the eval.best value (named best_key); every metric follows as "<evaluator>/<name>".
+        metrics = {k: (None if math.isnan(v) else v) for k, v in result.get("metrics", {}).items()}
+        loop.emit({"type": "eval", "epoch": loop.epoch, "step": loop.step, "mAP": result["mAP"],
+                   "best_key": result.get("best_key"), **metrics, "AP": aps})
         score = self.score(result)
         if score > loop.best_metric:
             loop.best_metric = score
@@ -404,8 +409,8 @@ class EvalHook(HookBase):
 
     @staticmethod
     def score(result: dict[str, Any]) -> float:
-        """The number best.pt follows."""
-        return float(result["mAP"])
+        """The number best.pt follows (``eval.best``)."""
+        return float(result.get("best", result["mAP"]))
 
     def run_evaluation(self) -> dict[str, Any] | None:
         """The one place the training loop evaluates (None on ranks other than 0)."""
@@ -417,11 +422,24 @@ class EvalHook(HookBase):
         if self.val_loader is None:  # built once: its workers persist between evaluations
             self.val_loader = build_loader(loop.val_set, batch_size=cfg.data.batch_size, shuffle=False,
                                            num_workers=cfg.data.num_workers, seed=cfg.train.seed)
-        with loop.eval_weights():
+        # The detections of the latest evaluation, in the COCO results format (rank 0 writes).
+        detections = loop.run_dir / VAL_DETECTIONS if loop.is_main else None
+        with loop.eval_weights(), self.progress() as progress:
             if loop.dist.enabled:
                 return evaluate_distributed(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device,
-                                            loop.dist)
-            return evaluate(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device)
+                                            loop.dist, detections_path=detections, progress=progress)
+            return evaluate(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device,
+                            detections_path=detections, progress=progress)
+
+    @contextmanager
+    def progress(self) -> Iterator[Any]:
+        """A validation bar under the training bar (ProgressHook's display); nothing without one."""
+        display = next((h.display for h in self.loop.hooks if isinstance(h, ProgressHook) and h.display), None)
+        if display is None:
+            yield lambda done, total: None
+            return
+        with display.subtask(f"{self.loop.epoch + 1}/{self.loop.epochs} val") as update:
+            yield update
 
 
 # -------------------------------------------------------------- checkpoints
@@ -469,7 +487,8 @@ class SummaryHook(HookBase):
             loop.console.print(metrics_table(loop.eval_result, title=f"val AP ({len(loop.val_set)} images)"))
         summary = f"done in {minutes:.1f} min: {run_dir / 'last.pt'}"
         if loop.val_set is not None and loop.best_metric > -math.inf:
-            summary += f", best val mAP@{loop.cfg.eval.iou_thresh} {loop.best_metric:.4f} ({run_dir / 'best.pt'})"
+            key = (loop.eval_result or {}).get("best_key") or f"mAP@{loop.cfg.eval.iou_thresh}"
+            summary += f", best val {key} {loop.best_metric:.4f} ({run_dir / 'best.pt'})"
         if plot:
             summary += f", loss curves {plot}"
         loop.console.print(summary, markup=False, highlight=False, soft_wrap=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.text import Text
@@ -179,6 +180,18 @@ class TrainDisplay:
                 markup=False, highlight=False, soft_wrap=True,
             )
 
+    @contextmanager
+    def subtask(self, label: str) -> Iterator[Callable[[int, int], None]]:
+        """A second bar (validation) under the training bar while the block runs, then removed.
+
+        Yields ``update(done, total)``.
+        """
+        task = self.progress.add_task(label, total=None, epoch=label, rate="")
+        try:
+            yield lambda done, total: self.progress.update(task, completed=done, total=total)
+        finally:
+            self.progress.remove_task(task)
+
     def message(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
@@ -213,9 +226,10 @@ def plot_losses(metrics_path: Path, out: Path, names: Sequence[str] | None = Non
             ax.plot(xs, ys, label=name, linewidth=2 if name == "total" else 1)
     evals = [r for r in read_metrics(metrics_path) if r.get("type") == "eval" and "mAP" in r]
     if evals:
+        key = evals[-1].get("best_key") or "mAP@0.5"  # "mAP" holds the eval.best metric
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [r["mAP"] for r in evals], "k--o", label="val mAP@0.5")
-        ax2.set_ylabel("mAP@0.5")
+        ax2.plot([r["step"] for r in evals], [r["mAP"] for r in evals], "k--o", label=f"val {key}")
+        ax2.set_ylabel(key)
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
     ax.set_xlabel("step")

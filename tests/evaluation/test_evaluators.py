@@ -166,7 +166,7 @@ def test_evaluate_on_a_coco_file_matches_faster_coco_eval_on_that_file(tmp_path)
     seen = []
     result = evaluate(model, loader, dataset.classes, EvalConfig(metric=["coco", "voc"]), torch.device("cpu"),
                       detections_path=tmp_path / "out" / "detections.json", progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(2, 3), (3, 3)]
+    assert seen == [(0, 3), (2, 3), (3, 3)]
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert {d["image_id"] for d in written} == {7, 12, 30} and {d["category_id"] for d in written} == {2, 5, 9}
     # Back in the original image's pixels, as [x, y, w, h].
