@@ -66,7 +66,7 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
         ) from None
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml", "val_detections.json")
 
 
 def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
