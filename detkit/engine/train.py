@@ -16,7 +16,8 @@ progress and metrics, evaluation, checkpoints, the loss guard, EMA, plugin
 hooks) is a hook in :mod:`detkit.engine.hooks`, called in the documented order.
 
 Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``last.pt``,
-``best.pt``, ``losses.png``.  It is created only once the config, the data
+``best.pt``, ``losses.png``, ``data_summary.txt`` (boxes clipped or dropped by
+the readers, also printed at the start).  It is created only once the config, the data
 and the model have been built; one that already holds checkpoints is refused
 unless the run resumes or ``overwrite`` is set; leftovers of a save that was
 killed mid-write (``.*.tmp``) are removed at the start.
@@ -582,4 +583,24 @@ def _train(
          f"{tc.epochs} epochs x {loop.epoch_steps[-1]} iterations"
          + (f" (x {tc.accumulate} accumulated batches)" if tc.accumulate > 1 else "")
          + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}")
+    boxes = box_summary(loop)
+    for line in boxes:
+        _say(console, line)
+    if dist_info.is_main and boxes:  # kept with the run: what the readers did to the ground truth
+        atomic_write_text(run_dir / DATA_SUMMARY, "\n".join(boxes) + "\n")
     return loop.run()
+
+
+DATA_SUMMARY = "data_summary.txt"
+
+
+def box_summary(loop: TrainLoop) -> list[str]:
+    """One line per split whose reader checked its boxes against the images (clipped, dropped)."""
+    from detkit.data.box_report import find_box_report
+
+    lines = []
+    for split, dataset in (("train", loop.train_set), ("val", loop.val_set)):
+        report = find_box_report(dataset)
+        if report is not None:
+            lines.append(report.line(f"data.{split}"))
+    return lines

@@ -118,3 +118,29 @@ def test_degenerate_boxes_never_reach_the_anchor_suggestion():
     clean = without_degenerate_boxes(ann)
     assert clean.boxes.tolist() == boxes[:2].tolist() and clean.labels.shape == (2,)
     assert suggest_anchors(clean.boxes, 2, 1)[0] == [2.0]  # 32 px / 16, not 6e-05
+
+
+def test_training_prints_the_summary_and_keeps_it_in_the_run_directory(tmp_path, capsys):
+    from detkit.config import load_config
+    from detkit.engine.train import train
+
+    _coco(tmp_path)
+    ann = str(tmp_path / "instances.json")
+    cfg = {
+        "model": {"type": "faster_rcnn", "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
+                  "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"train_post_nms": 16, "test_post_nms": 8}},
+                  "preprocess": {"min_size": 64, "max_size": 128}},
+        "data": {"train": {"type": "coco", "root": str(tmp_path), "annotations": ann},
+                 "val": {"type": "coco", "root": str(tmp_path), "annotations": ann},
+                 "batch_size": 1, "transforms": {"min_size": 64, "max_size": 128}},
+        "train": {"epochs": 1, "trainer": {"type": "faster_rcnn_trainer", "anchor_target": {"type": "anchor_target", "n_sample": 16},
+                                           "proposal_target": {"type": "proposal_target", "n_sample": 8}}},
+        "eval": {"interval": 0},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = train(load_config(path), out_dir=tmp_path / "run")
+    line = "data.train: 3 boxes kept; 2 clipped to their image, 1 dropped (wholly outside their image), " \
+           "2 dropped (zero or negative width or height)"
+    assert line in capsys.readouterr().out
+    assert (run_dir / "data_summary.txt").read_text().splitlines()[0] == line
