@@ -1,0 +1,197 @@
+"""Multi-level features: FPN neck, per-level anchors and proposals, multi-scale RoI pooling."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from detkit.errors import ConfigError
+from detkit.interfaces import ShapeSpec
+from detkit.registry import build_detector, registry
+from detkit_builtins.anchors import MultiLevelAnchorGenerator
+from detkit_builtins.necks.fpn import FPN
+from detkit_builtins.roi_head import MultiScaleRoIHead
+from detkit_builtins.rpn import RegionProposalNetwork
+
+REPO = Path(__file__).resolve().parents[2]
+C_SHAPES = {"C2": ShapeSpec(8, 4), "C3": ShapeSpec(16, 8), "C4": ShapeSpec(24, 16), "C5": ShapeSpec(32, 32)}
+P_SHAPES = {f"P{k}": ShapeSpec(16, 2 ** k) for k in range(2, 7)}
+SIZES = [[32], [64], [128], [256], [512]]
+
+
+def c_features(n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(n, s.channels, -(-h // s.stride), -(-w // s.stride), generator=g) for k, s in C_SHAPES.items()}
+
+
+def test_fpn_equals_torchvision_feature_pyramid_with_the_same_weights():
+    torch.manual_seed(0)
+    ours = FPN(input_shapes=C_SHAPES, out_channels=16)
+    theirs = FeaturePyramidNetwork([8, 16, 24, 32], 16, extra_blocks=LastLevelMaxPool())
+    theirs.load_state_dict(ours.state_dict())  # the same keys: inner_blocks.i.0, layer_blocks.i.0
+    feats = c_features(2, 100, 72)  # odd sizes: the top-down path upsamples to each lateral's size
+    out = ours(feats)
+    ref = theirs(OrderedDict((str(i), v) for i, v in enumerate(feats.values())))
+    assert list(out) == ["P2", "P3", "P4", "P5", "P6"]
+    assert ours.output_shape() == {"P2": (16, 4), "P3": (16, 8), "P4": (16, 16), "P5": (16, 32), "P6": (16, 64)}
+    for o, r in zip(out.values(), ref.values()):
+        torch.testing.assert_close(o, r)
+    assert out["P6"].shape[-2:] == (2, 2)  # ceil(4 / 2), ceil(3 / 2)
+
+
+def test_fpn_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="model.neck.in_features: C6 not produced"):
+        FPN(input_shapes=C_SHAPES, in_features=["C5", "C6"])
+    with pytest.raises(ConfigError, match="finest first"):
+        FPN(input_shapes=C_SHAPES, in_features=["C4", "C3"])
+    with pytest.raises(ConfigError, match="multi-level backbone"):
+        FPN(input_shapes={})
+
+
+@pytest.mark.parametrize("level_stride", ["input_ratio", "nominal"])
+def test_multi_level_anchors_match_torchvision(level_stride):
+    gen = MultiLevelAnchorGenerator([4, 8, 16, 32, 64], sizes=SIZES, ratios=[0.5, 1.0, 2.0], level_stride=level_stride)
+    tv = TVAnchorGenerator(tuple((s[0],) for s in SIZES), ((0.5, 1.0, 2.0),) * 5)
+    h, w = 160, 96  # P6 of 160 px is 3 cells: torchvision shifts them by 160 // 3 = 53 px, not 64
+    maps = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in (4, 8, 16, 32, 64)]
+    ours = torch.cat(gen([m.shape[-2:] for m in maps], (h, w)))
+    theirs = tv(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), maps)[0]
+    if level_stride == "input_ratio":
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    else:
+        last = maps[-1].shape[-2] * maps[-1].shape[-1] * 3
+        torch.testing.assert_close(ours[:-last], theirs[:-last], rtol=0, atol=0)
+        assert not torch.equal(ours[-last:], theirs[-last:])
+
+
+def build_rpn(**proposal) -> RegionProposalNetwork:
+    torch.manual_seed(0)
+    rpn = RegionProposalNetwork(
+        in_channels=16, feat_stride=[4, 8, 16, 32, 64], mid_channels=None,
+        anchor={"sizes": SIZES}, proposal={"min_size": 0.001, "nms_iou": 0.7, **proposal},
+    )
+    with torch.no_grad():
+        rpn.loc.weight.normal_(0, 0.05)
+        rpn.score.weight.normal_(0, 0.5)
+    return rpn.eval()
+
+
+def p_features(n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(n, 16, -(-h // s.stride), -(-w // s.stride), generator=g) for k, s in P_SHAPES.items()}
+
+
+def test_rpn_scores_every_level_and_takes_top_k_per_level():
+    rpn = build_rpn(test_pre_nms=5, test_post_nms=1000)
+    feats = p_features(2, 128, 96)
+    sizes = torch.tensor([[128, 96], [100, 80]])
+    out = rpn(feats, sizes, input_size=(128, 96))
+    counts = [m.shape[-2] * m.shape[-1] * 3 for m in feats.values()]
+    assert out.anchors.shape == (sum(counts), 4)
+    assert out.locs.shape == (2, sum(counts), 4) and out.scores.shape == (2, sum(counts), 2)
+    # At most 5 per level per image survive, whatever the NMS does.
+    for i in range(2):
+        n_i = int((out.roi_indices == i).sum())
+        assert 0 < n_i <= 5 * len(counts)
+    rois = out.rois[out.roi_indices == 1]
+    assert (rois[:, 2] <= 80).all() and (rois[:, 3] <= 100).all()  # clipped to image 1's true size
+
+
+def test_rpn_nms_runs_per_level_and_post_nms_caps_each_image():
+    rpn = build_rpn(test_pre_nms=50, test_post_nms=7)
+    out = rpn(p_features(3, 96, 96), torch.tensor([[96, 96]] * 3), input_size=(96, 96))
+    assert torch.equal(torch.bincount(out.roi_indices, minlength=3), torch.tensor([7, 7, 7]))
+    # One image alone gives the same proposals as in the batch.
+    alone = rpn({k: v[1:2] for k, v in p_features(3, 96, 96).items()}, torch.tensor([[96, 96]]), input_size=(96, 96))
+    torch.testing.assert_close(alone.rois, out.rois[out.roi_indices == 1])
+
+
+def test_multiscale_head_pools_like_torchvision_multiscale_roialign():
+    torch.manual_seed(0)
+    head = MultiScaleRoIHead(num_classes=3, input_shapes=P_SHAPES, representation_size=32)
+    feats = p_features(2, 256, 224)
+    rois = torch.tensor([[0, 0, 20, 20], [10, 10, 200, 240], [5, 5, 100, 60], [0, 0, 220, 250], [3, 4, 40, 90.0]])
+    idx = torch.tensor([0, 0, 1, 1, 1])
+    ours = head.pool_rois(feats, rois, idx)
+    pooler = MultiScaleRoIAlign(["P2", "P3", "P4", "P5"], 7, 2)
+    theirs = pooler(feats, [rois[idx == 0], rois[idx == 1]], [(256, 224)] * 2)
+    torch.testing.assert_close(ours, theirs)
+    # floor(4 + log2(sqrt(area) / 224)): sqrt(area) 20 -> 0.5 -> P2; 209 -> 3.9 -> P3;
+    # 72 -> 2.4 -> P2; 235 -> 4.07 -> P4; 56 -> 2.0 -> P2 (indices into P2..P5).
+    assert head.levels(rois).tolist() == [0, 1, 0, 2, 0]
+    locs, scores = head(feats, rois, idx, (256, 224))
+    assert locs.shape == (5, 16) and scores.shape == (5, 4)
+
+
+def fpn_model_cfg(**extra) -> dict:
+    return {
+        "type": "faster_rcnn",
+        "backbone": {"type": "resnet50", "out_features": ["C2", "C3", "C4", "C5"], "norm": "frozen_bn"},
+        "neck": {"type": "fpn", "out_channels": 32},
+        "rpn": {
+            "type": "rpn", "mid_channels": None, "anchor": {"sizes": SIZES},
+            "proposal": {"train_pre_nms": 200, "train_post_nms": 64, "test_pre_nms": 100, "test_post_nms": 32,
+                         "min_size": 0.001, "min_size_before_topk": False},
+        },
+        "roi_head": {"type": "multiscale_roi_head", "representation_size": 64},
+        "preprocess": {"min_size": 96, "max_size": 128, "size_divisible": 32, "pad": "mean"},
+        **extra,
+    }
+
+
+def test_fpn_detector_trains_one_step_and_predicts():
+    torch.manual_seed(0)
+    model = build_detector(fpn_model_cfg(), 3)
+    trainer = registry("trainer").build(
+        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 32}, "seed": 0},
+        model=model,
+    )
+    model.train()
+    imgs = torch.rand(2, 3, 96, 128)
+    boxes = [torch.tensor([[10.0, 12, 60, 80]]), torch.tensor([[30.0, 20, 120, 90], [0, 0, 40, 40]])]
+    labels = [torch.tensor([1]), torch.tensor([0, 2])]
+    losses = trainer(imgs, boxes, labels, image_sizes=torch.tensor([[96, 128], [90, 120]]))
+    losses = losses._asdict() if hasattr(losses, "_asdict") else dict(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    for name in ("neck.layer_blocks.0.0.weight", "rpn.conv1.weight", "head.box_head.fc6.weight",
+                 "extractor.layer4.0.conv1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # Frozen stages stay frozen; anchors come from the RPN, all levels concatenated.
+    assert model.anchors((96, 128)).shape[0] == 3 * sum((96 // s) * (128 // s) for s in (4, 8, 16, 32)) + 3 * 2 * 2
+    out = model.eval().predict([torch.rand(3, 70, 90), torch.rand(3, 90, 60)])
+    assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
+
+
+def test_c4_backbone_with_multiscale_head_or_fpn_without_levels_fail_at_build():
+    cfg = fpn_model_cfg()
+    cfg["backbone"] = {"type": "resnet50"}
+    with pytest.raises(ConfigError, match="multi-level backbone"):
+        build_detector(cfg, 3)
+    cfg = fpn_model_cfg(neck=None)
+    with pytest.raises(ConfigError, match="channels"):
+        build_detector(cfg, 3)
+    cfg = fpn_model_cfg(roi_head={"type": "roi_head"})
+    with pytest.raises(ConfigError, match="multiscale_roi_head"):
+        build_detector(cfg, 3)
+
+
+@pytest.mark.parametrize(
+    "name", ["frcnn_resnet50_fpn.yaml", "coco/frcnn_resnet50_fpn.yaml", "import/torchvision_fasterrcnn_resnet50_fpn.yaml"]
+)
+def test_shipped_fpn_configs_validate_and_build(name):
+    from detkit.config import load_config
+
+    cfg = load_config(REPO / "configs" / name).to_dict()
+    assert cfg["model"]["neck"]["type"] == "fpn"
+    with torch.device("meta"):
+        model = build_detector(cfg["model"], 20)
+    assert model.multi_level and list(model.neck.output_shape()) == ["P2", "P3", "P4", "P5", "P6"]
