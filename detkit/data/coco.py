@@ -22,6 +22,7 @@ from torch import Tensor
 
 from detkit.data.box_report import BoxReport
 from detkit.data.image import image_size, load_image
+from detkit.data.paths import path_field, resolve, where as path_origin
 from detkit.errors import DataError
 from detkit.interfaces import DetectionDataset
 
@@ -31,10 +32,10 @@ def _require(cond: bool, path: Path, field: str, problem: str) -> None:
         raise DataError(f"{path}: {field}: {problem}")
 
 
-def read_coco_json(path: Path) -> dict[str, Any]:
+def read_coco_json(path: Path, origin: str = "annotations") -> dict[str, Any]:
     """The parsed instances file, with its top-level structure checked."""
     if not path.is_file():
-        raise DataError(f"{path}: COCO annotation file not found (annotations: should name an instances_*.json)")
+        raise DataError(f"{path}: COCO annotation file not found ({origin}; it should name an instances_*.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -52,19 +53,19 @@ class COCODataset(DetectionDataset):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        root: str = Field(description="directory the images' file_name is relative to")
-        annotations: str = Field(description="instances JSON file")
+        root: str = path_field(description="directory the images' file_name is relative to")
+        annotations: str = path_field(description="instances JSON file")
         use_crowd: bool = Field(
             False, description="keep iscrowd boxes (flagged difficult); set true for evaluation splits"
         )
 
     def __init__(self, **params: Any):
         p = self.params = self.Params(**params)
-        self.root = Path(p.root).expanduser()
+        self.root = resolve(p.root)
         if not self.root.is_dir():
-            raise DataError(f"{self.root}: COCO image directory not found (root:)")
-        path = Path(p.annotations).expanduser()
-        data = read_coco_json(path)
+            raise DataError(f"{self.root}: COCO image directory not found ({path_origin('root', p.root)})")
+        path = resolve(p.annotations)
+        data = read_coco_json(path, path_origin("annotations", p.annotations))
 
         cats = data["categories"]
         for k, c in enumerate(cats):

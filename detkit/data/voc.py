@@ -21,6 +21,7 @@ from torch import Tensor
 
 from detkit.data.box_report import BoxReport
 from detkit.data.image import image_size, load_image
+from detkit.data.paths import path_field, resolve, where as path_origin
 from detkit.errors import DataError
 from detkit.interfaces import DetectionDataset
 
@@ -36,15 +37,19 @@ _HOW_TO_GET = (
 )
 
 
-def find_voc_root(root: str | Path) -> Path:
-    """The directory holding ``Annotations``: ``root`` itself or ``root/[VOCdevkit/]VOC2007``."""
-    root = Path(root).expanduser()
+def find_voc_root(root: str | Path, origin: str | None = None) -> Path:
+    """The directory holding ``Annotations``: ``root`` itself or ``root/[VOCdevkit/]VOC2007``.
+
+    ``origin`` says where ``root`` came from (for the error message).
+    """
+    root = resolve(root)
     candidates = [root, root / "VOC2007", root / "VOCdevkit" / "VOC2007"]
     for c in candidates:
         if (c / "Annotations").is_dir():
             return c
     looked = ", ".join(str(c / "Annotations") for c in candidates)
-    raise DataError(f"VOC data not found: looked for {looked}; {_HOW_TO_GET}")
+    came = f" ({origin})" if origin else ""
+    raise DataError(f"VOC data not found: looked for {looked}{came}; {_HOW_TO_GET}")
 
 
 def _text(node: ET.Element, tag: str, xml: Path, where: str) -> str:
@@ -128,7 +133,7 @@ class VOCDataset(DetectionDataset):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        root: str = Field(description="VOC2007 directory (holding Annotations/), or a parent VOCdevkit")
+        root: str = path_field(description="VOC2007 directory (holding Annotations/), or a parent VOCdevkit")
         split: str = Field("trainval", min_length=1, description="ImageSets/Main/<split>.txt")
         classes: list[str] = Field(default_factory=lambda: list(VOC_CLASSES), min_length=1)
         use_difficult: bool = Field(
@@ -146,7 +151,7 @@ class VOCDataset(DetectionDataset):
     def __init__(self, **params: Any):
         p = self.params = self.Params(**params)
         self.classes = list(p.classes)
-        self.root = find_voc_root(p.root)
+        self.root = find_voc_root(p.root, path_origin("root", p.root))
         split_file = self.root / "ImageSets" / "Main" / f"{p.split}.txt"
         if not split_file.is_file():
             have = sorted(f.stem for f in (self.root / "ImageSets" / "Main").glob("*.txt") if "_" not in f.stem)

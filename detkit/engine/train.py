@@ -46,6 +46,7 @@ from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_f
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
+from detkit.data.paths import absolute_data_paths
 from detkit.io import stale_temporaries
 from detkit.registry import registry
 
@@ -564,6 +565,9 @@ def _train(
     overwrite: bool = False,
 ) -> Path:
     seed_everything(cfg.train.seed)
+    # The stored config (config.yaml, checkpoints) holds absolute data paths, so
+    # eval, predict and --resume work from any directory.
+    cfg = absolute_data_paths(cfg)
     run_dir = run_dir_for(cfg, config_path, out_dir)
     if dist_info.is_main:
         check_run_dir(run_dir, resume, overwrite)
