@@ -85,6 +85,57 @@ class Backbone(nn.Module, ABC):
             raise NotImplementedError(f"{type(self).__name__} does not support freeze_stages")
 
 
+def check_backbone_output(backbone: nn.Module, name: str) -> None:
+    """Check that ``backbone`` returns what it declares, before anything is trained.
+
+    Compares the real output with ``out_channels``/``stride`` (one map) or
+    ``output_shape()`` (named levels).  Two dry forwards on the meta device (no
+    memory, no FLOPs), on inputs of 8 and 16 times the coarsest stride: the
+    real stride is the growth of the input over the growth of the output, so
+    padding conventions do not matter.  A mismatch raises a ConfigError whose
+    one line names ``name`` (the plugin) and both values.
+    """
+    from detkit.errors import ConfigError
+
+    shapes = backbone.output_shape() if hasattr(backbone, "output_shape") else None
+    if shapes:
+        declared = dict(shapes)
+    else:
+        declared = {"": ShapeSpec(int(getattr(backbone, "out_channels", 0)), int(getattr(backbone, "stride", 0)))}
+    if any(s.channels <= 0 or s.stride <= 0 for s in declared.values()):
+        raise ConfigError(f"{name}: declares no positive out_channels and stride (class attributes of a Backbone)")
+    coarsest = max(s.stride for s in declared.values())
+    sides = (8 * coarsest, 16 * coarsest)
+    try:
+        outs = [_meta_forward(backbone, side) for side in sides]
+    except Exception as exc:  # noqa: BLE001 - any failure of a plugin's forward is reported as its own
+        raise ConfigError(f"{name}: forward fails on a [1, 3, {sides[0]}, {sides[0]}] input: {exc}") from exc
+    for level, spec in declared.items():
+        label = f"{name}: output {level!r}" if level else name
+        maps = []
+        for out in outs:
+            if level and not (is_multi_level(out) and level in out):
+                raise ConfigError(f"{name}: output_shape() lists {level!r} but forward does not return it")
+            if not level and is_multi_level(out):
+                raise ConfigError(f"{name}: forward returns named maps {list(out)}; declare them in output_shape()")
+            maps.append(out[level] if level else out)
+        channels = int(maps[0].shape[1])
+        if channels != spec.channels:
+            attr = "output_shape()" if level else "out_channels"
+            raise ConfigError(f"{label} has {channels} channels but its {attr} says {spec.channels}")
+        grown = int(maps[1].shape[-1]) - int(maps[0].shape[-1])
+        stride = (sides[1] - sides[0]) / grown if grown > 0 else float("inf")
+        if abs(stride - spec.stride) > 0.1 * spec.stride:
+            attr = "output_shape()" if level else "stride"
+            raise ConfigError(f"{label} has stride {stride:g} (input px per feature cell) but its {attr} says {spec.stride}")
+
+
+def _meta_forward(module: nn.Module, side: int) -> Any:
+    state = {k: v.to("meta") for k, v in module.state_dict(keep_vars=True).items()}
+    x = torch.empty(1, 3, side, side, device="meta")
+    return torch.func.functional_call(module, state, (x,))
+
+
 class RPNOutput(NamedTuple):
     """What a proposal generator returns for a batch.
 

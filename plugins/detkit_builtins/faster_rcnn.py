@@ -17,7 +17,7 @@ from detkit import boxes as box_ops
 from detkit.io import state_mismatches
 from detkit.errors import CheckpointError, ConfigError
 from detkit.data.transforms import resize_shape
-from detkit.interfaces import Detector, Features, RPNOutput, is_multi_level
+from detkit.interfaces import Detector, Features, RPNOutput, check_backbone_output, is_multi_level
 from detkit.registry import BackboneSpec, NeckSpec, ProposalGeneratorSpec, RoIHeadSpec
 from detkit_builtins.ops import group_and_cap
 
@@ -57,6 +57,17 @@ class PreprocessParams(BaseModel):
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The network-input ``(h, w)`` of a ``height x width`` image."""
         return resize_shape(height, width, self.min_size, self.max_size, rounding=self.rounding)
+
+
+def _plugin_label(kind: str, spec: Any) -> str:
+    """``model.<kind> '<name>' (<distribution> <version> (<target>))`` for messages about a plugin."""
+    from detkit.registry import registry
+
+    name = getattr(spec, "type", None) or (spec.get("type") if isinstance(spec, Mapping) else spec)
+    try:
+        return f"model.{kind} '{name}' ({registry(kind).get(str(name)).provider})"
+    except Exception:  # noqa: BLE001 - only the message is at stake
+        return f"model.{kind} '{name}'"
 
 
 class FasterRCNN(Detector):
@@ -124,6 +135,9 @@ class FasterRCNN(Detector):
         self.min_detection_size = float(min_detection_size)
 
         self.extractor = registry("backbone").build(backbone)
+        # A backbone whose real channels or stride differ from what it declares would
+        # only fail deep inside the first step; one line naming the plugin instead.
+        check_backbone_output(self.extractor, _plugin_label("backbone", backbone))
         shapes = self.extractor.output_shape()
         self.neck = None
         if neck is not None:
