@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -12,19 +10,15 @@ from torch import Tensor
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure as PNG through a temporary file and a rename."""
+    """Save a matplotlib figure as PNG through a temporary file and a rename (readable by others)."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from detkit.io import atomic_write
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def _pyplot() -> Any:
