@@ -212,8 +212,9 @@ class Detector(nn.Module, ABC):
     ``forward(x, mode="forward" | "extractor" | "rpn" | "head", ...)``; the last
     three are the pieces a trainer calls.  Besides ``forward`` and ``predict``,
     the engine calls only what is declared here: :meth:`backbone_parameters`
-    (the frozen-backbone phase) and :meth:`predict_input_size` (a check that
-    training and ``predict`` resize alike).
+    (the frozen-backbone phase), :meth:`predict_input_size` (a check that
+    training and ``predict`` resize alike) and :meth:`compile_modules`
+    (``train.compile``).
     """
 
     num_classes: int
@@ -253,6 +254,14 @@ class Detector(nn.Module, ABC):
         None when the detector does not resize (or cannot say).
         """
         return None
+
+    def compile_modules(self) -> list[nn.Module]:
+        """The sub-modules ``train.compile`` compiles in place (``nn.Module.compile``).
+
+        Those that see the same kind of input every step (the backbone trunk, a
+        RoI tail); none by default.
+        """
+        return []
 
 
 class Trainer(nn.Module, ABC):

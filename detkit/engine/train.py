@@ -257,9 +257,12 @@ class TrainLoop:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = tc.cudnn_benchmark
         if tc.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay the same
-            for part in (self.model.extractor, getattr(self.model.head, "classifier", None)):
-                if isinstance(part, torch.nn.Module):
-                    part.compile()
+            parts = self.model.compile_modules()
+            if not parts:
+                _say(self.console, f"warning: train.compile: {cfg.model.type} names no modules to compile "
+                                   "(Detector.compile_modules); training uncompiled")
+            for part in parts:
+                part.compile()
         # The module the step's forward pass runs through: the trainer, or under
         # torchrun its DistributedDataParallel wrapper (set by DistributedHook).
         self.trainer_module: torch.nn.Module = self.trainer

@@ -274,6 +274,11 @@ class FasterRCNN(Detector):
         """The network-input size ``predict`` resizes a ``height x width`` image to."""
         return self.preprocess.output_size(height, width)
 
+    def compile_modules(self) -> list[torch.nn.Module]:
+        """The backbone and the RoI tail (if the head has one): the same shapes every step."""
+        tail = getattr(self.head, "classifier", None)
+        return [m for m in (self.extractor, tail) if isinstance(m, torch.nn.Module)]
+
     # ----------------------------------------------------------------- predict
     def _prepare(self, image: Tensor) -> Tensor:
         """``[3, H, W]`` uint8 or float image -> same dtype with exactly 3 channels."""

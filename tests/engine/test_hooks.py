@@ -383,3 +383,16 @@ def test_transform_steps_from_the_config_train(toys, tmp_path):
     run = train(toy_config(tmp_path, "data.transforms=[{type: resize, min_size: 32, max_size: 32}, {type: hflip}]"),
                 out_dir=tmp_path / "run")
     assert load_checkpoint(run / "last.pt")["config"]["data"]["transforms"][0]["min_size"] == 32
+
+
+def test_compile_asks_the_detector_what_to_compile(toys, tmp_path, monkeypatch):
+    import io
+
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    out = io.StringIO()
+    train(toy_config(tmp_path, "train.compile=true"), out_dir=tmp_path / "a", console=Console(file=out, width=300))
+    assert compiled == [] and "train.compile: toy_detector names no modules to compile" in out.getvalue()
+    monkeypatch.setattr(ToyDetector, "compile_modules", lambda self: [self.lin], raising=False)
+    train(toy_config(tmp_path, "train.compile=true"), out_dir=tmp_path / "b", console=Console(file=io.StringIO()))
+    assert compiled == ["Linear"]
