@@ -199,8 +199,43 @@ class TargetCreator(nn.Module, ABC):
     def forward(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
+class MatchedBoxes:
+    """The boxes behind a box loss's rows, for losses on boxes rather than deltas (IoU, GIoU).
+
+    ``ref [M, 4]``: the anchor or proposal each row's deltas are relative to;
+    ``target [M, 4]``: the target deltas (divided by ``std``); ``std [4]`` or
+    ``None`` (the RPN).  ``gt`` is the matched ground-truth box of each row,
+    recovered by decoding ``target`` on ``ref`` (computed on first use, so
+    losses on deltas pay nothing); ``decode(pred)`` turns predicted deltas into
+    boxes.  Boxes are in network-input pixels; rows with ``labels <= 0`` have
+    no meaningful ``gt``.
+    """
+
+    def __init__(self, ref: Tensor, target: Tensor, std: Sequence[float] | Tensor | None = None):
+        self.ref, self.target, self.std = ref, target, std
+        self._gt: Tensor | None = None
+
+    def decode(self, deltas: Tensor) -> Tensor:
+        from detkit import boxes as box_ops
+
+        return box_ops.decode(self.ref.float(), deltas.float(), self.std)
+
+    @property
+    def gt(self) -> Tensor:
+        if self._gt is None:
+            self._gt = self.decode(self.target.detach())
+        return self._gt
+
+
 class Loss(nn.Module, ABC):
-    """A loss that returns a scalar tensor."""
+    """A loss that returns a scalar tensor.
+
+    The Faster R-CNN trainer calls a ``role = "classification"`` loss as
+    ``loss(logits [M, K], labels [M])`` and a ``role = "box"`` loss as
+    ``loss(pred [M, 4], target [M, 4], labels [M], boxes=MatchedBoxes)``:
+    deltas, target deltas and the labels (``> 0`` foreground, ``0``
+    background, ``-1`` ignored).  See docs/plugins.md.
+    """
 
     @abstractmethod
     def forward(self, *args: Any, **kwargs: Any) -> Tensor: ...

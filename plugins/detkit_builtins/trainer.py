@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from detkit.interfaces import Detector, Trainer
+from detkit.interfaces import Detector, MatchedBoxes, Trainer
 from detkit.registry import Component, ComponentSpec, registry
 
 # The trainer's slots each take one role of their kind: a classification loss in a
@@ -166,7 +166,11 @@ class FasterRCNNTrainer(Trainer):
         )
 
         flat_labels = gt_rpn_labels.reshape(-1)
-        rpn_loc = self.rpn_loc_loss(rpn.locs.reshape(-1, 4), gt_rpn_locs.reshape(-1, 4), flat_labels)
+        # Box losses also get the boxes behind each row (anchors, matched ground truth): IoU-type losses need them.
+        rpn_boxes = MatchedBoxes(rpn.anchors.repeat(n, 1), gt_rpn_locs.reshape(-1, 4))
+        rpn_loc = self.rpn_loc_loss(
+            rpn.locs.reshape(-1, 4), gt_rpn_locs.reshape(-1, 4), flat_labels, boxes=rpn_boxes
+        )
         rpn_cls = self.rpn_cls_loss(rpn.scores.reshape(-1, rpn.scores.shape[-1]), flat_labels)
 
         # Each sample's deltas for its own class; background/padding rows are
@@ -175,7 +179,8 @@ class FasterRCNNTrainer(Trainer):
         per_class = roi_cls_locs.reshape(s, -1, 4)
         index = gt_roi_labels.clamp(min=0).reshape(s, 1, 1).expand(s, 1, 4)
         roi_locs = per_class.gather(1, index).squeeze(1)
-        roi_loc = self.roi_loc_loss(roi_locs, gt_roi_locs, gt_roi_labels)
+        roi_boxes = MatchedBoxes(sample_rois, gt_roi_locs, self.model.loc_normalize_std)
+        roi_loc = self.roi_loc_loss(roi_locs, gt_roi_locs, gt_roi_labels, boxes=roi_boxes)
         roi_cls = self.roi_cls_loss(roi_scores, gt_roi_labels)
 
         total = rpn_loc + rpn_cls + roi_loc + roi_cls

@@ -99,3 +99,109 @@ def test_built_through_registry():
         registry("loss").validate({"type": "smooth_l1", "sigma": -1})
     with pytest.raises(ComponentValidationError, match="sigmaa"):
         registry("loss").validate({"type": "smooth_l1", "sigmaa": 1})
+
+
+# --------------------------------------------------------------------------- giou
+def giou(a, b):
+    """Generalized IoU of two (x1, y1, x2, y2) boxes, by hand."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def test_giou_against_hand_computed_value():
+    from detkit import boxes as box_ops
+    from detkit.interfaces import MatchedBoxes
+    from detkit_builtins.losses import GIoULoss
+
+    ref = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 30.0, 20.0], [0.0, 0.0, 4.0, 4.0]])
+    gt = torch.tensor([[2.0, 1.0, 12.0, 9.0], [15.0, 5.0, 40.0, 25.0], [0.0, 0.0, 1.0, 1.0]])
+    std = (0.1, 0.1, 0.2, 0.2)
+    target = box_ops.encode(ref, gt, std)
+    pred = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -0.5, 0.5, 0.25], [float("nan"), 0.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 3, -1])  # the third row is ignored (and its NaN must not leak)
+    boxes = MatchedBoxes(ref, target, std)
+    assert torch.allclose(boxes.gt, gt, atol=1e-4)  # the matched boxes are recovered from the targets
+    predicted = box_ops.decode(ref[:2], pred[:2], std).tolist()
+    expected = sum(1 - giou(p, g) for p, g in zip(predicted, gt[:2].tolist())) / 2
+    pred.requires_grad_(True)
+    loss = GIoULoss(weight=2.0)(pred, target, labels, boxes=boxes)
+    assert loss.item() == pytest.approx(2.0 * expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and torch.equal(pred.grad[2], torch.zeros(4))
+    # A prediction equal to the target decodes onto the ground truth: no loss.
+    assert GIoULoss()(target, target, labels, boxes=boxes).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_giou_without_positives_is_zero_and_needs_boxes():
+    from detkit.interfaces import MatchedBoxes
+    from detkit_builtins.losses import GIoULoss
+
+    ref = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    pred = torch.ones(1, 4, requires_grad=True)
+    loss = GIoULoss()(pred, torch.zeros(1, 4), torch.tensor([0]), boxes=MatchedBoxes(ref, torch.zeros(1, 4)))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="matched boxes"):
+        GIoULoss()(pred, torch.zeros(1, 4), torch.tensor([1]))
+
+
+def test_giou_is_a_registered_box_loss():
+    from detkit_builtins.losses import GIoULoss
+
+    loss = registry("loss").build({"type": "giou", "weight": 2.0})
+    assert isinstance(loss, GIoULoss) and loss.weight == 2.0
+    assert registry("loss").get("giou").provider.target == "detkit_builtins.losses:GIoULoss"  # an entry point
+    registry("loss").validate({"type": "giou"}, role="box")
+    with pytest.raises(ComponentValidationError):
+        registry("loss").validate({"type": "giou"}, role="classification")
+
+
+def test_trainer_gives_box_losses_the_matched_boxes(clean_registry):
+    """A spy box loss sees, for every positive row, the anchor/proposal and a real ground-truth box."""
+    from pydantic import BaseModel, ConfigDict
+
+    from detkit.interfaces import Loss
+    from detkit.registry import build_detector
+
+    seen = []
+
+    class Spy(Loss):
+        role = "box"
+
+        class Params(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+
+        def forward(self, pred, target, labels, boxes=None):
+            seen.append((labels, boxes.ref, boxes.gt, boxes.decode(target)))
+            return pred.sum() * 0.0
+
+    registry("loss").add("spy", Spy)
+    model = build_detector(
+        {
+            "type": "faster_rcnn",
+            "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
+            "rpn": {"type": "rpn", "mid_channels": 8, "anchor": {"scales": [1, 2, 4]}},
+        },
+        num_classes=2,
+    )
+    trainer = registry("trainer").build(
+        {"type": "faster_rcnn_trainer", "rpn_loc_loss": {"type": "spy"}, "roi_loc_loss": {"type": "giou"}},
+        model=model,
+    )
+    gt = [torch.tensor([[10.0, 12.0, 50.0, 40.0], [60.0, 60.0, 90.0, 100.0]]), torch.tensor([[5.0, 5.0, 40.0, 60.0]])]
+    losses = trainer(torch.rand(2, 3, 112, 112), gt, [torch.tensor([0, 1]), torch.tensor([1])])
+    roi_loc = losses["roi_loc"] if isinstance(losses, dict) else losses.roi_loc
+    assert torch.isfinite(roi_loc) and roi_loc > 0  # giou in the RoI slot
+    (labels, ref, matched, decoded), = seen
+    pos = labels > 0
+    assert pos.any() and ref.shape == matched.shape == (labels.shape[0], 4)
+    all_gt = torch.cat(gt)
+    # Each positive anchor's matched box is one of the batch's ground-truth boxes.
+    assert (torch.cdist(matched[pos], all_gt).min(dim=1).values < 1e-3).all()
+    assert torch.allclose(decoded, matched)

@@ -396,3 +396,11 @@ def test_compile_asks_the_detector_what_to_compile(toys, tmp_path, monkeypatch):
     monkeypatch.setattr(ToyDetector, "compile_modules", lambda self: [self.lin], raising=False)
     train(toy_config(tmp_path, "train.compile=true"), out_dir=tmp_path / "b", console=Console(file=io.StringIO()))
     assert compiled == ["Linear"]
+
+
+def test_the_lr_schedule_advances_once_per_optimizer_step(toys, tmp_path):
+    run = train(toy_config(tmp_path, "train.epochs=2", "data.batch_size=2", "train.accumulate=2",
+                           "train.scheduler={type: constant, warmup_iters: 4, warmup_factor: 0.5}"),
+                out_dir=tmp_path / "run")
+    # The record is written after the schedule moved on: the lr of the next step.
+    assert [r["lr"] for r in records(run)] == pytest.approx([0.05 * f for f in (0.625, 0.75, 0.875, 1.0)])
