@@ -112,6 +112,7 @@ def test_cli_predict_goes_through_the_api(checkpoint, photo, tmp_path, monkeypat
     assert calls == [1] and (tmp_path / "out" / "street.json").is_file()
 
 
+@pytest.mark.slow  # subprocesses: seconds each
 def test_import_detkit_is_light():
     code = (
         "import sys, detkit\n"

@@ -41,6 +41,7 @@ def test_unknown_kind_is_a_usage_error():
     assert "unknown component kind 'bakbone'" in result.output
 
 
+@pytest.mark.slow  # subprocesses: seconds each
 def test_config_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {type: faster_rcnn}\ndata: {train: {type: synthetic}}\ntrian: {}\n")

@@ -90,6 +90,7 @@ def test_resume_continues_from_the_saved_step(tiny_config, tmp_path):
     assert changed, "the second epoch trained the model"
 
 
+@pytest.mark.slow  # subprocesses: seconds each
 def test_cli_train_and_eval(tiny_config, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "detkit.cli", "train", str(tiny_config), "--out", str(tmp_path / "r"),
@@ -108,6 +109,7 @@ def test_cli_train_and_eval(tiny_config, tmp_path):
     assert 0.0 <= result["mAP"] <= 1.0 and result["images"] == 4
 
 
+@pytest.mark.slow  # subprocesses: seconds each
 def test_missing_voc_data_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "detkit.cli", "train", "configs/frcnn_vgg.yaml",
