@@ -15,7 +15,7 @@ from detkit import boxes as box_ops
 from detkit.interfaces import Features, ProposalGenerator, RPNOutput, is_multi_level
 
 from detkit_builtins.anchors import AnchorGenerator, AnchorParams, MultiLevelAnchorGenerator
-from detkit_builtins.ops import group_and_cap
+from detkit_builtins.ops import group_and_cap, nms_per_image
 
 
 class ProposalParams(BaseModel):
@@ -119,7 +119,8 @@ class ProposalCreator(nn.Module):
         flat_boxes = top_boxes.reshape(-1, 4)
         flat_scores = top_scores.reshape(-1)
         flat_groups = groups.reshape(-1)
-        keep = batched_nms(flat_boxes, flat_scores, flat_groups, self.nms_iou)  # score order
+        # One NMS call per image: a single call over all N * kk boxes costs N times the work (issue 8).
+        keep = nms_per_image(top_boxes, top_scores, groups, self.nms_iou)  # by image, score order within
 
         # By image in batch order, best first over all levels, at most post_nms each;
         # image group n holds the too-small boxes.

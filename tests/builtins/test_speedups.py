@@ -93,3 +93,26 @@ def test_resnet_detector_detections_unchanged_by_folding():
     # float32 rounding through 50 layers with far-from-identity BatchNorms: ~1e-4
     assert rel(out[0]["boxes"], out_ref[0]["boxes"]) < 1e-3
     assert rel(out[0]["scores"], out_ref[0]["scores"]) < 1e-3
+
+
+def test_nms_per_image_keeps_what_one_batched_call_keeps():
+    from torchvision.ops import batched_nms
+
+    from detkit_builtins.ops import group_and_cap, nms_per_image
+
+    g = torch.Generator().manual_seed(0)
+    n, k, levels = 3, 200, 2
+    xy = torch.rand(n, k, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 8 + torch.rand(n, k, 2, generator=g) * 30], dim=-1)
+    scores = torch.rand(n, k, generator=g)
+    groups = torch.arange(n).unsqueeze(1) * levels + torch.randint(0, levels, (n, k), generator=g)
+    groups[:, ::7] = n * levels  # one shared group for every image's too-small boxes, as in the RPN
+    one = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), groups.reshape(-1), 0.5)
+    per = nms_per_image(boxes, scores, groups, 0.5)
+    assert 0 < per.numel() < n * k
+    # The RPN keeps each image's own boxes, in image then score order, at most post_nms each.
+    images = torch.div(groups.reshape(-1), levels, rounding_mode="floor")
+    kept_one, img_one, _ = group_and_cap(one, images, n + 1, 50)
+    kept_per, img_per, _ = group_and_cap(per, images, n + 1, 50)
+    assert torch.equal(kept_one[img_one < n], kept_per[img_per < n])
+    assert (img_per < n).sum() > 50
