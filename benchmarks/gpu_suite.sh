@@ -2,7 +2,7 @@
 # The issue-8 GPU measurements in one command, for a bare CUDA machine with torch
 # and torchvision but without detkit's other dependencies.
 #
-#   bash benchmarks/gpu_suite.sh [PARTS]      PARTS: any of step layout loop loader compile quickstart
+#   bash benchmarks/gpu_suite.sh [PARTS]      PARTS: any of step layout profile loop loop_resnet loader compile quickstart
 #                                              (default: step layout loop loader)
 #
 # Needs the wheels of pydantic, pydantic_core, annotated-types, typing-inspection and
@@ -38,17 +38,24 @@ if has layout; then
   $STEP --backbones resnet50 --precision fp32 amp --no-fold-bn 2>&1 | tee "$OUT/step_nofold.log" | grep -A20 "^summary"
   $STEP --backbones resnet50 --precision fp32 --profile 25 --reps 3 2>&1 | tee "$OUT/profile_resnet.log" | grep -v "^$" | head -45
 fi
+if has profile; then
+  echo "=== profiles of one step: vgg16 amp, resnet50 amp"
+  $STEP --backbones vgg16 resnet50 --precision amp --profile 22 --reps 3 2>&1 | tee "$OUT/profile_amp.log" \
+    | grep -v "^$" | cut -c1-60,100-170
+fi
 if has loop; then
   echo "=== detkit train vs its bare step (vgg16, amp, 12 workers)"
   python3 benchmarks/train_loop.py --device cuda --backbone vgg16 --amp --batch 8 --size 600 --workers 12 \
     --images 480 --epochs 3 --steps 40 --root /tmp/photo_voc 2>&1 | tee "$OUT/loop_vgg16.log"
+fi
+if has loop_resnet; then
   echo "=== detkit train vs its bare step (resnet50, amp, 12 workers)"
   python3 benchmarks/train_loop.py --device cuda --backbone resnet50 --amp --batch 8 --size 600 --workers 12 \
     --epochs 2 --steps 30 --root /tmp/photo_voc 2>&1 | tee "$OUT/loop_resnet50.log"
 fi
 if has loader; then
   echo "=== loader scaling (16 CPUs)"
-  python3 benchmarks/loader.py --workers 0 1 2 4 8 14 --batch 8 --size 600 --images 480 --root /tmp/photo_voc \
+  python3 benchmarks/loader.py --workers 1 2 4 8 14 --batch 8 --size 600 --images 480 --root /tmp/photo_voc \
     --pin 2>&1 | tee "$OUT/loader.log"
 fi
 if has compile; then
@@ -56,7 +63,7 @@ if has compile; then
   timeout 300 $STEP --precision amp --compile --warmup 4 2>&1 | tee "$OUT/step_compile.log" | grep -A20 "^summary"
 fi
 if has quickstart; then
-  for w in 0 4; do
+  for w in ${QS_WORKERS:-0 4}; do
     echo "=== quickstart on the GPU, 1 epoch, num_workers $w"
     rm -rf /tmp/qs$w
     /usr/bin/time -f "%e s wall" detkit train configs/quickstart.yaml --out /tmp/qs$w --set train.device=cuda \

@@ -339,7 +339,13 @@ def evaluate_checkpoint(
         cfg = validate(apply_overrides(ckpt["config"], overrides), f"{checkpoint} (stored config)", overrides)
     if cfg.data.val is None:
         raise DataError(f"{config_path or checkpoint}: data.val is not set; nothing to evaluate on")
-    dataset = build_dataset(cfg.data, "val")
+    try:
+        dataset = build_dataset(cfg.data, "val")
+    except DataError as exc:
+        if config_path is not None:
+            raise
+        # The paths came from the run, not from anything the user typed: say so.
+        raise DataError(f"{exc} (data.val as stored in {checkpoint}; pass --config to read other data)") from None
     if list(dataset.classes) != list(ckpt["classes"]):
         raise CheckpointError(
             f"{checkpoint}: trained for classes {list(ckpt['classes'])}, but data.val has {list(dataset.classes)}"
