@@ -74,3 +74,9 @@ def test_eval_and_resume_work_from_another_directory(tmp_path, monkeypatch):
                               "--set", f"data.train.root={project / 'data' / 'voc'}", "--set", "data.val=null",
                               "--out", str(project / "runs" / "x"), "--resume", str(project / "runs" / "x" / "last.pt")])
     assert res.exit_code == 0, res.output
+    # Data moved away since: the message says the path came from the checkpoint.
+    (project / "data").rename(project / "data_moved")
+    res = runner.invoke(app, ["eval", str(best), "--out", str(elsewhere / "eval2")])
+    assert res.exit_code == 1
+    assert f"(root: {project / 'data' / 'voc'})" in res.output
+    assert f"(data.val as stored in {best}; pass --config to read other data)" in res.output
