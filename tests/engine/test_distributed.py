@@ -262,6 +262,20 @@ def _eval_configs(cfg):
     return [cfg.eval, cfg.eval.model_copy(update={"max_images": 4})]
 
 
+def test_shards_cover_each_image_once_in_the_loaders_order(frozen_config):
+    from detkit.engine.distributed import shard_loader
+
+    _, _, loader = _eval_setup(frozen_config)  # 4 validation images
+    # (index, augmentation seed) pairs; evaluation does not augment, the index is what counts.
+    everything = [index for index, _ in loader.sampler]
+    assert everything == [0, 1, 2, 3]
+    for limit in (None, 3):
+        shards = [[i for i, _ in shard_loader(loader, DistInfo(r, 3), limit).sampler] for r in range(3)]
+        assert [len(s) for s in shards] == ([2, 1, 1] if limit is None else [1, 1, 1])
+        merged = [shards[i % 3][i // 3] for i in range(sum(map(len, shards)))]
+        assert merged == everything[:limit]
+
+
 @pytest.mark.slow
 def test_sharded_evaluation_equals_one_process(tmp_path):
     # 7 images: the shards are uneven (4 + 3), nothing may be counted twice.
