@@ -222,6 +222,7 @@ class EMAHook(HookBase):
         self.updates = 0
         self.shadow: dict[str, torch.Tensor] | None = None
         self._swapped: dict[str, torch.Tensor] | None = None  # trained weights while the EMA is in the model
+        self._pairs: tuple[list[torch.Tensor], ...] | None = None
 
     @property
     def name(self) -> str:
@@ -233,6 +234,18 @@ class EMAHook(HookBase):
     def before_train(self) -> None:
         if self.shadow is None:
             self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
+        self._pairs = None
+
+    def _tensor_pairs(self) -> tuple[list[torch.Tensor], ...]:
+        """(average, model) tensors, floating-point and other, listed once: the model's
+        state tensors share storage with its parameters and buffers, which stay put."""
+        if self._pairs is None:
+            state = self._state()
+            floats = [k for k, v in state.items() if v.is_floating_point()]
+            others = [k for k, v in state.items() if not v.is_floating_point()]
+            self._pairs = ([self.shadow[k] for k in floats], [state[k].detach() for k in floats],
+                           [self.shadow[k] for k in others], [state[k] for k in others])
+        return self._pairs
 
     def current_decay(self) -> float:
         return self.decay * (1 - math.exp(-self.updates / self.tau)) if self.tau else self.decay
@@ -241,12 +254,10 @@ class EMAHook(HookBase):
     def after_step(self) -> None:
         self.updates += 1
         d = self.current_decay()
-        state = self._state()
-        floats = [k for k, v in state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], 1.0 - d)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
+        ema_f, model_f, ema_o, model_o = self._tensor_pairs()
+        torch._foreach_lerp_(ema_f, model_f, 1.0 - d)
+        for e, m in zip(ema_o, model_o):
+            e.copy_(m)
 
     @contextmanager
     def eval_weights(self) -> Iterator[None]:
@@ -270,6 +281,7 @@ class EMAHook(HookBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state.get("updates", 0))
+        self._pairs = None
         if state.get("in_model") == "ema":
             # The checkpoint's model (already loaded) is the average; the trained weights come from here.
             self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
