@@ -13,9 +13,11 @@ Boxes are ``(x1, y1, x2, y2)`` in pixels of the network input.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from typing import Any, Mapping, NamedTuple, Sequence, Union
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 
@@ -397,6 +399,55 @@ class Transform(ABC):
     def eval_boxes(self, boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
         """Eval-mode boxes for an image going from ``size`` to ``new_size`` (default: unchanged)."""
         return boxes
+
+
+class Hook:
+    """A training hook (kind ``hook``): code the training loop calls at fixed points.
+
+    Subclasses override the calls they need; all default to nothing.  The loop
+    calls ``before_train``, then per epoch ``before_epoch``, per step
+    ``before_step`` / ``after_step``, then ``after_epoch``, and at the end
+    ``after_train`` (also when training failed; ``self.loop.completed`` says
+    which).  Hooks run in ``priority`` order (lower first); ``self.loop`` is the
+    running :class:`detkit.engine.train.TrainLoop`, set before ``before_train``.
+    ``name`` keys the hook's ``state_dict`` in checkpoints (default: the class
+    name).  See docs/engine.md for the built-in hooks and their priorities.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    priority: int = 50
+    loop: Any
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def before_train(self) -> None: ...
+
+    def before_epoch(self) -> None: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def after_epoch(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """Called for every record the loop emits (``type`` "train", "eval", or a plugin's own)."""
+
+    def eval_weights(self) -> Any:
+        """A context manager under which the model holds the weights to evaluate and save."""
+        return nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this hook exactly (empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class DetectionDataset(torch.utils.data.Dataset, ABC):

@@ -23,8 +23,8 @@ Built-in hooks, in order::
       60      CheckpointHook        last.pt by epoch and by iteration, best.pt on improvement
      100      SummaryHook           after_train: loss plot, AP table, summary line
 
-A plugin hook subclasses :class:`HookBase`, declares a pydantic ``Params``
-class (its constructor takes those fields), is registered in the entry-point
+A plugin hook subclasses :class:`detkit.interfaces.Hook` (``HookBase`` here),
+declares a pydantic ``Params`` class (its constructor takes those fields), is registered in the entry-point
 group ``detkit.hook`` and is listed in the config::
 
     train:
@@ -43,66 +43,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from detkit.engine.config import EMAConfig
 from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
 from detkit.errors import ConfigError, DetkitError
+from detkit.interfaces import Hook
 
 VAL_DETECTIONS = "val_detections.json"  # the latest periodic evaluation's detections (COCO results)
 
-if TYPE_CHECKING:
-    from detkit.engine.train import TrainLoop
 
-
-class HookBase:
-    """A training hook. Subclasses override the calls they need; all default to nothing.
-
-    ``priority`` orders hooks (lower first); ``name`` keys the hook's state in
-    checkpoints (default: the class name).  ``self.loop`` is set before
-    ``before_train``.
-    """
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    priority: int = 50
-    loop: "TrainLoop"
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def before_train(self) -> None: ...
-
-    def before_epoch(self) -> None: ...
-
-    def before_step(self) -> None: ...
-
-    def after_step(self) -> None: ...
-
-    def after_epoch(self) -> None: ...
-
-    def after_train(self) -> None: ...
-
-    def on_record(self, record: dict[str, Any]) -> None:
-        """Called for every record the loop emits (``type`` "train", "eval", or a plugin's own)."""
-
-    def eval_weights(self) -> Any:
-        """A context manager under which the model holds the weights to evaluate and save."""
-        return nullcontext()
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue this hook exactly (empty: nothing)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+# The base class lives in detkit.interfaces, so that a plugin's hook need not import the engine.
+HookBase = Hook
 
 
 # ------------------------------------------------------------------- display
