@@ -404,3 +404,32 @@ def test_the_lr_schedule_advances_once_per_optimizer_step(toys, tmp_path):
                 out_dir=tmp_path / "run")
     # The record is written after the schedule moved on: the lr of the next step.
     assert [r["lr"] for r in records(run)] == pytest.approx([0.05 * f for f in (0.625, 0.75, 0.875, 1.0)])
+
+
+@pytest.mark.slow
+def test_accumulation_under_torchrun_with_ddp(tmp_path):
+    """Two gloo processes, DistributedDataParallel, 2 micro-batches per step (no_sync on the first)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    src = (Path(__file__).parent / "test_train.py").read_text()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(src[src.index('TINY = """') + 10: src.index('"""\n\n\n@pytest.fixture')])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "detkit.cli", "train", str(config), "--out", str(tmp_path / "run"), "--set", "data.batch_size=2",
+         "--set", "train.accumulate=2", "--set", "eval.interval=0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 8 images / 2 processes / batch 2 = 2 micro-batches per rank and epoch: one optimizer step.
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
+    assert all(r["total"] > 0 for r in records(tmp_path / "run"))
