@@ -244,10 +244,14 @@ def evaluate(
 def data_synth(
     out: Path = typer.Argument(..., help="Directory to write the data set into."),
     format: str = typer.Option("voc", "--format", "-f", help="Layout: voc (VOCdevkit) or coco."),
-    num_images: int = typer.Option(100, "--num-images", "-n", min=1, help="Number of images."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Named settings: clutter (320-480 px photo-like scenes, distractors, occlusion, "
+        "6 classes); writes its train and val splits unless --split is given."
+    ),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", min=1, help="Number of images (default 100, or the preset's)."),
     seed: int = typer.Option(0, "--seed", help="Base seed of the synthetic data."),
-    split: str = typer.Option("train", "--split", help="Split name (mixed into the seed; names the split file)."),
-    image_size: int = typer.Option(128, "--image-size", min=32, help="Square image side in pixels."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split name (mixed into the seed; names the split file); default train."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Square image side in pixels (default 128; overrides a preset's size range)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated shapes, e.g. circle,square,triangle."),
     image_format: str = typer.Option("png", "--image-format", help="png (lossless) or jpg (quality 95)."),
 ) -> None:
@@ -255,26 +259,40 @@ def data_synth(
     from pydantic import ValidationError
 
     from detkit.data.export import export_synthetic
-    from detkit.data.synthetic import SyntheticShapes
+    from detkit.data.synthetic import PRESET_SPLITS, SyntheticShapes
     from detkit.errors import ConfigError
 
-    params: dict[str, Any] = {"num_images": num_images, "seed": seed, "split": split,
-                              "image_size": (image_size, image_size)}
+    if preset is not None and preset not in PRESET_SPLITS:
+        raise ConfigError(f"data synth: --preset: unknown preset {preset!r}; choose from {', '.join(PRESET_SPLITS)}")
+    if split is not None or preset is None:
+        splits = {split or "train": num_images or (PRESET_SPLITS[preset]["train"] if preset else 100)}
+    else:
+        splits = dict(PRESET_SPLITS[preset])
+        if num_images is not None:  # the train split's size; val keeps the preset's ratio
+            splits = {name: max(1, round(num_images * n / splits["train"])) for name, n in splits.items()}
+    common: dict[str, Any] = {"seed": seed}
+    if preset is not None:
+        common["preset"] = preset
+    if image_size is not None:
+        common.update(image_size=(image_size, image_size), size_range=None)
+    elif preset is None:
+        common["image_size"] = (128, 128)
     if classes:
-        params["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
-    try:
-        dataset = SyntheticShapes(**params)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        raise ConfigError(f"data synth: {'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}") from None
+        common["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
     from rich.progress import Progress
 
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task(f"writing {split} images", total=num_images)
-        written = export_synthetic(out, format, dataset, image_format=image_format,  # type: ignore[arg-type]
-                                   progress=lambda done, total: bar.update(task, completed=done))
-    console.print(f"wrote {num_images} {split} images in {format} layout to {written}",
-                  markup=False, highlight=False, soft_wrap=True)
+    for name, count in splits.items():
+        try:
+            dataset = SyntheticShapes(**common, num_images=count, split=name)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            raise ConfigError(f"data synth: {'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}") from None
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task(f"writing {name} images", total=count)
+            written = export_synthetic(out, format, dataset, image_format=image_format,  # type: ignore[arg-type]
+                                       progress=lambda done, total: bar.update(task, completed=done))
+        console.print(f"wrote {count} {name} images in {format} layout to {written}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("stats")

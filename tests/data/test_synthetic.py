@@ -89,3 +89,72 @@ def test_registry_builds_it_and_params_are_checked():
         SyntheticShapes(image_size=(40, 40), object_size=(16, 48))
     with pytest.raises(IndexError):
         ds[3]
+
+
+# ------------------------------------------------------------------ clutter preset
+def _clutter(**kw):
+    return SyntheticShapes(preset="clutter", **kw)
+
+
+def test_clutter_preset_is_deterministic_given_its_seed():
+    a, b = _clutter(num_images=4, seed=7), _clutter(num_images=4, seed=7)
+    for i in (3, 0):  # any access order
+        ia, ta = a[i]
+        ib, tb = b[i]
+        assert torch.equal(ia, ib)
+        assert torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["labels"], tb["labels"])
+        size, tc = a.annotation(i)  # the layout alone gives the same size and boxes
+        assert size == tuple(ia.shape[-2:]) and torch.equal(tc["boxes"], ta["boxes"])
+    other = _clutter(num_images=4, seed=8)[0][0]
+    img0 = a[0][0]
+    assert other.shape != img0.shape or (other - img0).abs().mean() > 0.05
+
+
+def test_clutter_preset_sizes_objects_and_classes():
+    ds = _clutter(num_images=40)
+    assert ds.classes == ["circle", "square", "triangle", "cross", "diamond", "ring"]
+    sizes, counts, labels = set(), [], []
+    for i in range(len(ds)):
+        (h, w), t = ds.annotation(i)
+        assert 320 <= h <= 480 and 320 <= w <= 480
+        sizes.add((h, w))
+        b = t["boxes"]
+        counts.append(len(b))
+        side = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sqrt()
+        # 14 px to 40 % of the short side (whole-pixel rounding and aspect change it by a few px)
+        assert bool((side >= 12).all()) and bool((side <= 0.4 * min(h, w) + 3).all())
+        labels += t["labels"].tolist()
+    assert len(sizes) > 20 and min(counts) >= 1 and max(counts) <= 8 and max(counts) >= 6
+    assert set(labels) == set(range(6))
+
+
+def test_clutter_images_are_cluttered_and_params_override_the_preset():
+    ds = _clutter(num_images=3, size_range=None, image_size=(160, 200), objects=(2, 2), seed=2)
+    assert ds.params.background == "mixed" and ds.params.distractors == 6  # the rest of the preset stays
+    img, t = ds[0]
+    assert img.shape == (3, 160, 200) and len(t["boxes"]) == 2
+    # Textured backgrounds: far more local variation than the plain gradient default.
+    plain, _ = SyntheticShapes(num_images=1, image_size=(160, 200), clutter=0, noise=0, objects=(0, 0))[0]
+    grad = lambda x: (x[:, 1:, :] - x[:, :-1, :]).abs().mean()  # noqa: E731
+    assert grad(img) > 3 * grad(plain)
+    with pytest.raises(ValidationError, match="preset"):
+        SyntheticShapes(preset="nope")
+
+
+def test_synth_cli_writes_the_clutter_splits_deterministically(tmp_path):
+    from typer.testing import CliRunner
+
+    from detkit.cli import app
+
+    runner = CliRunner()
+    for name in ("a", "b"):
+        res = runner.invoke(app, ["data", "synth", str(tmp_path / name), "--preset", "clutter", "-n", "4",
+                                  "--image-size", "96", "--seed", "3"])
+        assert res.exit_code == 0, res.output
+    sets = tmp_path / "a" / "ImageSets" / "Main"
+    assert len((sets / "train.txt").read_text().split()) == 4 and len((sets / "val.txt").read_text().split()) == 1
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 2 * 5 + 2
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    xml = (tmp_path / "a" / "Annotations" / "val_000000.xml").read_text()
+    assert "<width>96</width>" in xml and "<name>" in xml
