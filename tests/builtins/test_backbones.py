@@ -158,3 +158,22 @@ def test_output_shapes_and_tail(spec, channels, size):
         t = b.roi_tail()
         out = t.module(torch.rand(2, channels, t.roi_size, t.roi_size))
     assert out.shape == (2, t.out_features)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "sync_bn"])
+def test_vgg16_bn_pretrained_from_local_file(tmp_path, norm):
+    from torchvision.models import vgg16_bn
+
+    path = tmp_path / "vgg16_bn-6c64b313.pth"
+    with torch.device("meta"):
+        net = vgg16_bn(weights=None)
+    values = torchvision_format_file(path, net)
+    b = backbone({"type": "vgg16_bn", "pretrained": str(path), "norm": norm})
+    assert len(b.features) == 43 and not isinstance(b.features[-1], nn.MaxPool2d)
+    assert b.features[0].weight.unique().tolist() == pytest.approx([values["features.0.weight"]])
+    # The ImageNet BatchNorm statistics survive, in SyncBatchNorm layers too.
+    assert b.features[41].running_var.unique().tolist() == pytest.approx([values["features.41.running_var"]])
+    assert isinstance(b.features[41], nn.SyncBatchNorm if norm == "sync_bn" else nn.BatchNorm2d)
+    assert b.roi_tail().module[2].bias[:2].tolist() == pytest.approx([values["classifier.3.bias"]] * 2)
+    with pytest.raises(ConfigError, match="vgg16_bn"):
+        backbone({"type": "vgg16_bn", "pretrained": True, "norm": "gn"})
