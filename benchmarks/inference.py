@@ -18,8 +18,12 @@ Random weights make every RoI a weak detection below the 0.5 threshold, so
 the post-processing here is the cheap path; it is timed separately with a
 threshold of 0 in the "post (thr 0)" column to show its worst case.
 
+Then the R50-FPN rows: detkit's R50-FPN against torchvision's own
+``fasterrcnn_resnet50_fpn`` on the same input in the same run (see
+``fpn_vs_torchvision.py``; ``--fpn-size 0`` skips them).
+
 Usage: ``python benchmarks/inference.py [--backbones vgg16 resnet50] [--reps 3]
-[--size 600] [--device cpu] [--threads N]``.  About 2 minutes on 2 CPU cores.
+[--size 600] [--device cpu] [--threads N] [--fpn-size 512] [--fpn-batch 2]``.  About 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--fpn-size", type=int, default=512, help="R50-FPN rows: input size (0: skip them)")
+    parser.add_argument("--fpn-batch", type=int, default=2, help="R50-FPN rows: images per call")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +173,13 @@ def main() -> None:
     for row in rows:
         print(row)
     print("stage columns: seconds of each stage timed on its own; t/floor = time / (FLOPs / conv throughput)")
+    if args.fpn_size:
+        # R50-FPN beside torchvision's own fasterrcnn_resnet50_fpn, same weights and input.
+        from fpn_vs_torchvision import inference as fpn_inference, report
+
+        times = fpn_inference(args.fpn_size, args.fpn_batch, max(args.reps, 2), device)
+        print(f"\nR50-FPN, {args.fpn_batch} images {args.fpn_size}x{args.fpn_size} per call (predict vs model.eval()(images)):")
+        print("\n".join(report("inference", times, args.fpn_batch)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ precision: ``FasterRCNNTrainer.train_step`` on a batch of ``--batch`` images of
    fusion, the syncs stall the GPU), so the split's own total is printed next
    to the plain step and the parts are shown as shares of that total.
 
-At the end, with several backbones, the ratio of their plain steps.
+At the end, with several backbones, the ratio of their plain steps, then the
+R50-FPN rows: detkit's step against torchvision's own ``fasterrcnn_resnet50_fpn``
+on the same batch in the same run (``fpn_vs_torchvision.py``; ``--fpn-size 0``
+skips them).
 
 Usage: ``python benchmarks/train_step.py [--backbones vgg16 resnet50] [--size 600]
 [--batch 2] [--reps 3] [--precision fp32 amp] [--device cpu|cuda] [--threads N]
@@ -228,6 +231,7 @@ def main() -> None:
     parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the RoI tail")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of one profiled step")
+    parser.add_argument("--fpn-size", type=int, default=512, help="R50-FPN rows vs torchvision: input size (0: skip)")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                         help="ResNet: BatchNorm as a separate pass (before the fold)")
     args = parser.parse_args()
@@ -278,6 +282,13 @@ def main() -> None:
         by = {n: m for n, pr, m in summary if pr == precision}
         if "vgg16" in by and "resnet50" in by:
             print(f"  {precision}: resnet50 / vgg16 step time = {by['resnet50'] / by['vgg16']:.2f}x")
+    if args.fpn_size:
+        # R50-FPN beside torchvision's own fasterrcnn_resnet50_fpn: same weights, batch and boxes (fp32).
+        from fpn_vs_torchvision import report, train_step as fpn_train_step
+
+        times = fpn_train_step(args.fpn_size, args.batch, max(args.reps, 2), device)
+        print(f"\nR50-FPN train step, batch {args.batch} at {args.fpn_size}x{args.fpn_size}, fp32:")
+        print("\n".join(report("train step", times, args.batch)))
 
 
 if __name__ == "__main__":

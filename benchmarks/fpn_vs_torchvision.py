@@ -1,0 +1,172 @@
+"""Faster R-CNN R50-FPN: detkit against torchvision's own ``fasterrcnn_resnet50_fpn``, in one run.
+
+Both models carry the same random weights (torchvision's, imported with the
+torchvision import config's layout, so any difference is code, not weights)
+and get the same input: ``--batch`` images of ``--size`` x ``--size`` (min_size =
+max_size = size on both sides, so neither resizes), 5 boxes each for training.
+
+* inference: ``model.predict(images)`` (detkit) vs ``model.eval()(images)``
+  (torchvision): normalisation, padding, backbone + FPN, RPN with 1000
+  proposals per image, RoI head, post-processing;
+* train step: ``FasterRCNNTrainer.train_step`` vs torchvision's
+  ``sum(model(images, targets).values()).backward(); optimizer.step()``, SGD,
+  torchvision's sampling (RPN 256 at 0.5 positive, RoI 512 at 0.25).
+
+Prints best and median seconds of ``--reps`` timed runs after a warm-up and the
+ratio torchvision / detkit (> 1: detkit is faster).  Imported by
+``inference.py`` and ``train_step.py`` for their R50-FPN rows; also runs alone:
+``python benchmarks/fpn_vs_torchvision.py [--size 512] [--batch 2] [--reps 3] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _times(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def build_pair(size: int, device: torch.device, num_classes: int = 90):
+    """``(detkit model, torchvision model)`` with the same weights, neither resizing a ``size`` input."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    from detkit.config import load_config
+    from detkit.registry import build_detector
+
+    torch.manual_seed(0)
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1,
+                                 min_size=size, max_size=size)
+    # torchvision with weights uses FrozenBatchNorm2d and trains layer2..layer4 only; do the same here
+    # (weights=None gives trainable BatchNorm everywhere, which no detection recipe uses).
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def freeze(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                f = FrozenBatchNorm2d(child.num_features)
+                f.weight.copy_(child.weight.detach())
+                f.bias.copy_(child.bias.detach())
+                f.running_mean.copy_(child.running_mean)
+                f.running_var.copy_(child.running_var)
+                setattr(module, name, f)
+            else:
+                freeze(child)
+
+    freeze(tv.backbone.body)
+    for name, p in tv.backbone.body.named_parameters():
+        if not name.startswith(("layer2", "layer3", "layer4")):
+            p.requires_grad_(False)
+    overrides = [f"model.preprocess.min_size={size}", f"model.preprocess.max_size={size}"]
+    cfg = load_config(REPO / "configs" / "import" / "torchvision_fasterrcnn_resnet50_fpn.yaml", overrides)
+    dk = build_detector(cfg.to_dict()["model"], num_classes)
+    dk.import_state_dict(tv.state_dict(), source="torchvision")
+    return dk.to(device), tv.to(device)
+
+
+def images_and_targets(batch: int, size: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(batch)]
+    boxes, labels = [], []
+    for _ in range(batch):
+        xy = torch.rand(5, 2, generator=g) * size * 0.6
+        wh = 32 + torch.rand(5, 2, generator=g) * size * 0.35
+        boxes.append(torch.cat([xy, (xy + wh).clamp(max=size)], dim=1).to(device))
+        labels.append(torch.randint(0, 20, (5,), generator=g).to(device))
+    return images, boxes, labels
+
+
+def inference(size: int, batch: int, reps: int, device: torch.device) -> dict[str, list[float]]:
+    dk, tv = build_pair(size, device)
+    dk.eval(), tv.eval()
+    images, _, _ = images_and_targets(batch, size, device)
+    with torch.inference_mode():
+        t_dk = _times(lambda: dk.predict(images), device, reps)
+        t_tv = _times(lambda: tv(images), device, reps)
+    return {"detkit": t_dk, "torchvision": t_tv}
+
+
+def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict[str, list[float]]:
+    from detkit.registry import registry
+
+    dk, tv = build_pair(size, device)
+    images, boxes, labels = images_and_targets(batch, size, device)
+    x = torch.stack(images)
+
+    params = [p for p in dk.parameters() if p.requires_grad]
+    trainer = registry("trainer").build(
+        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 512, "pos_ratio": 0.25}},
+        model=dk, optimizer=torch.optim.SGD(params, lr=1e-4, momentum=0.9),
+    )
+    dk.train()
+    t_dk = _times(lambda: trainer.train_step(x, boxes, labels), device, reps)
+
+    tv.train()
+    opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    targets = [{"boxes": b, "labels": l + 1} for b, l in zip(boxes, labels)]
+
+    def tv_step():
+        opt.zero_grad(set_to_none=True)
+        losses = tv(images, targets)
+        sum(losses.values()).backward()
+        opt.step()
+
+    t_tv = _times(tv_step, device, reps)
+    return {"detkit": t_dk, "torchvision": t_tv}
+
+
+def report(title: str, times: dict[str, list[float]], batch: int) -> list[str]:
+    lines = [f"{title}: {'':<14}{'best s':>8}{'median s':>10}{'img/s':>8}"]
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"{'':<{len(title) + 2}}{name:<14}{min(ts):>8.3f}{med:>10.3f}{batch / med:>8.2f}")
+    ratio = statistics.median(times["torchvision"]) / statistics.median(times["detkit"])
+    lines.append(f"{'':<{len(title) + 2}}torchvision / detkit (median): {ratio:.2f}x "
+                 f"({'detkit faster' if ratio >= 1 else 'detkit SLOWER'})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", choices=["inference", "train"], default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, load {load:.2f}; "
+          f"R50-FPN, batch {args.batch} at {args.size}x{args.size}, {args.reps} reps")
+    if args.only in (None, "inference"):
+        print("\n".join(report("inference", inference(args.size, args.batch, args.reps, device), args.batch)))
+    if args.only in (None, "train"):
+        print("\n".join(report("train step", train_step(args.size, args.batch, args.reps, device), args.batch)))
+
+
+if __name__ == "__main__":
+    main()
