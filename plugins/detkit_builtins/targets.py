@@ -14,7 +14,7 @@ coarse for 0.7 / 0.5 thresholds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -138,20 +138,14 @@ class AnchorTargetCreator(TargetCreator):
                 raise ValueError("neg_iou_thresh must not exceed pos_iou_thresh")
             return self
 
-    def __init__(
-        self,
-        n_sample: int = 256,
-        pos_iou_thresh: float = 0.7,
-        neg_iou_thresh: float = 0.3,
-        pos_ratio: float = 0.5,
-        allowed_border: float | None = None,
-    ):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        self.n_sample = n_sample
-        self.pos_iou_thresh = pos_iou_thresh
-        self.neg_iou_thresh = neg_iou_thresh
-        self.pos_ratio = pos_ratio
-        self.allowed_border = allowed_border
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        self.n_sample = p.n_sample
+        self.pos_iou_thresh = p.pos_iou_thresh
+        self.neg_iou_thresh = p.neg_iou_thresh
+        self.pos_ratio = p.pos_ratio
+        self.allowed_border = p.allowed_border
 
     @torch.no_grad()
     def forward(
@@ -265,20 +259,14 @@ class ProposalTargetCreator(TargetCreator):
                 raise ValueError("neg_iou_thresh_lo must not exceed neg_iou_thresh_hi")
             return self
 
-    def __init__(
-        self,
-        n_sample: int = 128,
-        pos_ratio: float = 0.5,
-        pos_iou_thresh: float = 0.5,
-        neg_iou_thresh_hi: float = 0.5,
-        neg_iou_thresh_lo: float = 0.0,
-    ):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        self.n_sample = n_sample
-        self.pos_ratio = pos_ratio
-        self.pos_iou_thresh = pos_iou_thresh
-        self.neg_iou_thresh_hi = neg_iou_thresh_hi
-        self.neg_iou_thresh_lo = neg_iou_thresh_lo
+        p = self.params = params if params is not None else self.Params(**kwargs)
+        self.n_sample = p.n_sample
+        self.pos_ratio = p.pos_ratio
+        self.pos_iou_thresh = p.pos_iou_thresh
+        self.neg_iou_thresh_hi = p.neg_iou_thresh_hi
+        self.neg_iou_thresh_lo = p.neg_iou_thresh_lo
         self._std_cache: dict = {}
 
     @torch.no_grad()

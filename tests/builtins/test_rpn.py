@@ -130,3 +130,19 @@ def test_rpn_layout_matches_reference_reshape(rpn):
     raw = rpn.score(torch.relu(rpn.conv1(feats)))
     y, x, k = 2, 1, 5
     assert torch.allclose(out.scores[0, (y * 4 + x) * 9 + k], raw[0, 2 * k : 2 * k + 2, y, x])
+
+
+def test_rpn_parts_take_their_validated_params():
+    from detkit_builtins.anchors import AnchorGenerator, AnchorParams
+    from detkit_builtins.rpn import ProposalParams, RegionProposalNetwork
+
+    pc = ProposalCreator(ProposalParams(test_post_nms=5))
+    assert pc.test_post_nms == 5 and pc.nms_iou == ProposalParams().nms_iou
+    gen = AnchorGenerator(16, AnchorParams(scales=[2.0]))
+    assert gen.num_per_cell == 3 and gen.offset == AnchorParams().offset
+    rpn = RegionProposalNetwork(RegionProposalNetwork.Params(mid_channels=None), in_channels=8, feat_stride=16)
+    assert rpn.conv1.out_channels == 8 and rpn.proposal_creator.params == ProposalParams()
+    with pytest.raises(ValueError, match="anchor.sizes"):
+        RegionProposalNetwork(in_channels=8, feat_stride=16, anchor={"sizes": [[32]]})
+    with pytest.raises(ValueError, match="2 levels but the features have 3"):
+        RegionProposalNetwork(in_channels=8, feat_stride=[4, 8, 16], anchor={"sizes": [[32], [64]]})

@@ -334,3 +334,14 @@ def test_anchors_in_the_padding_of_a_smaller_image_are_ignored():
     _, labels = AnchorTargetCreator(n_sample=100)(gt, anchors, sizes(64, 64, 32, 32), gen())
     assert labels[0].tolist() == [0, 1]  # image 0 is 64x64: both anchors see it
     assert labels[1].tolist() == [0, -1]  # image 1 is 32x32: the second anchor lies in its padding
+
+
+def test_constructors_take_their_validated_params():
+    """Defaults live once, in Params: the constructor reads them from there."""
+    atc = AnchorTargetCreator()
+    assert atc.params == AnchorTargetCreator.Params()
+    assert atc.n_sample == AnchorTargetCreator.Params().n_sample
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=7))
+    assert ptc.n_sample == 7 and ptc.pos_ratio == ProposalTargetCreator.Params().pos_ratio
+    with pytest.raises(Exception, match="neg_iou_thresh"):
+        AnchorTargetCreator(pos_iou_thresh=0.3, neg_iou_thresh=0.5)  # validated even when built directly
