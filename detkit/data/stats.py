@@ -51,32 +51,6 @@ def coverage(best: Tensor, thresholds: Sequence[float] = THRESHOLDS) -> dict[str
     return out
 
 
-def grid_anchors(
-    height: int,
-    width: int,
-    scales: Sequence[float],
-    ratios: Sequence[float],
-    base_size: float = 16.0,
-    stride: int = 16,
-    offset: float = 0.0,
-) -> Tensor:
-    """``[ceil(H/stride) * ceil(W/stride) * K, 4]`` anchors, ``K = len(ratios) * len(scales)``.
-
-    A ratio is height / width: ``h = base_size * s * sqrt(r)``, ``w = base_size * s / sqrt(r)``,
-    centred on ``((x + offset) * stride, (y + offset) * stride)`` for every feature cell.
-    """
-    r = torch.tensor(ratios, dtype=torch.float32).view(-1, 1)
-    s = torch.tensor(scales, dtype=torch.float32).view(1, -1)
-    h = (base_size * s * r.sqrt()).reshape(-1)
-    w = (base_size * s / r.sqrt()).reshape(-1)
-    base = torch.stack((-w / 2, -h / 2, w / 2, h / 2), dim=1)  # [K, 4]
-    ys = (torch.arange(math.ceil(height / stride), dtype=torch.float32) + offset) * stride
-    xs = (torch.arange(math.ceil(width / stride), dtype=torch.float32) + offset) * stride
-    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-    shifts = torch.stack((cx, cy, cx, cy), dim=-1).reshape(-1, 1, 4)
-    return (shifts + base).reshape(-1, 4)
-
-
 def kmeans_1d(x: Tensor, k: int, iters: int = 20) -> Tensor:
     """``[k]`` sorted cluster centres of values ``[G]`` (Lloyd's algorithm from quantile centres)."""
     x = x.double()
@@ -100,6 +74,15 @@ def suggest_anchors(
     scales = [_round(math.exp(v)) for v in kmeans_1d(log_scale, num_scales).tolist()]
     ratios = [_round(math.exp(v)) for v in kmeans_1d(log_ratio, num_ratios).tolist()]
     return _dedupe(scales), _dedupe(ratios)
+
+
+def suggest_level_sizes(boxes: Tensor, num_levels: int, per_level: int) -> list[list[float]]:
+    """Per-level anchor sizes (px) for ``[G, 4]`` boxes: ``num_levels * per_level`` clusters of
+    ``sqrt(w * h)``, smallest first, ``per_level`` to a level (finest level first)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3).double()
+    centres = kmeans_1d(wh.prod(dim=1).sqrt().log(), num_levels * per_level).exp().tolist()
+    sizes = [_round(v) for v in centres]
+    return [sizes[i * per_level:(i + 1) * per_level] for i in range(num_levels)]
 
 
 def _round(v: float) -> float:
@@ -201,9 +184,9 @@ class StatsReport:
 
 
 def find_anchor_section(section: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Path of the first mapping with ``scales`` and ``ratios`` keys in a component config."""
+    """Path of the first mapping with ``ratios`` and ``scales`` (one map) or ``sizes`` (levels)."""
     if isinstance(section, dict):
-        if "scales" in section and "ratios" in section:
+        if "ratios" in section and ("scales" in section or section.get("sizes") is not None):
             return path
         for key, value in section.items():
             found = find_anchor_section(value, (*path, key))
@@ -218,12 +201,18 @@ def _get(d: dict[str, Any], path: Sequence[str]) -> Any:
     return d
 
 
-def _with_anchors(model_cfg: dict[str, Any], path: Sequence[str], scales: list[float], ratios: list[float]) -> dict[str, Any]:
+def _multi_level(sec: dict[str, Any]) -> bool:
+    return sec.get("sizes") is not None
+
+
+def _with_anchors(model_cfg: dict[str, Any], path: Sequence[str], scales: list, ratios: list[float]) -> dict[str, Any]:
+    """A copy of ``model_cfg`` with these anchors: ``scales`` are per-level ``sizes`` for levels."""
     import copy
 
     out = copy.deepcopy(model_cfg)
     sec = _get(out, path)
-    sec["scales"], sec["ratios"] = list(scales), list(ratios)
+    key = "sizes" if _multi_level(sec) else "scales"
+    sec[key], sec["ratios"] = [list(v) if isinstance(v, (list, tuple)) else v for v in scales], list(ratios)
     return out
 
 
@@ -294,8 +283,12 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
         return report
 
     sec = report.anchors
-    base = float(sec.get("base_size", 16.0))
-    scales, ratios = suggest_anchors(ann.boxes, len(sec["scales"]), len(sec["ratios"]), base)
+    if _multi_level(sec):  # one list of sizes per pyramid level
+        scales = suggest_level_sizes(ann.boxes, len(sec["sizes"]), len(sec["sizes"][0]))
+        _, ratios = suggest_anchors(ann.boxes, 1, len(sec["ratios"]))
+    else:
+        base = float(sec.get("base_size", 16.0))
+        scales, ratios = suggest_anchors(ann.boxes, len(sec["scales"]), len(sec["ratios"]), base)
     # Ratios are height/width here; a detector may define them the other way round.
     # Build both and keep the one that covers better, so the printed values are the
     # ones this detector needs.
@@ -309,7 +302,7 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
         cov = coverage(anchor_coverage(ann, anchors_for, size_divisor))
         if best_cov is None or _better(cov, best_cov):
             best_cov, best_ratios = cov, cand
-    report.suggested = {"scales": scales, "ratios": best_ratios}
+    report.suggested = {("sizes" if _multi_level(sec) else "scales"): scales, "ratios": best_ratios}
     report.suggested_coverage = best_cov
     if best_cov is not None and not _better(best_cov, current):
         report.notes.append("the configured anchors already cover these boxes as well as the suggestion")
@@ -351,16 +344,26 @@ def check_images(
     return ImageCheck(split, n, bad)
 
 
-def yaml_snippet(path: Sequence[str], scales: list[float], ratios: list[float]) -> str:
-    """The config lines setting anchor scales and ratios at ``model.<path>``."""
+def yaml_snippet(path: Sequence[str], scales: list, ratios: list[float], key: str = "scales") -> str:
+    """The config lines setting the anchors at ``model.<path>`` (``key``: ``scales``, or ``sizes``
+    with one list per level)."""
     lines, indent = [], ""
-    for key in ("model", *path):
-        lines.append(f"{indent}{key}:")
+    for part in ("model", *path):
+        lines.append(f"{indent}{part}:")
         indent += "  "
-    fmt = lambda xs: "[" + ", ".join(f"{x:g}" for x in xs) + "]"  # noqa: E731
-    lines.append(f"{indent}scales: {fmt(scales)}")
-    lines.append(f"{indent}ratios: {fmt(ratios)}")
+    lines.append(f"{indent}{key}: {_flow(scales)}")
+    lines.append(f"{indent}ratios: {_flow(ratios)}")
     return "\n".join(lines)
+
+
+def _flow(values: Sequence[Any]) -> str:
+    """A YAML flow list of numbers or of lists of numbers: ``[1.5, 3]``, ``[[32], [64]]``."""
+    return "[" + ", ".join(_flow(v) if isinstance(v, (list, tuple)) else f"{v:g}" for v in values) + "]"
+
+
+def anchor_key(anchors: dict[str, Any]) -> str:
+    """``sizes`` for per-level anchors, else ``scales``."""
+    return "sizes" if _multi_level(anchors) else "scales"
 
 
 def print_report(report: StatsReport, console: Any) -> None:
@@ -395,23 +398,24 @@ def print_report(report: StatsReport, console: Any) -> None:
         return [label, *(x if "nan" not in x else "-" for x in cells)]
 
     sec = report.anchors
+    key = anchor_key(sec) if sec else "scales"
     if sec:
-        a.add_row(*row(f"configured: scales {sec.get('scales')} ratios {sec.get('ratios')}", report.current))
+        a.add_row(*row(f"configured: {key} {sec.get(key)} ratios {sec.get('ratios')}", report.current))
     else:
         a.add_row(*row("configured", report.current))
     if report.suggested is not None and report.suggested_coverage is not None:
         s = report.suggested
-        a.add_row(*row(f"suggested: scales {s['scales']} ratios {s['ratios']}", report.suggested_coverage))
+        a.add_row(*row(f"suggested: {key} {s[key]} ratios {s['ratios']}", report.suggested_coverage))
     console.print(a)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if report.suggested is not None and report.anchor_path is not None:
         s = report.suggested
         console.print("To use the suggested anchors, put this in the config:", markup=False, highlight=False)
-        console.print(yaml_snippet(report.anchor_path, s["scales"], s["ratios"]), markup=False, highlight=False)
+        console.print(yaml_snippet(report.anchor_path, s[key], s["ratios"], key), markup=False, highlight=False)
         dotted = ".".join(("model", *report.anchor_path))
-        fmt = lambda xs: "[" + ",".join(f"{x:g}" for x in xs) + "]"  # noqa: E731
+        fmt = lambda xs: _flow(xs).replace(" ", "")  # noqa: E731
         console.print(
-            f"or: --set {dotted}.scales={fmt(s['scales'])} --set {dotted}.ratios={fmt(s['ratios'])}",
+            f"or: --set {dotted}.{key}={fmt(s[key])} --set {dotted}.ratios={fmt(s['ratios'])}",
             markup=False, highlight=False, soft_wrap=True,
         )

@@ -16,11 +16,12 @@ from detkit.data.stats import (
     best_anchor_iou,
     coverage,
     find_anchor_section,
-    grid_anchors,
     kmeans_1d,
     suggest_anchors,
+    suggest_level_sizes,
     yaml_snippet,
 )
+from detkit_builtins.anchors import AnchorGenerator
 
 
 def test_best_anchor_iou_by_hand():
@@ -37,14 +38,6 @@ def test_coverage_shares_and_median():
     assert math.isnan(coverage(torch.zeros(0))["median"])
 
 
-def test_grid_anchors_layout():
-    a = grid_anchors(32, 32, scales=[1.0], ratios=[1.0], stride=16, offset=0.5)
-    assert a.tolist() == [[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]]
-    tall = grid_anchors(16, 16, scales=[1.0], ratios=[4.0])  # ratio = height / width
-    assert tall.tolist() == [[-4.0, -16.0, 4.0, 16.0]]
-    assert grid_anchors(40, 20, [1, 2], [0.5, 1, 2]).shape == (3 * 2 * 6, 4)
-
-
 def test_anchor_coverage_groups_by_input_size():
     ann = Annotations(
         classes=["a"],
@@ -56,9 +49,9 @@ def test_anchor_coverage_groups_by_input_size():
     )
     calls = []
 
-    def anchors_for(size):
+    def anchors_for(size):  # 16 px squares centred on a 16 px grid: the RPN's own generator
         calls.append(size)
-        return grid_anchors(*size, scales=[1.0], ratios=[1.0], offset=0.5)
+        return AnchorGenerator(16, scales=[1.0], ratios=[1.0], offset=0.5)(-(-size[0] // 16), -(-size[1] // 16))
 
     best = anchor_coverage(ann, anchors_for)
     assert sorted(calls) == [(16, 16), (32, 32)]  # one anchor set per distinct size
@@ -133,3 +126,48 @@ def test_cli_stats_prints_tables_and_snippet(tmp_path):
     assert "boxes per class" in res.output and "IoU >=0.7" in res.output
     assert "model:\n  rpn:\n    anchor:\n      scales: [" in res.output
     assert "--set model.rpn.anchor.scales=" in res.output
+
+
+def test_level_sizes_suggestion_and_snippet_are_valid_yaml():
+    boxes = torch.tensor([[0, 0, 30, 30]] * 4 + [[0, 0, 60, 60]] * 4 + [[0, 0, 250, 250]] * 4, dtype=torch.float32)
+    assert suggest_level_sizes(boxes, num_levels=3, per_level=1) == [[30.0], [60.0], [250.0]]
+    cfg = {"rpn": {"type": "rpn", "anchor": {"scales": [8.0], "ratios": [1.0], "sizes": [[32], [64]]}}}
+    assert find_anchor_section(cfg) == ("rpn", "anchor")
+    text = yaml_snippet(("rpn", "anchor"), [[30.0], [60.0, 90.0]], [0.5, 1.0], key="sizes")
+    assert text.endswith("sizes: [[30], [60, 90]]\n      ratios: [0.5, 1]")
+    assert yaml.safe_load(text) == {"model": {"rpn": {"anchor": {"sizes": [[30], [60, 90]], "ratios": [0.5, 1]}}}}
+
+
+def test_dataset_stats_on_a_pyramid_asks_the_rpn_and_suggests_sizes(tmp_path):
+    from detkit.config import load_config
+    from detkit.data.stats import dataset_stats, print_report
+    from detkit.registry import registry
+
+    path = _config(tmp_path, [8.0])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = {
+        "type": "faster_rcnn",
+        "backbone": {"type": "resnet50", "out_features": ["C2", "C3", "C4", "C5"]},
+        "neck": {"type": "fpn", "out_channels": 16},
+        # Huge anchors for 16-64 px boxes: the suggestion must do better.
+        "rpn": {"type": "rpn", "mid_channels": None, "anchor": {"sizes": [[256], [300], [400], [512], [600]]}},
+        "roi_head": {"type": "multiscale_roi_head", "representation_size": 16},
+    }
+    cfg["data"]["size_divisor"] = 32
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path, [])
+    report = dataset_stats(loaded, max_images=6)
+    model = registry("detector").build(loaded.model.to_dict(), num_classes=4)
+    assert model.anchors((128, 128)).shape[0] == 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)
+    assert report.current[">=0.5"] == 0.0
+    sizes = report.suggested["sizes"]
+    assert len(sizes) == 5 and all(len(level) == 1 for level in sizes) and max(max(sizes)) <= 64
+    assert report.suggested_coverage[">=0.5"] > 0.5
+    res = CliRunner().invoke(app, ["data", "stats", str(path), "--max-images", "4", "--set", "data.train.num_images=4"])
+    assert res.exit_code == 0, res.output
+    snippet = res.output[res.output.index("model:\n  rpn:"):].split("\nor:")[0]
+    parsed = yaml.safe_load(snippet)["model"]["rpn"]["anchor"]
+    assert len(parsed["sizes"]) == 5 and all(isinstance(v, list) for v in parsed["sizes"])
+    # The printed snippet validates as the RPN's anchor section.
+    registry("proposal_generator").validate({"type": "rpn", "anchor": parsed})
+    assert "--set model.rpn.anchor.sizes=[[" in res.output
