@@ -171,9 +171,10 @@ class LossWindow:
         if self._mean is None:
             if not self.steps:
                 return {}
-            names = list(self.steps[0])
-            stacked = torch.stack([torch.stack([s[n].float() for n in names]) for s in self.steps])
-            self._mean = dict(zip(names, stacked.mean(0).tolist()))
+            # A loss a trainer returns only on some steps is averaged over those steps.
+            names = list(dict.fromkeys(n for step in self.steps for n in step))
+            means = [torch.stack([s[n].float() for s in self.steps if n in s]).mean() for n in names]
+            self._mean = dict(zip(names, torch.stack(means).tolist()))
         return self._mean
 
 
@@ -292,7 +293,7 @@ class TrainLoop:
             self._loaders[batch_size] = build_loader(
                 self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
                 seed=tc.seed, drop_last=len(self.train_set) >= batch_size * world,
-                num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda",
+                num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda", device=self.device,
             )
         loader = self._loaders[batch_size]
         loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
@@ -432,8 +433,7 @@ class TrainLoop:
                     self.call("before_step")
                     n = min(self.accumulate, micro_total - self.epoch_step * self.accumulate)
                     self.losses = self.run_step(batches, n)
-                    if not self.loss_names:
-                        self.loss_names = list(self.losses)
+                    self.loss_names += [n for n in self.losses if n not in self.loss_names]
                     self.window.add(self.losses)
                     self.step += 1
                     self.epoch_step += 1

@@ -433,3 +433,14 @@ def test_accumulation_under_torchrun_with_ddp(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
     assert all(r["total"] > 0 for r in records(tmp_path / "run"))
+
+
+def test_loss_window_averages_each_name_over_the_steps_that_have_it():
+    from detkit.engine.train import LossWindow
+
+    w = LossWindow()
+    w.add({"a": torch.tensor(1.0), "total": torch.tensor(2.0)})
+    w.add({"a": torch.tensor(3.0), "b": torch.tensor(5.0), "total": torch.tensor(4.0)})
+    assert w.mean() == {"a": 2.0, "total": 3.0, "b": 5.0} and len(w) == 2
+    w.reset()
+    assert w.mean() == {}
