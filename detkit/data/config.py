@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from detkit.registry import Component, ComponentSpec, DatasetSpec
 
@@ -44,7 +44,18 @@ class DataConfig(BaseModel):
     train: DatasetSpec
     val: DatasetSpec | None = None
     batch_size: int = Field(1, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        0,
+        description="data-loading processes (each runs one torch thread); auto: none when training on the "
+        "CPU (the step needs the cores), min(CPUs - 2, 12) when a GPU trains",
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or auto")
+        return v
     size_divisor: int = Field(
         32, ge=0,
         description="pad batches up to a multiple of this (a multiple of the backbone stride): few batch "

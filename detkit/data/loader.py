@@ -24,6 +24,7 @@ Throughput (issue 8):
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -210,11 +211,26 @@ def build_dataset(
     return out
 
 
+def resolve_workers(num_workers: int | str, device: torch.device | str | None = None) -> int:
+    """``num_workers`` as a number; ``"auto"``: 0 for CPU training, min(CPUs - 2, 12) for a GPU."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cpu":
+        return 0  # the training step uses every core; workers would only take them away
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus - 2, 12))
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     shuffle: bool,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     seed: int = 0,
     drop_last: bool = False,
     *,
@@ -224,6 +240,7 @@ def build_loader(
     rank: int = 0,
     group_by_aspect: bool | None = None,
     uint8: bool = True,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
     """A DataLoader of :class:`~detkit.data.collate.Batch` es over ``dataset``.
 
@@ -233,9 +250,11 @@ def build_loader(
     (default: the data set's, set from ``data.group_by_aspect``; shuffled loaders of a :class:`TransformedDataset`, batches of 2 or more)
     batches images of similar aspect ratio together.  ``uint8`` ships images
     as uint8 until :meth:`Batch.to`; ``pin_memory`` is for CUDA training.
+    ``num_workers="auto"`` resolves with ``device`` (see :func:`resolve_workers`).
     """
     if size_divisor is None:
         size_divisor = int(getattr(dataset, "size_divisor", 0))
+    num_workers = resolve_workers(num_workers, device)
     if group_by_aspect is None:
         group_by_aspect = bool(getattr(dataset, "group_by_aspect", True))
     if isinstance(dataset, TransformedDataset):

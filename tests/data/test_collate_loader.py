@@ -190,3 +190,31 @@ def test_device_prefetcher_yields_every_batch_on_the_device(data_cfg):
     got = list(DevicePrefetcher(loader, "cpu"))
     assert [b.image_ids for b in got] == expected
     assert all(b.images.dtype == torch.float32 for b in got)
+
+
+def test_auto_workers_none_on_cpu_some_on_gpu_and_one_thread_each(monkeypatch):
+    from detkit.data.loader import resolve_workers
+
+    assert resolve_workers("auto", "cpu") == 0 and resolve_workers(3, "cpu") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_workers("auto", "cuda") == 12
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_workers("auto", "cuda") == 1
+    assert DataConfig.model_validate({"train": {"type": "synthetic"}, "num_workers": "auto"}).num_workers == "auto"
+    with pytest.raises(Exception, match="auto"):
+        DataConfig.model_validate({"train": {"type": "synthetic"}, "num_workers": -1})
+
+
+class _Threads(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                  "scale": torch.get_num_threads()}
+        return torch.zeros(3, 4, 4), target
+
+
+def test_each_worker_runs_one_torch_thread():
+    loader = build_loader(_Threads(), batch_size=2, shuffle=False, num_workers=1)
+    assert next(iter(loader)).scales.tolist() == [1.0, 1.0]
