@@ -94,6 +94,8 @@ class ExportableDetector(nn.Module):
             unsupported.append("preprocess.antialias: false (only the antialiased resize is exportable)")
         if p.size_divisible != 1:
             unsupported.append("preprocess.size_divisible > 1")
+        if getattr(model, "multi_level", False):
+            unsupported.append("multi-level features (a neck such as fpn): their anchors and levels do not trace yet")
         if unsupported:
             raise ExportError(f"{type(model).__name__} cannot be exported with " + "; ".join(unsupported))
 

@@ -22,10 +22,11 @@ from detkit.registry import registry
 
 # The export traces on a 96x128 image; the checks run on other sizes and aspect ratios.
 SIZES = ((150, 90), (100, 240))
-NO_ORT = "onnxruntime is not installed: pip install -e \".[export]\" to run the ONNX tests"
+NO_ORT = "onnx/onnxruntime are not installed: pip install -e \".[export]\" to run the ONNX tests"
 
 
 def onnxruntime_or_skip():
+    pytest.importorskip("onnx", reason=NO_ORT)
     return pytest.importorskip("onnxruntime", reason=NO_ORT)
 
 
@@ -83,6 +84,18 @@ def test_wrapper_rejects_settings_it_cannot_reproduce(model_config):
     )
     with pytest.raises(ExportError, match="antialias"):
         ExportableDetector(model)
+    fpn = registry("detector").build(
+        {
+            "type": "faster_rcnn",
+            "backbone": {"type": "resnet50", "out_features": ["C2", "C3", "C4", "C5"]},
+            "neck": {"type": "fpn"},
+            "rpn": {"type": "rpn", "anchor": {"sizes": [[32], [64], [128], [256], [512]]}},
+            "roi_head": {"type": "multiscale_roi_head"},
+        },
+        num_classes=2,
+    )
+    with pytest.raises(ExportError, match="multi-level"):
+        ExportableDetector(fpn)
 
 
 def test_unknown_format_and_missing_onnx(tiny_model, tmp_path, monkeypatch):
