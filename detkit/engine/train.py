@@ -316,7 +316,7 @@ class TrainLoop:
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
                                 sampler=_SkipSampler(loader.sampler, skip), num_workers=loader.num_workers,
                                 collate_fn=loader.collate_fn, drop_last=loader.drop_last,
-                                pin_memory=loader.pin_memory)
+                                pin_memory=loader.pin_memory, generator=loader.generator)
         # The next batch is copied to the device (a side stream on CUDA) while this one trains.
         return DevicePrefetcher(loader, self.device)
 
