@@ -444,3 +444,19 @@ def test_loss_window_averages_each_name_over_the_steps_that_have_it():
     assert w.mean() == {"a": 2.0, "total": 3.0, "b": 5.0} and len(w) == 2
     w.reset()
     assert w.mean() == {}
+
+
+@pytest.mark.slow
+def test_faster_rcnn_resumed_mid_epoch_equals_an_uninterrupted_run(toys, tmp_path):
+    src = (Path(__file__).parent / "test_train.py").read_text()
+    path = tmp_path / "tiny.yaml"
+    path.write_text(src[src.index('TINY = """') + 10: src.index('"""\n\n\n@pytest.fixture')])
+    common = ["eval.interval=0", "data.batch_size=2", "train.trainer.seed=3", "data.transforms.hflip=0.5"]
+    straight = train(load_config(path, common), out_dir=tmp_path / "straight")
+    split = train(load_config(path, [*common, "train.hooks=[{type: stop_at, step: 5}]"]), out_dir=tmp_path / "split")
+    assert load_checkpoint(split / "last.pt")["epoch_step"] == 1  # 4 steps per epoch: stopped inside epoch 2
+    train(load_config(path, common), out_dir=split, resume=split / "last.pt")
+    a, b = load_checkpoint(straight / "last.pt")["model"], load_checkpoint(split / "last.pt")["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    assert [r["total"] for r in records(split)] == pytest.approx([r["total"] for r in records(straight)], rel=1e-5)
