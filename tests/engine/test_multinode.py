@@ -1,7 +1,7 @@
 """Two "nodes" on 127.0.0.1: two torchrun agents (--nnodes 2, one process each) train together.
 
 Each agent is started as it would be on its own machine (c10d rendezvous at
-one endpoint, the same run id); they share the data (synthetic here) but not
+one endpoint with the same run id, or static rendezvous with node ranks); they share the data (synthetic here) but not
 the output directory: only global rank 0, on the first node, writes.
 """
 
@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_a_few_steps_together(tmp_path):
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_two_nodes_train_a_few_steps_together(tmp_path, rendezvous):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     endpoint = f"127.0.0.1:{free_port()}"
@@ -38,8 +39,12 @@ def test_two_nodes_train_a_few_steps_together(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agents = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+        if rendezvous == "c10d":  # the same command on both nodes
+            where = ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
+        else:  # fixed node ranks: node 0 holds global rank 0
+            host, port = endpoint.split(":")
+            where = ["--node-rank", str(node), "--master-addr", host, "--master-port", port]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *where,
                "--max-restarts", "0", "-m", "detkit.cli", "train", str(config),
                "--out", str(tmp_path / f"node{node}"), "--set", "train.epochs=1"]
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -54,9 +59,11 @@ def test_two_nodes_train_a_few_steps_together(tmp_path):
                 agent.kill()
     for code, out, err in outputs:
         assert code == 0, err[-3000:]
-    # c10d rendezvous gives rank 0 to either agent: exactly one node wrote the run.
+    # Exactly one node wrote the run: with c10d rendezvous either, with static ranks node 0.
     written = [d for d in (tmp_path / "node0", tmp_path / "node1") if d.exists()]
     assert len(written) == 1, written
+    if rendezvous == "static":
+        assert written == [tmp_path / "node0"]
     run = written[0]
     text = "".join(out for _, out, _ in outputs)
     assert "x 2 processes" in text and text.count("done in") == 1
