@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NamedTuple, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,21 +19,15 @@ BoxLossSpec = Annotated[ComponentSpec, Component("loss", role="box")]
 ClassLossSpec = Annotated[ComponentSpec, Component("loss", role="classification")]
 
 
-class LossTuple(NamedTuple):
-    """The Faster R-CNN losses of one batch; ``total`` is the plain sum of the other four."""
-
-    rpn_loc: Tensor
-    rpn_cls: Tensor
-    roi_loc: Tensor
-    roi_cls: Tensor
-    total: Tensor
-
-
 class FasterRCNNTrainer(Trainer):
     """Trains a :class:`~detkit_builtins.faster_rcnn.FasterRCNN` end to end (approximate joint training).
 
     ``forward(imgs [N, 3, H, W] 0..1, bboxes: list of [G_i, 4], labels: list of
-    [G_i] in 0..C-1, scale=1.0, image_sizes [N, 2] or None) -> LossTuple``.
+    [G_i] in 0..C-1, scale=1.0, image_sizes [N, 2] or None)`` returns the named
+    scalar losses ``{"rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total"}``;
+    ``total`` is the plain sum of the other four.  ``train_step`` (from
+    :class:`~detkit.interfaces.Trainer`) zeroes, runs forward and backward
+    through an ``amp`` helper, clips to ``grad_clip`` and steps.
 
     Batch averaging: every loss pools the samples of all images before
     normalising.  ``rpn_loc``/``roi_loc`` sum the smooth L1 of the positive
@@ -45,7 +39,7 @@ class FasterRCNNTrainer(Trainer):
     by its number of positives.
 
     Targets are created in float32 with autocast disabled; only the network
-    runs in reduced precision under ``fp16``.  ``seed`` fixes the random
+    runs in reduced precision under ``amp``.  ``seed`` fixes the random
     sampling of anchors and RoIs (one ``torch.Generator`` per device).
     """
 
@@ -126,7 +120,7 @@ class FasterRCNNTrainer(Trainer):
         labels: Sequence[Tensor],
         scale: float | Tensor = 1.0,
         image_sizes: Tensor | None = None,
-    ) -> LossTuple:
+    ) -> dict[str, Tensor]:
         n = imgs.shape[0]
         if len(bboxes) != n or len(labels) != n:
             raise ValueError(f"{n} images but {len(bboxes)} box lists and {len(labels)} label lists")
@@ -184,45 +178,4 @@ class FasterRCNNTrainer(Trainer):
         roi_cls = self.roi_cls_loss(roi_scores, gt_roi_labels)
 
         total = rpn_loc + rpn_cls + roi_loc + roi_cls
-        return LossTuple(rpn_loc, rpn_cls, roi_loc, roi_cls, total)
-
-    def train_step(
-        self,
-        imgs: Tensor,
-        bboxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
-        scale: float | Tensor = 1.0,
-        image_sizes: Tensor | None = None,
-        fp16: bool = False,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> LossTuple:
-        """One optimiser step on a batch; returns the losses, detached.
-
-        ``fp16`` runs the network under autocast: float16 on CUDA, bfloat16 on
-        CPU (no float16 kernels there).  An enabled ``scaler`` scales the loss,
-        unscales before clipping and steps the optimiser (skipping steps with
-        inf/NaN gradients).  The mode (train/eval) is left as the caller set it.
-        """
-        if self.optimizer is None:
-            raise RuntimeError("FasterRCNNTrainer.train_step needs an optimizer; build it with optimizer=...")
-        device_type = imgs.device.type
-        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device_type, dtype=dtype, enabled=fp16):
-            losses = self(imgs, bboxes, labels, scale=scale, image_sizes=image_sizes)
-        use_scaler = scaler is not None and scaler.is_enabled()
-        if use_scaler:
-            scaler.scale(losses.total).backward()
-        else:
-            losses.total.backward()
-        if self.grad_clip is not None:
-            if use_scaler:
-                scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        if use_scaler:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        return LossTuple(*(loss.detach() for loss in losses))
+        return {"rpn_loc": rpn_loc, "rpn_cls": rpn_cls, "roi_loc": roi_loc, "roi_cls": roi_cls, "total": total}
