@@ -237,6 +237,24 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, froz
     assert any(not torch.equal(model.state_dict()[k], start[k]) for k in trunk)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_search(frozen_config, frozen):
+    # DDP is built with find_unused_parameters=False: a trainable parameter without a
+    # gradient would stop the second step.  The frozen phase leaves the trunk out of DDP.
+    cfg, model, trainer = _build(frozen_config)
+    model.train()
+    _freeze(model, frozen)
+    samples = _global_batch(cfg)[:2]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    from detkit.data.collate import Collate
+
+    b = Collate(0)(samples)
+    trainer(b.images, b.boxes, b.labels, scale=b.scales, image_sizes=b.image_sizes)["total"].backward()
+    trainable = [n for n, p in trainer.named_parameters() if p.requires_grad]
+    assert len(trainable) > 5
+    assert [n for n, p in trainer.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 # ------------------------------------------------------------- evaluation
 def _worker_eval(rank: int, port: int, config: str, out: str) -> None:
     info = _join(rank, port)
