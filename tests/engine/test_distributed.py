@@ -145,6 +145,18 @@ def test_sync_bn_converts_trainable_batchnorm_only_and_keeps_its_tensors():
     assert any(p is model[2].weight for p in optimizer.param_groups[0]["params"])
 
 
+def test_sync_bn_on_cpu_processes_is_a_config_error():
+    from detkit.errors import ConfigError
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    hook = DistributedHook(sync_bn=True)
+    hook.loop = types.SimpleNamespace(trainer=module, model=module, dist=DistInfo(0, 2), device=torch.device("cpu"),
+                                      console=Console(quiet=True), trainer_module=module)
+    with pytest.raises(ConfigError, match="train.sync_bn: SyncBatchNorm needs CUDA"):
+        hook.before_train()
+    assert type(module[1]) is torch.nn.BatchNorm2d
+
+
 # ------------------------------------------------------------ the detector
 def _build(config: str):
     from detkit.engine.optim import build_optimizer
