@@ -12,8 +12,10 @@ max_size = size on both sides, so neither resizes), 5 boxes each for training.
   ``sum(model(images, targets).values()).backward(); optimizer.step()``, SGD,
   torchvision's sampling (RPN 256 at 0.5 positive, RoI 512 at 0.25).
 
-Prints best and median seconds of ``--reps`` timed runs after a warm-up and the
-ratio torchvision / detkit (> 1: detkit is faster).  Imported by
+Prints best and median wall seconds of ``--reps`` runs after a warm-up, the
+runs of the two interleaved so both see the same machine load, the median
+process CPU seconds, and the ratios torchvision / detkit (> 1: detkit is
+faster).  Imported by
 ``inference.py`` and ``train_step.py`` for their R50-FPN rows; also runs alone:
 ``python benchmarks/fpn_vs_torchvision.py [--size 512] [--batch 2] [--reps 3] [--device cpu]``.
 """
@@ -36,17 +38,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _times(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+def _paired(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 1):
+    """Wall and process-CPU seconds of each function, the runs interleaved (a, b, a, b, ...).
+
+    Interleaving gives both the same machine load on average; the process CPU
+    time (all threads of this process) is less sensitive to other processes than
+    the wall clock, so both are reported.
+    """
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    out = []
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
+        for name, fn in fns.items():
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            _sync(device)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {"wall": wall, "cpu": cpu}
 
 
 def build_pair(size: int, device: torch.device, num_classes: int = 90):
@@ -98,17 +110,15 @@ def images_and_targets(batch: int, size: int, device: torch.device, seed: int = 
     return images, boxes, labels
 
 
-def inference(size: int, batch: int, reps: int, device: torch.device) -> dict[str, list[float]]:
+def inference(size: int, batch: int, reps: int, device: torch.device) -> dict:
     dk, tv = build_pair(size, device)
     dk.eval(), tv.eval()
     images, _, _ = images_and_targets(batch, size, device)
     with torch.inference_mode():
-        t_dk = _times(lambda: dk.predict(images), device, reps)
-        t_tv = _times(lambda: tv(images), device, reps)
-    return {"detkit": t_dk, "torchvision": t_tv}
+        return _paired({"detkit": lambda: dk.predict(images), "torchvision": lambda: tv(images)}, device, reps)
 
 
-def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict[str, list[float]]:
+def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict:
     from detkit.registry import registry
 
     dk, tv = build_pair(size, device)
@@ -121,8 +131,6 @@ def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict[s
         model=dk, optimizer=torch.optim.SGD(params, lr=1e-4, momentum=0.9),
     )
     dk.train()
-    t_dk = _times(lambda: trainer.train_step(x, boxes, labels), device, reps)
-
     tv.train()
     opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     targets = [{"boxes": b, "labels": l + 1} for b, l in zip(boxes, labels)]
@@ -133,18 +141,20 @@ def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict[s
         sum(losses.values()).backward()
         opt.step()
 
-    t_tv = _times(tv_step, device, reps)
-    return {"detkit": t_dk, "torchvision": t_tv}
+    return _paired({"detkit": lambda: trainer.train_step(x, boxes, labels), "torchvision": tv_step}, device, reps)
 
 
-def report(title: str, times: dict[str, list[float]], batch: int) -> list[str]:
-    lines = [f"{title}: {'':<14}{'best s':>8}{'median s':>10}{'img/s':>8}"]
-    for name, ts in times.items():
+def report(title: str, times: dict, batch: int) -> list[str]:
+    wall, cpu = times["wall"], times["cpu"]
+    lines = [f"{title}: {'':<14}{'best s':>8}{'median s':>10}{'img/s':>8}{'CPU s':>8}"]
+    for name, ts in wall.items():
         med = statistics.median(ts)
-        lines.append(f"{'':<{len(title) + 2}}{name:<14}{min(ts):>8.3f}{med:>10.3f}{batch / med:>8.2f}")
-    ratio = statistics.median(times["torchvision"]) / statistics.median(times["detkit"])
-    lines.append(f"{'':<{len(title) + 2}}torchvision / detkit (median): {ratio:.2f}x "
-                 f"({'detkit faster' if ratio >= 1 else 'detkit SLOWER'})")
+        lines.append(f"{'':<{len(title) + 2}}{name:<14}{min(ts):>8.3f}{med:>10.3f}{batch / med:>8.2f}"
+                     f"{statistics.median(cpu[name]):>8.2f}")
+    for label, d in (("wall, median", wall), ("process CPU, median", cpu)):
+        ratio = statistics.median(d["torchvision"]) / statistics.median(d["detkit"])
+        lines.append(f"{'':<{len(title) + 2}}torchvision / detkit ({label}): {ratio:.2f}x "
+                     f"({'detkit faster' if ratio >= 1 else 'detkit SLOWER'})")
     return lines
 
 

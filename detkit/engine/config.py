@@ -99,6 +99,10 @@ class TrainConfig(_Strict):
     )
     ema: EMAConfig | None = Field(None, description="average the weights for evaluation and the saved model")
     freeze_backbone_epochs: int = Field(0, ge=0)
+    init_weights: str | None = Field(
+        None, description="a detkit checkpoint whose model weights start this run (fine-tuning, e.g. one "
+        "made by `detkit import-weights`); its classes must be the data's. Optimizer and schedule start fresh"
+    )
     freeze_batch_size: int | None = Field(None, gt=0)
     max_iters_per_epoch: int | None = Field(None, gt=0)
     seed: int = 0

@@ -48,7 +48,7 @@ from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.io import stale_temporaries
-from detkit.registry import registry
+from detkit.registry import registry, without_pretrained
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +178,19 @@ class LossWindow:
         return self._mean
 
 
+def init_model_weights(model: torch.nn.Module, path: str | Path, classes: list[str]) -> None:
+    """Load the model weights of the detkit checkpoint ``path`` (``train.init_weights``) into ``model``."""
+    ckpt = load_checkpoint(path)
+    if list(ckpt["classes"]) != list(classes):
+        raise ConfigError(
+            f"train.init_weights: {path} was made for classes {list(ckpt['classes'])[:5]}"
+            f"{'...' if len(ckpt['classes']) > 5 else ''} ({len(ckpt['classes'])}), the data has "
+            f"{list(classes)[:5]}{'...' if len(classes) > 5 else ''} ({len(classes)}); import it with "
+            "`detkit import-weights ... --classes` naming the data's classes"
+        )
+    load_model_state(model, ckpt["model"], f"train.init_weights: {path}")
+
+
 class TrainLoop:
     """One training run: what hooks see as ``self.loop``.
 
@@ -250,7 +263,11 @@ class TrainLoop:
         if len(self.train_set) == 0:
             raise DetkitError("data.train: the training split has no images")
 
-        self.model = registry("detector").build(cfg.model, num_classes=len(self.classes)).to(self.device)
+        # Weights from train.init_weights make the backbone's ImageNet file pointless: not loaded.
+        model_cfg = cfg.model if tc.init_weights is None else without_pretrained(cfg.model.to_dict())
+        self.model = registry("detector").build(model_cfg, num_classes=len(self.classes)).to(self.device)
+        if tc.init_weights is not None:
+            init_model_weights(self.model, tc.init_weights, self.classes)
         _warn_if_predict_resizes_differently(self.model, cfg, self.console)
         self.optimizer = build_optimizer(self.model, tc.optimizer)
         self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer)

@@ -120,6 +120,16 @@ def test_other_class_count_keeps_all_but_class_layers(tmp_path, torchvision_mode
     assert torch.equal(state["rpn.score.weight"][1::2], theirs["rpn.head.cls_logits.weight"])
     assert not state["rpn.score.weight"][0::2].any()
 
+    # train.init_weights starts a run from it (the data must have the same classes).
+    from detkit.engine.train import init_model_weights
+    from detkit.registry import build_detector
+
+    model = build_detector(ckpt["config"]["model"], 2)
+    init_model_weights(model, dst, ["cat", "dog"])
+    assert torch.equal(model.state_dict()["neck.inner_blocks.0.0.weight"], theirs["backbone.fpn.inner_blocks.0.0.weight"])
+    with pytest.raises(ConfigError, match="train.init_weights: .* --classes"):
+        init_model_weights(model, dst, ["cat", "dog", "bird"])
+
 
 def test_cached_torchvision_file_is_used_without_src(tmp_path, monkeypatch, torchvision_model):
     """No SRC: the file in $TORCH_HOME's cache is used; nothing is downloaded."""
