@@ -71,7 +71,11 @@ class Backbone(nn.Module, ABC):
     stride: int
 
     @abstractmethod
-    def forward(self, x: Tensor) -> Tensor: ...
+    def forward(self, x: Tensor) -> Features: ...
+
+    def output_shape(self) -> dict[str, ShapeSpec] | None:
+        """Named outputs and their shapes when ``forward`` returns a dict; ``None`` for one map."""
+        return None
 
     @abstractmethod
     def roi_tail(self) -> RoITail:
@@ -177,7 +181,7 @@ class ProposalGenerator(nn.Module, ABC):
 
     @abstractmethod
     def forward(
-        self, features: Tensor, image_sizes: Tensor, scale: float | Tensor = 1.0
+        self, features: Features, image_sizes: Tensor, scale: float | Tensor = 1.0
     ) -> RPNOutput:
         """``image_sizes``: ``[N, 2]`` true (height, width) of each image in the padded batch."""
 
