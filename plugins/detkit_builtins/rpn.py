@@ -236,7 +236,9 @@ class RegionProposalNetwork(ProposalGenerator):
         num_per_level = None
         if self.multi_level:
             if input_size is None:
-                input_size = _input_size(image_sizes, sizes[0], self.anchor_generator.strides[0])
+                # The padded input implied by the finest level (shapes only: no host sync).
+                stride = self.anchor_generator.strides[0]
+                input_size = (sizes[0][0] * stride, sizes[0][1] * stride)
             anchors = self.anchors(sizes, input_size, maps[0].device)
             num_per_level = [h * w * self.num_anchors_per_cell for h, w in sizes]
         else:
@@ -255,8 +257,3 @@ def _min_size(limit: int, size: int | Tensor) -> int | Tensor:
     if isinstance(size, Tensor):
         return torch.clamp(size, max=limit)
     return min(limit, size)
-
-
-def _input_size(image_sizes: Tensor, finest: tuple[int, int], stride: int) -> tuple[int, int]:
-    """The padded input size implied by the finest level (no host sync: shapes only)."""
-    return finest[0] * stride, finest[1] * stride

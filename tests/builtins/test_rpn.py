@@ -146,3 +146,31 @@ def test_rpn_parts_take_their_validated_params():
         RegionProposalNetwork(in_channels=8, feat_stride=16, anchor={"sizes": [[32]]})
     with pytest.raises(ValueError, match="2 levels but the features have 3"):
         RegionProposalNetwork(in_channels=8, feat_stride=[4, 8, 16], anchor={"sizes": [[32], [64]]})
+
+
+def test_small_boxes_removed_before_or_after_the_top_k():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 40.0, 40.0]])  # the first is under 16 px
+    locs = torch.zeros(1, 2, 4)
+    scores = torch.tensor([[0.9, 0.5]])
+    sizes = torch.tensor([[64, 64]])
+    # faster-rcnn-pytorch: the small box is dropped first, so the top 1 is the 40 px box.
+    rois, _ = creator(test_pre_nms=1, min_size_before_topk=True)(locs, scores, anchors, sizes)
+    assert rois.tolist() == [[0.0, 0.0, 40.0, 40.0]]
+    # torchvision: the top 1 is taken first (the small box) and then removed: nothing is left.
+    rois, _ = creator(test_pre_nms=1, min_size_before_topk=False)(locs, scores, anchors, sizes)
+    assert rois.shape == (0, 4)
+
+
+def test_levels_take_their_own_top_k_and_nms_separately():
+    # Two levels with one identical box each: NMS runs per level, so both survive.
+    anchors = torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 40.0, 40.0], [8.0, 8.0, 48.0, 48.0]])
+    locs = torch.zeros(1, 3, 4)
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    sizes = torch.tensor([[64, 64]])
+    rois, _ = creator(test_pre_nms=1)(locs, scores, anchors, sizes, num_per_level=[1, 2])
+    # level 0 keeps its box; level 1 keeps only its best (pre_nms=1 per level).
+    assert rois.tolist() == [[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 40.0, 40.0]]
+    rois, _ = creator(test_pre_nms=5)(locs, scores, anchors, sizes, num_per_level=[1, 2])
+    assert len(rois) == 3  # IoU of the two level-1 boxes is 1024 / 2176 < 0.7: no suppression
+    rois, _ = creator(test_pre_nms=5)(locs, scores, anchors, sizes)  # one level: the duplicate goes
+    assert len(rois) == 2
