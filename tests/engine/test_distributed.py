@@ -361,6 +361,25 @@ def test_torchrun_trains_with_two_processes_and_only_rank0_writes(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _failure(exitcode: int, timestamp: int = 0):
+    import signal
+
+    name = signal.Signals(-exitcode).name if exitcode < 0 else ""
+    return types.SimpleNamespace(exitcode=exitcode, timestamp=timestamp, signal_name=lambda: name)
+
+
+def test_the_launcher_exit_code_and_its_only_line(capsys):
+    from detkit.engine.distributed import _report_failures
+
+    # Rank 1 reported a config error (2), rank 0 then exited quietly (1), or was stopped by the agent.
+    assert _report_failures({0: _failure(1, 5), 1: _failure(2, 5)}) == 2
+    assert _report_failures({0: _failure(-15, 5), 1: _failure(2, 4)}) == 2
+    assert capsys.readouterr().err == ""
+    # Killed by the out-of-memory killer: it could not say so itself.
+    assert _report_failures({0: _failure(-15), 1: _failure(-9)}) == 1
+    assert capsys.readouterr().err == "error: the process of rank 1 was killed by SIGKILL\n"
+
+
 def _broken_voc(tmp_path: Path) -> Path:
     """8 VOC images, one of them not an image: one rank fails on its shard, the other does not."""
     from detkit.data.export import export_synthetic
