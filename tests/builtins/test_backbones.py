@@ -70,13 +70,19 @@ def test_resnet50_pretrained_from_local_file_both_layouts(resnet_file):
 
 def test_pretrained_true_uses_torch_hub_cache(tmp_path, monkeypatch, resnet_file):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):  # a missing file is fetched through torch.hub: stub it, never download
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ConfigError) as err:
         backbone({"type": "resnet50", "pretrained": True})
     msg = str(err.value)
     assert "\n" not in msg and "model.backbone.pretrained" in msg and "resnet50-0676ba61.pth" in msg
     assert "download" in msg
     cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     (cache / "resnet50-0676ba61.pth").write_bytes(resnet_file[0].read_bytes())
     b = backbone({"type": "resnet50", "pretrained": True})
     assert b.features[0].weight.unique().tolist() == pytest.approx([resnet_file[1]["conv1.weight"]])
