@@ -63,14 +63,18 @@ def test_exported_file_returns_typed_empty_outputs(tiny_model, model_config, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_imported_vgg16_export_matches_predict(reference, tmp_path, fmt):
-    """The faster-rcnn-pytorch VGG16 pipeline: PIL bicubic resize, no normalisation, RoI pooling, no cap."""
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_imported_checkpoint_export_matches_predict(reference, tmp_path, fmt, backbone):
+    """faster-rcnn-pytorch pipelines: PIL bicubic resize, no normalisation, RoI pooling, no cap.
+
+    VGG16 as the issue asks; ResNet50 adds a BatchNorm RoI tail (layer4) on 14x14 pooled RoIs.
+    """
     if fmt == "onnx":
         onnxruntime_or_skip()
-    ref_model = reference.scaled_random_model("vgg", seed=0)
-    model = reference.detkit_model("faster_rcnn_pytorch_vgg16.yaml", ref_model)
+    ref_model = reference.scaled_random_model("vgg" if backbone == "vgg16" else "resnet", seed=0)
+    model = reference.detkit_model(f"faster_rcnn_pytorch_{backbone}.yaml", ref_model)
     assert model.preprocess.backend == "pil"
-    path = export_model(model, tmp_path / f"vgg.{fmt}", fmt)
+    path = export_model(model, tmp_path / f"{backbone}.{fmt}", fmt)
     images = []
     for seed, (w, h) in ((1, (200, 150)), (2, (120, 170))):
         pil = reference.random_image(seed, w, h)
