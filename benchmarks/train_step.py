@@ -24,7 +24,7 @@ skips them).
 
 Usage: ``python benchmarks/train_step.py [--backbones vgg16 resnet50] [--size 600]
 [--batch 2] [--reps 3] [--precision fp32 amp] [--device cpu|cuda] [--threads N]
-[--no-split] [--no-channels-last] [--compile]``.  About 3 minutes on 2 CPU cores
+[--no-split] [--interleave] [--no-channels-last] [--compile]``.  About 3 minutes on 2 CPU cores
 with the defaults.
 """
 
@@ -163,13 +163,34 @@ def build(name: str, device: torch.device, channels_last: bool, compile_: bool, 
     return model, trainer
 
 
-def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> dict:
+def setup(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> tuple:
     model, trainer = build(name, device, args.channels_last, args.compile, args.fold_bn)
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
     boxes = [random_boxes(5, args.size, g).to(device) for _ in range(args.batch)]
     labels = [torch.randint(0, 20, (5,), generator=g).to(device) for _ in range(args.batch)]
-    step = make_step(trainer, amp, device)
+    return trainer, make_step(trainer, amp, device), imgs, boxes, labels
+
+
+def interleaved(args: argparse.Namespace, amp: bool, device: torch.device) -> dict[str, list[float]]:
+    """Plain steps of all backbones in turn (A B A B ...): drift in a shared machine's load hits each alike."""
+    runs = {name: setup(name, args, amp, device) for name in args.backbones}
+    for _ in range(args.warmup):
+        for _, step, imgs, boxes, labels in runs.values():
+            step(imgs, boxes, labels)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, (_, step, imgs, boxes, labels) in runs.items():
+            sync(device)
+            t = time.perf_counter()
+            step(imgs, boxes, labels)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> dict:
+    trainer, step, imgs, boxes, labels = setup(name, args, amp, device)
 
     for _ in range(args.warmup):  # allocator, cudnn autotuning, lazy init, compilation
         step(imgs, boxes, labels)
@@ -230,6 +251,8 @@ def main() -> None:
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the RoI tail")
+    parser.add_argument("--interleave", action="store_true",
+                        help="plain steps only, backbones alternating rep by rep (fairer ratios on a busy machine)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of one profiled step")
     parser.add_argument("--fpn-size", type=int, default=512, help="R50-FPN rows vs torchvision: input size (0: skip)")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
@@ -252,6 +275,17 @@ def main() -> None:
     )
     summary: list[tuple[str, str, float]] = []
     for precision in args.precision:
+        if args.interleave:
+            times = interleaved(args, precision == "amp", device)
+            for name, plain in times.items():
+                med = statistics.median(plain)
+                summary.append((name, precision, med))
+                print(f"\n{name} {precision} (interleaved): plain step median {med:.3f} s, best {min(plain):.3f} s "
+                      f"(reps: {', '.join(f'{t:.3f}' for t in plain)})")
+            if len(times) == 2:
+                a, b = times.values()
+                print("  per-rep ratio (second / first): " + ", ".join(f"{y / x:.2f}" for x, y in zip(a, b)))
+            continue
         for name in args.backbones:
             r = bench(name, args, precision == "amp", device)
             med = statistics.median(r["plain"])
