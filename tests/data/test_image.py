@@ -62,3 +62,34 @@ def test_limit_setting_is_read_at_each_call(tmp_path, monkeypatch):
     monkeypatch.setenv(LIMIT_ENV, "lots")
     with pytest.raises(DataError, match=LIMIT_ENV):
         read_image_uint8(path)
+
+
+@pytest.mark.slow
+def test_training_on_a_huge_image_fails_with_one_line(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from detkit.cli import app
+
+    monkeypatch.delenv(LIMIT_ENV, raising=False)
+    runner = CliRunner()
+    root = tmp_path / "voc"
+    made = runner.invoke(app, ["data", "synth", str(root), "-n", "2", "--image-size", "64", "--classes", "circle,square"])
+    assert made.exit_code == 0, made.output
+    huge = sorted((root / "JPEGImages").iterdir())[1]
+    _png_claiming(huge, 20000, 10000)
+    cfg = {
+        "model": {"type": "faster_rcnn", "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
+                  "rpn": {"type": "rpn", "mid_channels": 8}, "preprocess": {"min_size": 64, "max_size": 64}},
+        "data": {"train": {"type": "voc", "root": str(root), "split": "train", "classes": ["circle", "square"]},
+                 "batch_size": 2, "num_workers": 1, "transforms": {"min_size": 64, "max_size": 64}},
+        "train": {"epochs": 1, "optimizer": {"type": "sgd", "lr": 0.01}},
+        "eval": {"interval": 0},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["train", str(path), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1, res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and str(huge) in line[0] and "20000x10000" in line[0] and LIMIT_ENV in line[0]
+    assert "Traceback" not in res.output
