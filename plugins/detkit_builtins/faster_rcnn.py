@@ -275,9 +275,9 @@ class FasterRCNN(Detector):
         return self.preprocess.output_size(height, width)
 
     def compile_modules(self) -> list[torch.nn.Module]:
-        """The backbone and the RoI tail (if the head has one): the same shapes every step."""
+        """The backbone, the neck and the RoI tail (those there are): the same shapes every step."""
         tail = getattr(self.head, "classifier", None)
-        return [m for m in (self.extractor, tail) if isinstance(m, torch.nn.Module)]
+        return [m for m in (self.extractor, self.neck, tail) if isinstance(m, torch.nn.Module)]
 
     # ----------------------------------------------------------------- predict
     def _prepare(self, image: Tensor) -> Tensor:
