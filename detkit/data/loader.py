@@ -144,8 +144,10 @@ def group_in_batches(indices: Sequence[int], groups: Sequence[int], batch_size: 
 
     Streams through ``indices`` in order, filling one bucket per group and
     emitting a bucket when it holds ``batch_size``; the partly filled buckets
-    follow at the end, in order of their first sample.  The same items, the
-    same count: ``ceil(len / batch_size)`` batches, as without grouping.
+    follow at the end in group order, so that a mixed batch joins neighbouring
+    groups (similar aspect ratios: less padding, fewer new batch shapes for
+    ``cudnn.benchmark`` to tune).  The same items, the same count:
+    ``ceil(len / batch_size)`` batches, as without grouping.
     """
     buckets: dict[int, list[int]] = {}
     out: list[int] = []
@@ -155,8 +157,8 @@ def group_in_batches(indices: Sequence[int], groups: Sequence[int], batch_size: 
         if len(bucket) == batch_size:
             out += bucket
             del buckets[group]
-    for bucket in buckets.values():
-        out += bucket
+    for group in sorted(buckets):
+        out += buckets[group]
     return out
 
 

@@ -218,3 +218,10 @@ class _Threads(torch.utils.data.Dataset):
 def test_each_worker_runs_one_torch_thread():
     loader = build_loader(_Threads(), batch_size=2, shuffle=False, num_workers=1)
     assert next(iter(loader)).scales.tolist() == [1.0, 1.0]
+
+
+def test_leftover_buckets_end_the_epoch_in_group_order():
+    from detkit.data.loader import group_in_batches
+
+    # Groups 2, 0, 1 each leave one sample over: they follow in group order 0, 1, 2.
+    assert group_in_batches([10, 11, 12, 13, 14], [2, 0, 0, 1, 0], 2)[2:] == [14, 13, 10]
