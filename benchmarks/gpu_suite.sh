@@ -3,6 +3,7 @@
 # and torchvision but without detkit's other dependencies.
 #
 #   bash benchmarks/gpu_suite.sh [PARTS]      PARTS: any of step layout profile loop loop_resnet loader compile quickstart
+#                                              ddp fpn scratch
 #                                              (default: step layout loop loader)
 #
 # Needs the wheels of pydantic, pydantic_core, annotated-types, typing-inspection and
@@ -70,5 +71,30 @@ if has quickstart; then
       --set train.epochs=1 --set data.num_workers=$w 2>&1 | tail -3
     python3 -c "import json,statistics;r=[json.loads(l) for l in open('/tmp/qs$w/metrics.jsonl')];t=[x['images_per_s'] for x in r if x.get('type')=='train'][1:];print('quickstart images/s (mean of windows after the first):', round(statistics.mean(t),1))"
   done
+fi
+if has scratch; then
+  # The clutter set is written in the background while the other parts time the GPU
+  # (one CPU process of 16); the scratch run waits for it.
+  ( python3 -m detkit.cli data synth /tmp/clutter --preset clutter --image-format jpg > "$OUT/synth.log" 2>&1 ) &
+  SYNTH=$!
+fi
+if has ddp; then
+  echo "=== DDP overhead on one GPU (issue 7): ResNet50-C4, batch 2 at 608x800"
+  timeout ${DDP_TIMEOUT:-120} python3 benchmarks/ddp.py --device cuda --config configs/frcnn_resnet50.yaml \
+    --set model.backbone.pretrained=false \
+    --set 'data.train={type: synthetic, num_images: 256, image_size: [608, 800], object_size: [32, 256]}' \
+    --set data.batch_size=2 --steps 30 --warmup 5 --procs 1 2>&1 | tee "$OUT/ddp.log" | grep -v "^$"
+fi
+if has fpn; then
+  echo "=== R50-FPN: detkit against torchvision's fasterrcnn_resnet50_fpn (issue 11)"
+  timeout ${FPN_TIMEOUT:-120} python3 benchmarks/fpn_vs_torchvision.py --device cuda --size 800 --batch 4 --reps 10 \
+    2>&1 | tee "$OUT/fpn.log"
+fi
+if has scratch; then
+  wait $SYNTH; tail -2 "$OUT/synth.log"
+  echo "=== ResNet50-GN from scratch on the clutter preset (issue 12), amp"
+  timeout ${SCRATCH_TIMEOUT:-400} python3 benchmarks/scratch_recipes.py resnet50_gn --data /tmp/clutter --out /tmp/scratch_r50 \
+    --set data.num_workers=8 2>&1 | tee "$OUT/scratch_resnet50_gn.log"
+  cp /tmp/scratch_r50/metrics.jsonl "$OUT/scratch_metrics.jsonl" 2>/dev/null
 fi
 uptime
