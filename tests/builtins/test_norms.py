@@ -169,3 +169,25 @@ def test_he_init_and_head_init_follow_the_references():
     assert torch.allclose(p_obj, torch.full_like(p_obj, 0.01), atol=1e-6)
     p = model.head.score(torch.zeros(1, model.head.score.in_features)).detach().softmax(-1)[0]
     assert float(p[0]) == pytest.approx(0.99) and torch.allclose(p[1:], torch.full((4,), 0.0025))
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "resnet50_gn"])
+def test_scratch_recipes_validate_and_build_without_weights(recipe):
+    from pathlib import Path
+
+    from detkit.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "scratch" / f"{recipe}.yaml"
+    cfg = load_config(path, ["train.epochs=1"])
+    t = cfg.data.transforms
+    assert t.hflip > 0 and t.photometric and t.scale_jitter is not None  # the augmentation the recipe promises
+    scheduler = getattr(cfg.train.scheduler, "params", cfg.train.scheduler)  # a component spec or settings
+    assert scheduler.warmup_iters > 0
+    model = registry("detector").build(cfg.model, num_classes=6)
+    norms = _norm_layers(model)
+    if recipe == "resnet50_gn":
+        assert cfg.train.amp
+        assert norms and all(isinstance(m, nn.GroupNorm) for m in norms)
+        assert any(isinstance(m, nn.GroupNorm) for m in model.head.box_head.modules())
+    else:
+        assert norms and all(isinstance(m, nn.BatchNorm2d) and m.weight.requires_grad for m in norms)
