@@ -50,6 +50,9 @@ from detkit.data.paths import absolute_data_paths
 from detkit.io import stale_temporaries
 from detkit.registry import registry, without_pretrained
 
+# Batch shapes cuDNN may time under train.cudnn_benchmark: auto.
+CUDNN_AUTO_MAX_SHAPES = 8
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -272,8 +275,12 @@ class TrainLoop:
         self.optimizer = build_optimizer(self.model, tc.optimizer)
         self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer)
         self.trainer.to(self.device)
+        # cudnn_benchmark "auto": on until more than CUDNN_AUTO_MAX_SHAPES batch shapes were seen.
+        self._cudnn_shapes: set[tuple[int, ...]] | None = None
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+            torch.backends.cudnn.benchmark = bool(tc.cudnn_benchmark)
+            if tc.cudnn_benchmark == "auto":
+                self._cudnn_shapes = set()
         if tc.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay the same
             parts = self.model.compile_modules()
             if not parts:
@@ -339,7 +346,20 @@ class TrainLoop:
 
     def to_device(self, batch: Any) -> Any:
         """The one place a batch moves to the training device."""
+        if self._cudnn_shapes is not None:
+            self._watch_batch_shapes(tuple(batch.images.shape))
         return batch.to(self.device, non_blocking=True)
+
+    def _watch_batch_shapes(self, shape: tuple[int, ...]) -> None:
+        """``train.cudnn_benchmark: auto``: cuDNN times its algorithms once per new input shape,
+        which pays while the shapes are few and costs seconds per step when every batch is new."""
+        shapes = self._cudnn_shapes
+        shapes.add(shape)
+        if len(shapes) > CUDNN_AUTO_MAX_SHAPES:
+            torch.backends.cudnn.benchmark = False
+            self._cudnn_shapes = None
+            _say(self.console, f"cudnn.benchmark off: more than {CUDNN_AUTO_MAX_SHAPES} batch shapes "
+                               "(set train.cudnn_benchmark: true to keep it)")
 
     # ----------------------------------------------------------------- step
     def run_step(self, batches: Iterator[Any], micro_batches: int) -> dict[str, torch.Tensor]:
