@@ -171,6 +171,19 @@ def test_he_init_and_head_init_follow_the_references():
     assert float(p[0]) == pytest.approx(0.99) and torch.allclose(p[1:], torch.full((4,), 0.0025))
 
 
+def test_tiny_init_pytorch_keeps_the_layer_defaults():
+    """The quickstart's `init: pytorch`: PyTorch's default conv init (kaiming_uniform with
+    a=sqrt(5): std 1/sqrt(3 fan_in)), not He's sqrt(2/fan_out)."""
+    torch.manual_seed(0)
+    he = registry("backbone").build({"type": "tiny", "channels": [32, 64, 64, 64]})
+    torch.manual_seed(0)
+    default = registry("backbone").build({"type": "tiny", "channels": [32, 64, 64, 64], "init": "pytorch"})
+    fan_in = 32 * 9
+    std = float(default.stages[1][0].weight.detach().std())
+    assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.1)
+    assert float(he.stages[1][0].weight.detach().std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.1)
+
+
 @pytest.mark.parametrize("recipe", ["tiny", "resnet50_gn"])
 def test_scratch_recipes_validate_and_build_without_weights(recipe):
     from pathlib import Path

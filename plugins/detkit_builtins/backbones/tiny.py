@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
@@ -49,6 +49,11 @@ class TinyBackbone(FreezableBNBackbone):
         )
         freeze_stages: int = Field(0, ge=0, le=4)
         norm: Norm = Field("bn", description=NORM_DESCRIPTION)
+        init: Literal["he", "pytorch"] = Field(
+            "he", description="he: He (Kaiming) init as the reference detectors train from scratch; pytorch: "
+            "PyTorch's layer defaults (smaller weights: with AdamW and a short schedule the relative updates are "
+            "larger, which the 4-epoch quickstart recipe was tuned for)"
+        )
 
         @field_validator("channels")
         @classmethod
@@ -83,8 +88,9 @@ class TinyBackbone(FreezableBNBackbone):
             nn.ReLU(inplace=True),
             flatten_input=True,
         )
-        init_weights(self.stages)
-        init_weights(tail)
+        if p.init == "he":
+            init_weights(self.stages)
+            init_weights(tail)
         self._set_tail(tail)
         if p.freeze_stages:
             self.freeze_stages(p.freeze_stages)
