@@ -8,6 +8,8 @@ tensors so nothing synchronises with the device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,9 +36,9 @@ class SmoothL1Loss(Loss):
 
         sigma: float = Field(1.0, gt=0, description="transition point is 1 / sigma^2")
 
-    def __init__(self, sigma: float = 1.0):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        self.sigma = float(sigma)
+        self.sigma = (params if params is not None else self.Params(**kwargs)).sigma
 
     def forward(self, pred: Tensor, target: Tensor, labels: Tensor, boxes: MatchedBoxes | None = None) -> Tensor:
         sigma2 = self.sigma**2
@@ -72,9 +74,9 @@ class GIoULoss(Loss):
 
         weight: float = Field(1.0, gt=0, description="multiplies the loss")
 
-    def __init__(self, weight: float = 1.0):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        self.weight = float(weight)
+        self.weight = (params if params is not None else self.Params(**kwargs)).weight
 
     def forward(self, pred: Tensor, target: Tensor, labels: Tensor, boxes: MatchedBoxes | None = None) -> Tensor:
         if boxes is None:
@@ -106,9 +108,9 @@ class CrossEntropyLoss(Loss):
 
         ignore_index: int = Field(-1, description="label of rows that do not count")
 
-    def __init__(self, ignore_index: int = -1):
+    def __init__(self, params: Params | None = None, **kwargs: Any):
         super().__init__()
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = (params if params is not None else self.Params(**kwargs)).ignore_index
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         total = F.cross_entropy(

@@ -30,7 +30,7 @@ def test_smooth_l1_sigma_1(deltas):
     pred, target, labels = deltas
     # row 0: 0.5*0.5^2 + (2 - 0.5) = 1.625; row 1: 0.5*0.05^2 + 0.5*0.5^2 = 0.12625
     expected = (1.625 + 0.12625) / 2
-    assert SmoothL1Loss(1.0)(pred, target, labels).item() == pytest.approx(expected)
+    assert SmoothL1Loss(sigma=1.0)(pred, target, labels).item() == pytest.approx(expected)
 
 
 def test_smooth_l1_sigma_3(deltas):
@@ -38,7 +38,7 @@ def test_smooth_l1_sigma_3(deltas):
     # sigma^2 = 9, knee at 1/9: |0.5| and |2| and |0.5| are linear, 0.05 quadratic.
     row0 = (0.5 - 0.5 / 9) + (2.0 - 0.5 / 9)
     row1 = 0.5 * 9 * 0.05**2 + (0.5 - 0.5 / 9)
-    assert SmoothL1Loss(3.0)(pred, target, labels).item() == pytest.approx((row0 + row1) / 2)
+    assert SmoothL1Loss(sigma=3.0)(pred, target, labels).item() == pytest.approx((row0 + row1) / 2)
 
 
 def test_smooth_l1_uses_target_offset():
