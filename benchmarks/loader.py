@@ -17,7 +17,8 @@ The machine's load average is printed before and after: on a shared machine
 the worker scaling is only meaningful when it is quiet.
 
 Usage: ``python benchmarks/loader.py [--workers 0 1 2] [--images 96] [--batch 8]
-[--size 600] [--epochs 1] [--root DIR] [--pin]``.
+[--size 600] [--epochs 1] [--root DIR] [--pin] [--photos FILE ...]``; with
+``--photos`` the loader's images are crops of those real photographs.
 """
 
 from __future__ import annotations
@@ -104,12 +105,18 @@ def main() -> None:
     p.add_argument("--pin", action="store_true")
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--real", nargs="*", default=None, help="real JPEG photographs to decode")
+    p.add_argument(
+        "--photos", nargs="+", default=None,
+        help="real photographs (any format PIL reads): the loader's set is made of random crops of them, "
+        "re-encoded as quality-90 JPEGs, instead of generated photo-like images",
+    )
     args = p.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="detkit_loader_")) / "voc"
     if not (root / "ImageSets" / "Main" / "train.txt").is_file():
-        make_photo_voc(root, args.images)
+        make_photo_voc(root, args.images, photos=args.photos)
+    kind = f"crops of {len(args.photos)} real photographs" if args.photos else "photo-like"
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {load()}; {root}: "
-          f"{args.images} photo-like JPEGs, {bits_per_pixel(root):.2f} bits/pixel")
+          f"{args.images} {kind} JPEGs, {bits_per_pixel(root):.2f} bits/pixel")
 
     torch.set_num_threads(1)
     real = args.real
@@ -118,7 +125,7 @@ def main() -> None:
 
         real = glob.glob(os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "*.jpg"))
     print("decoding, 1 thread:")
-    decode_report("generated photo-like", sorted(glob.glob(str(root / "JPEGImages" / "*.jpg")))[:32], args.decode_reps)
+    decode_report("the loader's set" if args.photos else "generated photo-like", sorted(glob.glob(str(root / "JPEGImages" / "*.jpg")))[:32], args.decode_reps)
     decode_report("real photographs", real, args.decode_reps * 4)
     torch.set_num_threads(os.cpu_count() or 1)
 

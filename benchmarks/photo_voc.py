@@ -10,6 +10,11 @@ a 720x477 photo in the Rust docs 2.35).  They are not photographs: decoding
 speed depends on the entropy of the DCT coefficients, which these match
 only roughly.  Sizes vary like PASCAL VOC's (landscape and portrait,
 333-500 x 500 px).
+
+Given real photographs (``photos=``: for instance scikit-image's sample
+photographs, ``pip install scikit-image`` in any environment), the set is made
+of random crops of them instead, re-encoded the same way: real image
+statistics from a handful of files.
 """
 
 from __future__ import annotations
@@ -54,11 +59,28 @@ def photo_like(g: torch.Generator, h: int, w: int) -> tuple[np.ndarray, list[lis
     return np.ascontiguousarray(arr), boxes, labels
 
 
-def _write_one(args: tuple[Path, int, int, str]) -> str:
-    root, i, seed, split = args
+def _crop_of_photo(photos: list[str], rnd: random.Random, h: int, w: int) -> np.ndarray:
+    """A random crop of one of ``photos`` (at least half its short side), resized to ``h x w``."""
+    with Image.open(rnd.choice(photos)) as im:
+        im = im.convert("RGB")
+        pw, ph = im.size
+        scale = rnd.uniform(0.5, 1.0)
+        cw, ch = min(pw, ph * w / h) * scale, min(ph, pw * h / w) * scale  # the target's aspect ratio
+        x0, y0 = rnd.uniform(0, pw - cw), rnd.uniform(0, ph - ch)
+        im = im.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        if rnd.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(im)
+
+
+def _write_one(args: tuple[Path, int, int, str, list[str] | None]) -> str:
+    root, i, seed, split, photos = args
     g = torch.Generator().manual_seed(seed * 1_000_003 + i)  # image i depends on (seed, i) only
-    h, w = random.Random(seed * 1_000_003 + i).choice(SIZES)
+    rnd = random.Random(seed * 1_000_003 + i)
+    h, w = rnd.choice(SIZES)
     arr, boxes, labels = photo_like(g, h, w)
+    if photos:  # real photograph content; the boxes only give the annotation its usual size
+        arr = _crop_of_photo(photos, rnd, h, w)
     image_id = f"{split}_{i:06d}"
     Image.fromarray(arr, "RGB").save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
     n = len(boxes)
@@ -68,15 +90,26 @@ def _write_one(args: tuple[Path, int, int, str]) -> str:
     return image_id
 
 
-def make_photo_voc(root: str | Path, num_images: int, seed: int = 0, split: str = "train", jobs: int | None = None) -> Path:
+def make_photo_voc(
+    root: str | Path,
+    num_images: int,
+    seed: int = 0,
+    split: str = "train",
+    jobs: int | None = None,
+    photos: list[str] | None = None,
+) -> Path:
     """Write ``num_images`` photo-like JPEGs with VOC annotations under ``root``; returns ``root``.
 
-    ``jobs`` processes (default: all CPUs) write them; the files do not depend on it.
+    With ``photos`` (paths of real photographs, any format PIL reads) each image
+    is a random crop of one of them instead, resized to a VOC-like size and
+    saved the same way (quality 90, 4:2:0): real photographs' DCT statistics,
+    which is what decoding speed depends on.  ``jobs`` processes (default: all
+    CPUs) write them; the files do not depend on it.
     """
     root = Path(root)
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    work = [(root, i, seed, split) for i in range(num_images)]
+    work = [(root, i, seed, split, photos) for i in range(num_images)]
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1:
         import multiprocessing as mp
