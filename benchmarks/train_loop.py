@@ -156,10 +156,10 @@ def main() -> None:
           f"batch {args.batch}, short side {args.size}, loop workers {args.workers}")
     cfg_dict = config(args, root)
     step_rate = bare_step(cfg_dict, args)
-    print(f"bare train_step: {step_rate:.1f} images/s", flush=True)
+    print(f"bare train_step: {step_rate:.3g} images/s", flush=True)
     loop_rate, last_rate, rates, wall = loop(cfg_dict, args, work)
-    print(f"detkit train loop: {loop_rate:.1f} images/s over all windows after the first, {last_rate:.1f} in the "
-          f"last epoch (windows: {', '.join(f'{r:.0f}' for r in rates)}; {wall:.0f} s wall with start-up)")
+    print(f"detkit train loop: {loop_rate:.3g} images/s over all windows after the first, {last_rate:.3g} in the "
+          f"last epoch (windows: {', '.join(f'{r:.3g}' for r in rates)}; {wall:.0f} s wall with start-up)")
     print(f"loop / step = {loop_rate / step_rate:.2f} (all windows), {last_rate / step_rate:.2f} (last epoch: "
           f"batch shapes seen before, cudnn tuned); load at the end {load()}")
 
