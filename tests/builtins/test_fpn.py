@@ -195,3 +195,36 @@ def test_shipped_fpn_configs_validate_and_build(name):
     with torch.device("meta"):
         model = build_detector(cfg["model"], 20)
     assert model.multi_level and list(model.neck.output_shape()) == ["P2", "P3", "P4", "P5", "P6"]
+
+
+def test_tiny_backbone_multi_level_feeds_fpn_and_trains():
+    """tiny with out_features returns named stage maps (strides 4..16) for the FPN and has no RoI tail."""
+    from detkit_builtins.backbones.tiny import TinyBackbone
+
+    b = TinyBackbone(channels=[8, 16, 24, 32], out_features=["C2", "C3", "C4"])
+    assert b.output_shape() == {"C2": (16, 4), "C3": (24, 8), "C4": (32, 16)}
+    out = b(torch.rand(1, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "C2": (1, 16, 16, 24), "C3": (1, 24, 8, 12), "C4": (1, 32, 4, 6)
+    }
+    with pytest.raises(ValueError, match="multiscale_roi_head"):
+        b.roi_tail()
+    assert torch.is_tensor(TinyBackbone(channels=[8, 16, 24, 32])(torch.rand(1, 3, 64, 64)))
+
+    torch.manual_seed(0)
+    cfg = fpn_model_cfg()
+    cfg["backbone"] = {"type": "tiny", "channels": [8, 16, 24, 32], "out_features": ["C2", "C3", "C4"]}
+    cfg["rpn"]["anchor"] = {"sizes": [[16], [32], [64], [128]]}
+    model = build_detector(cfg, 3).train()
+    trainer = registry("trainer").build(
+        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 32}, "seed": 0},
+        model=model,
+    )
+    losses = trainer(torch.rand(1, 3, 96, 128), [torch.tensor([[10.0, 12, 60, 80]])], [torch.tensor([1])],
+                     image_sizes=torch.tensor([[96, 128]]))
+    losses["total"].backward()
+    for name in ("extractor.stages.0.0.weight", "extractor.stages.2.0.weight", "neck.inner_blocks.0.0.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # P2..P5 at strides 4, 8, 16, 32 (the FPN's extra level), three ratios per cell.
+    assert model.anchors((96, 128)).shape[0] == 3 * sum((96 // s) * (128 // s) for s in (4, 8, 16, 32))

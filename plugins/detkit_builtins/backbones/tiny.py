@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from detkit.interfaces import RoITail
+from detkit.interfaces import Features, RoITail, ShapeSpec
 
 from detkit_builtins.backbones.common import (
     NORM_DESCRIPTION,
@@ -35,7 +35,9 @@ class TinyBackbone(FreezableBNBackbone):
     A stage is one ``stages[i]`` block; ``freeze_stages(n)`` freezes the first
     ``n`` of them.  The RoI tail flattens ``[R, channels[-1], roi_size,
     roi_size]`` pooled features into one hidden Linear layer of ``tail_features``.
-    No pretrained weights exist for it: it always starts from He initialisation.
+    With ``out_features`` it returns the named stage outputs instead
+    (``C1``..``C4`` at strides 2..16) for a neck, and has no RoI tail.
+    No pretrained weights exist for it.
     """
 
     class Params(BaseModel):
@@ -53,6 +55,13 @@ class TinyBackbone(FreezableBNBackbone):
             "he", description="he: He (Kaiming) init as the reference detectors train from scratch; pytorch: "
             "PyTorch's layer defaults (smaller weights: with AdamW and a short schedule the relative updates are "
             "larger, which the 4-epoch quickstart recipe was tuned for)"
+        )
+
+        out_features: list[Literal["C1", "C2", "C3", "C4"]] | None = Field(
+            None,
+            description="multi-level output for a neck (FPN): the named stage outputs to return (C1..C4: "
+            "strides 2..16); there is then no RoI tail (roi_head type multiscale_roi_head). null: one "
+            "stride-16 map with a one-layer RoI tail",
         )
 
         @field_validator("channels")
@@ -83,24 +92,48 @@ class TinyBackbone(FreezableBNBackbone):
         self.stages = nn.Sequential(*blocks)
         self.roi_size = p.roi_size
         self.tail_features = p.tail_features
-        tail = TailSequential(
-            nn.Linear(channels[-1] * p.roi_size * p.roi_size, p.tail_features),
-            nn.ReLU(inplace=True),
-            flatten_input=True,
-        )
+        names = ("C1", "C2", "C3", "C4")
+        self._out_features = [n for n in names if n in (p.out_features or [])]
+        self._shapes = {n: ShapeSpec(c, 2 ** (i + 1)) for i, (n, c) in enumerate(zip(names, channels))}
         if p.init == "he":
             init_weights(self.stages)
-            init_weights(tail)
-        self._set_tail(tail)
+        if not self._out_features:
+            tail = TailSequential(
+                nn.Linear(channels[-1] * p.roi_size * p.roi_size, p.tail_features),
+                nn.ReLU(inplace=True),
+                flatten_input=True,
+            )
+            if p.init == "he":
+                init_weights(tail)
+            self._set_tail(tail)
         if p.freeze_stages:
             self.freeze_stages(p.freeze_stages)
         if p.norm == "frozen_bn":
             self.freeze_bn()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.stages(x)
+    def forward(self, x: Tensor) -> Features:
+        if not self._out_features:
+            return self.stages(x)
+        out: dict[str, Tensor] = {}
+        for name, stage in zip(self._shapes, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                out[name] = x
+                if len(out) == len(self._out_features):
+                    break  # later stages feed no requested output
+        return out
+
+    def output_shape(self) -> dict[str, ShapeSpec] | None:
+        if not self._out_features:
+            return None
+        return {n: self._shapes[n] for n in self._out_features}
 
     def roi_tail(self) -> RoITail:
+        if self._out_features:
+            raise ValueError(
+                "model.backbone.out_features: a multi-level tiny backbone has no RoI tail; "
+                "use roi_head type multiscale_roi_head"
+            )
         return RoITail(self._tail, self.roi_size, self.tail_features)
 
     def freeze_stages(self, n: int) -> None:
