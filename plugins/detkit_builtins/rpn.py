@@ -15,7 +15,7 @@ from detkit import boxes as box_ops
 from detkit.interfaces import Features, ProposalGenerator, RPNOutput, is_multi_level
 
 from detkit_builtins.anchors import AnchorGenerator, AnchorParams, MultiLevelAnchorGenerator
-from detkit_builtins.ops import group_and_cap, nms_per_image
+from detkit_builtins.ops import group_and_cap, nms_first, nms_per_image
 
 
 class ProposalParams(BaseModel):
@@ -43,9 +43,12 @@ class ProposalCreator(nn.Module):
     narrower or lower than ``min_size * scale``, keep the ``pre_nms`` best by
     object probability (per level when there are several), NMS at ``nms_iou``
     (levels independently), keep the ``post_nms`` best over all levels.
-    All images go through in one batched pass (``batched_nms`` grouped by
-    image and level), so an image's proposals never depend on the other
-    images, and nothing is read back to the host.
+    Decoding, clipping and the top-k run batched; NMS runs once per image
+    (grouped by level), so an image's proposals never depend on the other
+    images.  With one map, NMS stops once ``post_nms`` boxes survive
+    (:func:`~detkit_builtins.ops.nms_first`: the same proposals, and a
+    fraction of the work when they overlap little); export traces the plain
+    full NMS.  No tensor data is read in Python.
     """
 
     def __init__(self, params: ProposalParams | None = None, **kwargs: Any):
@@ -119,8 +122,16 @@ class ProposalCreator(nn.Module):
         flat_boxes = top_boxes.reshape(-1, 4)
         flat_scores = top_scores.reshape(-1)
         flat_groups = groups.reshape(-1)
-        # One NMS call per image: a single call over all N * kk boxes costs N times the work (issue 8).
-        keep = nms_per_image(top_boxes, top_scores, groups, self.nms_iou)  # by image, score order within
+        if num_levels == 1 and not torch.jit.is_tracing():
+            # One map: NMS per image over its valid boxes, best first, stopping once post_nms
+            # survive (the same survivors; see nms_first). Export traces the plain path below.
+            keep = torch.cat([
+                valid_i[nms_first(top_boxes[i, valid_i], top_scores[i, valid_i], self.nms_iou, post_nms)] + i * kk
+                for i, valid_i in enumerate(torch.nonzero(row).squeeze(1) for row in top_valid)
+            ])
+        else:
+            # One NMS call per image: a single call over all N * kk boxes costs N times the work (issue 8).
+            keep = nms_per_image(top_boxes, top_scores, groups, self.nms_iou)  # by image, score order within
 
         # By image in batch order, best first over all levels, at most post_nms each;
         # image group n holds the too-small boxes.

@@ -116,3 +116,48 @@ def test_nms_per_image_keeps_what_one_batched_call_keeps():
     kept_per, img_per, _ = group_and_cap(per, images, n + 1, 50)
     assert torch.equal(kept_one[img_one < n], kept_per[img_per < n])
     assert (img_per < n).sum() > 50
+
+
+# (area the boxes' corners spread over, spread of their sides): little overlap stops after the
+# first pass; more overlap needs a second, larger pass; heavy overlap runs on to all boxes.
+@pytest.mark.parametrize("spread, sides, passes", [(400.0, 20.0, [400]), (30.0, 3.0, [400, 1600]),
+                                                   (20.0, 4.0, [400, 1600, 3000])])
+def test_nms_first_keeps_the_full_runs_best(spread, sides, passes, monkeypatch):
+    import torchvision
+
+    from detkit_builtins import ops
+
+    g = torch.Generator().manual_seed(1)
+    k, need = 3000, 200
+    xy = torch.rand(k, 2, generator=g) * spread
+    boxes = torch.cat([xy, xy + 10 + torch.rand(k, 2, generator=g) * sides], dim=1)
+    scores = torch.rand(k, generator=g).sort(descending=True).values  # best first, as the RPN's top k
+    full = torchvision.ops.nms(boxes, scores, 0.7)
+    sizes = []
+    monkeypatch.setattr(ops, "nms", lambda b, s, t: sizes.append(b.shape[0]) or torchvision.ops.nms(b, s, t))
+    keep = ops.nms_first(boxes, scores, 0.7, need)
+    assert sizes == passes
+    assert keep.shape[0] >= min(need, full.shape[0])
+    assert torch.equal(keep[:need], full[:need])
+
+
+def test_proposals_of_one_map_equal_the_plain_nms_path(monkeypatch):
+    """The RPN's early-stopping NMS (one map) gives the proposals of one full NMS per image."""
+    from detkit_builtins.rpn import ProposalCreator
+
+    g = torch.Generator().manual_seed(2)
+    n, a = 2, 2000
+    centres = torch.rand(a, 2, generator=g) * 300
+    anchors = torch.cat([centres - 16, centres + 16], dim=1)
+    locs = torch.randn(n, a, 4, generator=g) * 0.2
+    scores = torch.rand(n, a, generator=g)
+    sizes = torch.tensor([[320, 320], [300, 260]])
+    for before_topk in (True, False):
+        creator = ProposalCreator(train_pre_nms=1500, train_post_nms=100, min_size=20.0,
+                                  min_size_before_topk=before_topk).train()
+        fast = creator(locs, scores, anchors, sizes)
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # export's plain path
+        plain = creator(locs, scores, anchors, sizes)
+        monkeypatch.undo()
+        assert fast[0].shape[0] == 2 * 100
+        assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
