@@ -17,6 +17,10 @@ precision: ``FasterRCNNTrainer.train_step`` on a batch of ``--batch`` images of
    fusion, the syncs stall the GPU), so the split's own total is printed next
    to the plain step and the parts are shown as shares of that total.
 
+A backbone written ``NAME/full-nms`` (e.g. ``resnet50/full-nms``) runs the
+RPN's NMS over all pre-NMS boxes of each image, the path before
+``nms_first`` (same proposals): the baseline for that change in the same run.
+
 At the end, with several backbones, the ratio of their plain steps, then the
 R50-FPN rows: detkit's step against torchvision's own ``fasterrcnn_resnet50_fpn``
 on the same batch in the same run (``fpn_vs_torchvision.py``; ``--fpn-size 0``
@@ -163,13 +167,34 @@ def build(name: str, device: torch.device, channels_last: bool, compile_: bool, 
     return model, trainer
 
 
+def full_nms(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` with the RPN's NMS over every pre-NMS box (no early stop), for the duration of each call."""
+    from torchvision.ops import nms
+
+    from detkit_builtins import rpn
+
+    def run(*args):
+        early = rpn.nms_first
+        rpn.nms_first = lambda boxes, scores, iou, need: nms(boxes, scores, iou)
+        try:
+            return step(*args)
+        finally:
+            rpn.nms_first = early
+
+    return run
+
+
 def setup(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> tuple:
-    model, trainer = build(name, device, args.channels_last, args.compile, args.fold_bn)
+    backbone, _, variant = name.partition("/")
+    if variant not in ("", "full-nms"):
+        raise SystemExit(f"--backbones {name}: the only variant is NAME/full-nms")
+    model, trainer = build(backbone, device, args.channels_last, args.compile, args.fold_bn)
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
     boxes = [random_boxes(5, args.size, g).to(device) for _ in range(args.batch)]
     labels = [torch.randint(0, 20, (5,), generator=g).to(device) for _ in range(args.batch)]
-    return trainer, make_step(trainer, amp, device), imgs, boxes, labels
+    step = make_step(trainer, amp, device)
+    return trainer, full_nms(step) if variant else step, imgs, boxes, labels
 
 
 def interleaved(args: argparse.Namespace, amp: bool, device: torch.device) -> dict[str, list[float]]:
@@ -282,9 +307,10 @@ def main() -> None:
                 summary.append((name, precision, med))
                 print(f"\n{name} {precision} (interleaved): plain step median {med:.3f} s, best {min(plain):.3f} s "
                       f"(reps: {', '.join(f'{t:.3f}' for t in plain)})")
-            if len(times) == 2:
-                a, b = times.values()
-                print("  per-rep ratio (second / first): " + ", ".join(f"{y / x:.2f}" for x, y in zip(a, b)))
+            names = list(times)
+            for first, second in zip(names, names[1:]):
+                a, b = times[first], times[second]
+                print(f"  per-rep ratio {second} / {first}: " + ", ".join(f"{y / x:.2f}" for x, y in zip(a, b)))
             continue
         for name in args.backbones:
             r = bench(name, args, precision == "amp", device)
@@ -311,11 +337,13 @@ def main() -> None:
             print(f"    outside backbone and head: {100 * (total - network) / total:.1f}% of the instrumented step")
     print("\nsummary (plain step, median):")
     for name, precision, med in summary:
-        print(f"  {name:10s} {precision:5s} {med:8.3f} s  {args.batch / med:8.1f} images/s")
+        print(f"  {name:18s} {precision:5s} {med:8.3f} s  {args.batch / med:8.1f} images/s")
     for precision in args.precision:
         by = {n: m for n, pr, m in summary if pr == precision}
-        if "vgg16" in by and "resnet50" in by:
-            print(f"  {precision}: resnet50 / vgg16 step time = {by['resnet50'] / by['vgg16']:.2f}x")
+        for a, b in (("vgg16", "resnet50"), ("vgg16/full-nms", "resnet50/full-nms"), ("vgg16", "vgg16/full-nms"),
+                     ("resnet50", "resnet50/full-nms")):
+            if a in by and b in by:
+                print(f"  {precision}: {b} / {a} step time = {by[b] / by[a]:.2f}x")
     if args.fpn_size:
         # R50-FPN beside torchvision's own fasterrcnn_resnet50_fpn: same weights, batch and boxes (fp32).
         from fpn_vs_torchvision import report, train_step as fpn_train_step
