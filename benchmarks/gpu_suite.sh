@@ -31,6 +31,9 @@ STEP="python3 benchmarks/train_step.py --device cuda --batch 8 --size 600 --reps
 if has step; then
   echo "=== plain step, channels-last (default), fp32 and amp"
   $STEP --precision fp32 amp 2>&1 | tee "$OUT/step.log" | grep -v "^$"
+  echo "=== early-stopping RPN NMS against the full NMS per image, interleaved"
+  $STEP --precision amp fp32 --interleave --fpn-size 0 \
+    --backbones vgg16 vgg16/full-nms resnet50 resnet50/full-nms 2>&1 | tee "$OUT/step_nms.log" | grep -A20 "^summary"
 fi
 if has layout; then
   echo "=== plain step, NCHW (--no-channels-last)"
