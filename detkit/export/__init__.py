@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.errors import DetkitError
-from detkit.export.resize import resize_uint8
+from detkit.export.resize import as_f64, resize_uint8
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -58,16 +58,17 @@ def resized_size(
             den = torch.where(capped, long, den)
         new_h, new_w = height * num // den, width * num // den
     else:
-        h, w = height.to(torch.float64), width.to(torch.float64)
+        # [1] float64 vectors, not 0-d: ONNX export computes 0-d arithmetic in float32 (as_f64).
+        h, w = as_f64(height), as_f64(width)
         # full_like(...) / x, not number / x: torch computes the latter as reciprocal(x) * number.
-        shortf, longf = short.to(torch.float64), long.to(torch.float64)
+        shortf, longf = as_f64(short), as_f64(long)
         scale = torch.full_like(shortf, min_size) / shortf
         if max_size is not None:
             scale = torch.where(longf * scale > max_size, torch.full_like(longf, max_size) / longf, scale)
         step = torch.floor if rounding == "floor" else torch.round
         if rounding not in ("floor", "round"):
             raise ExportError(f"preprocess.rounding {rounding!r} is not exportable")
-        new_h, new_w = step(h * scale).to(torch.int64), step(w * scale).to(torch.int64)
+        new_h, new_w = step(h * scale).to(torch.int64).reshape(()), step(w * scale).to(torch.int64).reshape(())
     return new_h.clamp(min=1), new_w.clamp(min=1)
 
 

@@ -53,8 +53,7 @@ def resample_weights(in_size: Tensor, out_size: Tensor, kind: Filter, backend: B
 
     ``in_size``/``out_size`` are 0-d int64 tensors (traced sizes in a graph).
     """
-    in_f = in_size.to(torch.float64)
-    out_f = out_size.to(torch.float64)
+    in_f, out_f = as_f64(in_size), as_f64(out_size)
     scale = in_f / out_f
     filterscale = scale.clamp(min=1.0)
     support = _SUPPORT[kind] * filterscale
@@ -115,6 +114,18 @@ def resize_uint8(
         vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
         out = torch.where(vertical_first, horizontal(vertical(x)), out)
     return out.to(torch.float32)
+
+
+def as_f64(size: Tensor) -> Tensor:
+    """A 0-d size as a one-element float64 vector.
+
+    The ONNX exporter treats 0-d tensors as Python scalars and computes
+    arithmetic between two of them in float32 (``96 / 64`` as Cast-Div-Cast):
+    an error in the 8th digit that moved a filter weight across a rounding
+    boundary (90 -> 77 px) and a pixel by one level.  A ``[1]`` tensor keeps
+    its dtype.
+    """
+    return size.to(torch.float64).reshape(1)
 
 
 def _size(image: Tensor, dim: int) -> Tensor:

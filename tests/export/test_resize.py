@@ -75,3 +75,35 @@ def test_resized_size_equals_resize_shape(rounding, limits):
     for h, w in sizes:
         got = resized_size(torch.tensor(h), torch.tensor(w), min_size, max_size, rounding)
         assert tuple(int(v) for v in got) == resize_shape(h, w, min_size, max_size, rounding=rounding), (h, w)
+
+
+def test_onnx_resize_and_size_rule_equal_eager_torch(tmp_path):
+    """Under onnxruntime the filter weights and output sizes are the eager ones, for every size tried.
+
+    The ONNX exporter once computed 0-d float64 arithmetic in float32: 90 -> 77 px gave weights off by
+    one unit and pixels off by one level, which changed a proposal of the exported quickstart model.
+    """
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    from detkit.export.resize import resample_weights
+
+    class Probe(torch.nn.Module):
+        def forward(self, height, width, out):
+            w, bits = resample_weights(height, out, "bicubic", "torch")
+            new_h, new_w = resized_size(height, width, 128, 200, "round")
+            return w, bits, new_h, new_w
+
+    path = tmp_path / "probe.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Probe(), (torch.tensor(96), torch.tensor(64), torch.tensor(50)), str(path), dynamo=False,
+                          opset_version=17, input_names=["h", "w", "out"], output_names=["wt", "bits", "nh", "nw"],
+                          dynamic_axes={"wt": {0: "o", 1: "i"}})
+    session = ort.InferenceSession(str(path))
+    for height, width, out in [(90, 150, 77), (150, 90, 128), (333, 500, 128), (97, 61, 83), (500, 375, 128)]:
+        expected = Probe()(torch.tensor(height), torch.tensor(width), torch.tensor(out))
+        got = session.run(None, {"h": np.array(height), "w": np.array(width), "out": np.array(out)})
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(g, e.numpy(), err_msg=f"{height}x{width} -> {out}")
