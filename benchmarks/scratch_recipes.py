@@ -12,6 +12,10 @@ anchors) with the same data and epochs, for the equal-budget comparison.
     python benchmarks/scratch_recipes.py resnet50_gn --data /tmp/clutter --set train.amp=true
     python benchmarks/scratch_recipes.py tiny --data /tmp/clutter --baseline --set train.epochs=8
 
+``--minutes M`` stops the run after M minutes of wall clock (SIGTERM, which
+``detkit train`` turns into a checkpoint and a clean exit), for a fixed time
+budget whatever the recipe's schedule: the equal-budget baseline runs this way.
+
 Everything after the recipe's own settings comes from ``--set`` (repeatable),
 as with ``detkit train``.  The run directory (``--out``, default a
 temporary one) keeps metrics.jsonl, the checkpoints and ``curve.json``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +64,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--baseline", action="store_true", help="the untuned quickstart-at-480px recipe instead")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--minutes", type=float, default=None, help="stop the run after this many minutes")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of the run (on a crowded CPU, 1 beats 2: threads that wait spin)")
     args = ap.parse_args()
@@ -84,7 +90,7 @@ def main() -> int:
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     rows: list[dict] = []
-    seen = 0
+    seen, stopped = 0, False
     print(f"{'epoch':>5} {'minutes':>8} {'mAP@0.5':>8} {'load':>5}", flush=True)
     while True:
         done = proc.poll() is not None
@@ -100,9 +106,13 @@ def main() -> int:
             seen = len(lines)
         if done:
             break
+        if args.minutes is not None and not stopped and time.perf_counter() - start > args.minutes * 60:
+            proc.send_signal(signal.SIGTERM)  # checkpoint, then exit 143
+            stopped = True
+            print(f"stopped after {args.minutes:g} minutes", flush=True)
         time.sleep(5)
     (out / "curve.json").write_text(json.dumps(rows, indent=1))
-    if proc.returncode:
+    if proc.returncode and not stopped:
         print(proc.stderr.read()[-2000:], file=sys.stderr)
         return proc.returncode
     best = max(rows, key=lambda r: r["mAP"]) if rows else None
