@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from detkit.errors import ConfigError
 from detkit.interfaces import Backbone, freeze_batchnorm
@@ -87,6 +87,21 @@ def freeze_modules(modules: Iterable[nn.Module]) -> None:
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
+
+
+def stage_outputs(x: Tensor, stages: Iterable[tuple[str, nn.Module]], wanted: list[str]) -> dict[str, Tensor]:
+    """Run named ``stages`` in order on ``x`` and return the outputs named in ``wanted``.
+
+    Stops after the last wanted stage: later stages feed no requested output.
+    """
+    out: dict[str, Tensor] = {}
+    for name, stage in stages:
+        x = stage(x)
+        if name in wanted:
+            out[name] = x
+            if len(out) == len(wanted):
+                break
+    return out
 
 
 class _FrozenBNMixin:

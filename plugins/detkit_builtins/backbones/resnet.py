@@ -23,6 +23,7 @@ from detkit_builtins.backbones.common import (
     legacy_freeze_bn,
     norm_layer,
     resolve_pretrained,
+    stage_outputs,
 )
 
 WEIGHTS_FILE = "resnet50-0676ba61.pth"  # torchvision's ImageNet weights (IMAGENET1K_V1)
@@ -118,14 +119,7 @@ class ResNet50Backbone(FreezableBNBackbone):
         if not self._out_features:
             return self.features(x)
         x = self.features[:4](x)  # stem
-        out: dict[str, Tensor] = {}
-        for name, stage in zip(("C2", "C3", "C4", "C5"), (*self.features[4:7], self.layer4)):
-            x = stage(x)
-            if name in self._out_features:
-                out[name] = x
-            if len(out) == len(self._out_features):
-                break  # later stages feed no requested output
-        return out
+        return stage_outputs(x, zip(("C2", "C3", "C4", "C5"), (*self.features[4:7], self.layer4)), self._out_features)
 
     def output_shape(self) -> dict[str, ShapeSpec] | None:
         if not self._out_features:

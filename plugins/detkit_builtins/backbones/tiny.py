@@ -18,6 +18,7 @@ from detkit_builtins.backbones.common import (
     init_weights,
     legacy_freeze_bn,
     norm_layer,
+    stage_outputs,
 )
 
 
@@ -114,14 +115,7 @@ class TinyBackbone(FreezableBNBackbone):
     def forward(self, x: Tensor) -> Features:
         if not self._out_features:
             return self.stages(x)
-        out: dict[str, Tensor] = {}
-        for name, stage in zip(self._shapes, self.stages):
-            x = stage(x)
-            if name in self._out_features:
-                out[name] = x
-                if len(out) == len(self._out_features):
-                    break  # later stages feed no requested output
-        return out
+        return stage_outputs(x, zip(self._shapes, self.stages), self._out_features)
 
     def output_shape(self) -> dict[str, ShapeSpec] | None:
         if not self._out_features:
