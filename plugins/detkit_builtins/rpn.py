@@ -120,15 +120,16 @@ class ProposalCreator(nn.Module):
         groups = torch.where(top_valid, groups, torch.full_like(groups, n * num_levels))
 
         flat_boxes = top_boxes.reshape(-1, 4)
-        flat_scores = top_scores.reshape(-1)
         flat_groups = groups.reshape(-1)
         if num_levels == 1 and not torch.jit.is_tracing():
             # One map: NMS per image over its valid boxes, best first, stopping once post_nms
             # survive (the same survivors; see nms_first). Export traces the plain path below.
-            keep = torch.cat([
-                valid_i[nms_first(top_boxes[i, valid_i], top_scores[i, valid_i], self.nms_iou, post_nms)] + i * kk
-                for i, valid_i in enumerate(torch.nonzero(row).squeeze(1) for row in top_valid)
-            ])
+            per_image = []
+            for i in range(n):
+                valid_i = torch.nonzero(top_valid[i]).squeeze(1)
+                kept = nms_first(top_boxes[i, valid_i], top_scores[i, valid_i], self.nms_iou, post_nms)
+                per_image.append(valid_i[kept] + i * kk)
+            keep = torch.cat(per_image)
         else:
             # One NMS call per image: a single call over all N * kk boxes costs N times the work (issue 8).
             keep = nms_per_image(top_boxes, top_scores, groups, self.nms_iou)  # by image, score order within
