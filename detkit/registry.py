@@ -28,7 +28,7 @@ from typing import Annotated, Any, Callable, Iterator, Mapping
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, core_schema
 
-from detkit.errors import PluginLoadError, RegistryError
+from detkit.errors import DetkitError, PluginLoadError, RegistryError
 from detkit.plugins import Provider, disabled_hint, find_entry_points
 
 KINDS: tuple[str, ...] = (
@@ -301,17 +301,32 @@ class Registry:
         return ComponentSpec(self.kind, name, model)
 
     def build(self, cfg: Any, **runtime: Any) -> Any:
-        """Validate ``cfg`` if needed and call the factory with params and ``runtime``."""
+        """Validate ``cfg`` if needed and call ``factory(params, **runtime)``.
+
+        The one constructor path: every factory takes its validated ``Params``
+        instance first (validated once, here or where the config was loaded)
+        and the run-time values (``num_classes``, ``model``...) as keywords.
+        An exception raised inside a plugin's constructor that is not already
+        a :class:`DetkitError` is wrapped in a :class:`PluginLoadError` naming
+        the plugin and its distribution (the original stays as ``__cause__``).
+        """
         spec = self.validate(cfg)
         entry = self.get(spec.type)
-        kwargs = {k: getattr(spec.params, k) for k in type(spec.params).model_fields}
-        clash = sorted(kwargs.keys() & runtime.keys())
+        clash = sorted(type(spec.params).model_fields.keys() & runtime.keys())
         if clash:
             raise RegistryError(
                 f"{self.kind} '{spec.type}': {', '.join(clash)} is set by the program and "
                 "cannot also be a config parameter"
             )
-        return entry.factory(**kwargs, **runtime)  # type: ignore[misc]
+        try:
+            return entry.factory(spec.params, **runtime)  # type: ignore[misc]
+        except DetkitError:
+            raise
+        except Exception as exc:
+            raise PluginLoadError(
+                f"{self.kind} '{spec.type}' from {entry.provider} failed while being built: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def json_schema_union(self) -> Any:
         """A type whose JSON Schema is the union of every loaded plugin's parameters."""
