@@ -59,8 +59,8 @@ class COCODataset(DetectionDataset):
             False, description="keep iscrowd boxes (flagged difficult); set true for evaluation splits"
         )
 
-    def __init__(self, **params: Any):
-        p = self.params = self.Params(**params)
+    def __init__(self, params: "COCODataset.Params"):
+        p = self.params = params
         self.root = resolve(p.root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: COCO image directory not found ({path_origin('root', p.root)})")

@@ -180,8 +180,8 @@ class SyntheticShapes(DetectionDataset):
                 )
             return self
 
-    def __init__(self, **params: Any):
-        p = self.params = self.Params(**params)
+    def __init__(self, params: "SyntheticShapes.Params | None" = None):
+        p = self.params = params if params is not None else self.Params()
         self.classes = list(p.classes)
         self._shape_ids = [SHAPES.index(c) for c in p.classes]
 

@@ -148,8 +148,8 @@ class VOCDataset(DetectionDataset):
                 raise ValueError("classes must be unique")
             return v
 
-    def __init__(self, **params: Any):
-        p = self.params = self.Params(**params)
+    def __init__(self, params: "VOCDataset.Params"):
+        p = self.params = params
         self.classes = list(p.classes)
         self.root = find_voc_root(p.root, path_origin("root", p.root))
         split_file = self.root / "ImageSets" / "Main" / f"{p.split}.txt"

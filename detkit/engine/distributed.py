@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detkit.engine.hooks import HookBase
 from detkit.errors import ConfigError, DetkitError
+from detkit.interfaces import Hook
 
 if TYPE_CHECKING:
     from detkit.engine.config import EvalConfig
@@ -171,7 +171,7 @@ def wrap_for_training(
     )
 
 
-class DistributedHook(HookBase):
+class DistributedHook(Hook):
     """Keeps ``loop.trainer_module`` a DistributedDataParallel wrapper of the trainer.
 
     Builds it before training (after converting BatchNorm to SyncBatchNorm when

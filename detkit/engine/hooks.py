@@ -25,9 +25,11 @@ Built-in hooks, in order::
       60      CheckpointHook        last.pt by epoch and by iteration, best.pt on improvement
      100      SummaryHook           after_train: loss plot, AP table, summary line
 
-A plugin hook subclasses :class:`detkit.interfaces.Hook` (``HookBase`` here),
-declares a pydantic ``Params`` class (its constructor takes those fields), is registered in the entry-point
-group ``detkit.hook`` and is listed in the config::
+A plugin hook subclasses :class:`detkit.interfaces.Hook` (the one hook base
+class), declares a pydantic ``Params`` class, takes its validated instance as
+its constructor's first argument (``__init__(self, params=None)``; ``None``:
+the Params defaults), is registered in the entry-point group ``detkit.hook``
+and is listed in the config::
 
     train:
       hooks:
@@ -51,7 +53,7 @@ from typing import Any, Iterator
 
 import torch
 
-from detkit.engine.config import EMAConfig
+from detkit.engine.config import EMAConfig, LossGuardConfig
 from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
 from detkit.errors import ConfigError, DetkitError
@@ -60,12 +62,8 @@ from detkit.interfaces import Hook
 VAL_DETECTIONS = "val_detections.json"  # the latest periodic evaluation's detections (COCO results)
 
 
-# The base class lives in detkit.interfaces, so that a plugin's hook need not import the engine.
-HookBase = Hook
-
-
 # ------------------------------------------------------------------- display
-class ProgressHook(HookBase):
+class ProgressHook(Hook):
     """A rich progress bar (epoch, step/total, ETA, images/s) with the losses under it."""
 
     priority = 0
@@ -96,7 +94,7 @@ class ProgressHook(HookBase):
             self.display = None
 
 
-class MetricsFileHook(HookBase):
+class MetricsFileHook(Hook):
     """Every record as one JSON line in ``metrics.jsonl`` (and TensorBoard); rank 0 only."""
 
     priority = 1
@@ -122,7 +120,7 @@ class MetricsFileHook(HookBase):
 
 
 # ------------------------------------------------------------ training state
-class FrozenBackboneHook(HookBase):
+class FrozenBackboneHook(Hook):
     """For the first ``train.freeze_backbone_epochs`` epochs the backbone trunk does not train.
 
     Switches ``requires_grad`` of :meth:`Detector.backbone_parameters`; a
@@ -152,7 +150,7 @@ class FrozenBackboneHook(HookBase):
             p.requires_grad_(False if frozen else self.trainable[id(p)])
 
 
-class LRScheduleHook(HookBase):
+class LRScheduleHook(Hook):
     """Advances the per-iteration learning-rate schedule after each optimizer step."""
 
     priority = 10
@@ -161,7 +159,7 @@ class LRScheduleHook(HookBase):
         self.loop.scheduler.step()
 
 
-class EMAHook(HookBase):
+class EMAHook(Hook):
     """An exponential moving average of the weights, used for evaluation and saved as the model.
 
     After each optimizer step every floating-point entry of the model's state
@@ -176,8 +174,9 @@ class EMAHook(HookBase):
     Params = EMAConfig
     priority = 20
 
-    def __init__(self, decay: float = 0.9998, tau: float = 2000.0):
-        self.decay, self.tau = decay, tau
+    def __init__(self, params: EMAConfig | None = None):
+        p = params if params is not None else self.Params()
+        self.decay, self.tau = p.decay, p.tau
         self.updates = 0
         self.shadow: dict[str, torch.Tensor] | None = None
         self._swapped: dict[str, torch.Tensor] | None = None  # trained weights while the EMA is in the model
@@ -250,7 +249,7 @@ class EMAHook(HookBase):
 
 
 # ------------------------------------------------------------------ logging
-class NonFiniteLossHook(HookBase):
+class NonFiniteLossHook(Hook):
     """Stops training with one clear line when the logged loss is inf/NaN, or diverges.
 
     Checked at each log point on the window's mean losses (one host sync per
@@ -258,14 +257,13 @@ class NonFiniteLossHook(HookBase):
     checkpoint, so a diverged model never replaces the last good ``last.pt``.
     ``max_loss`` stops when the total exceeds it; ``max_ratio`` stops when it
     exceeds that many times the median of the previous ``history`` log points
-    (after ``history`` of them).
+    (after ``history`` of them): ``train.loss_guard``.
     """
 
     priority = 30
 
-    def __init__(self, max_loss: float | None = None, max_ratio: float | None = None, history: int = 20,
-                 checkpoint_every_iters: int | None = None):
-        self.max_loss, self.max_ratio, self.history = max_loss, max_ratio, history
+    def __init__(self, guard: LossGuardConfig, checkpoint_every_iters: int | None):
+        self.max_loss, self.max_ratio, self.history = guard.max_loss, guard.max_ratio, guard.history
         self.checkpoint_every_iters = checkpoint_every_iters  # checked before each iteration checkpoint too
         self.totals: list[float] = []
 
@@ -309,7 +307,7 @@ class NonFiniteLossHook(HookBase):
         self.totals = [float(v) for v in state.get("totals", [])]
 
 
-class LoggingHook(HookBase):
+class LoggingHook(Hook):
     """Every ``train.log_interval`` steps (and at each epoch's end) emits a "train" record.
 
     The record holds the window's mean of each named loss the trainer returned,
@@ -336,7 +334,7 @@ class LoggingHook(HookBase):
 
 
 # --------------------------------------------------------------- evaluation
-class EvalHook(HookBase):
+class EvalHook(Hook):
     """Evaluates on ``data.val`` every ``eval.interval`` epochs and at the end.
 
     Emits an "eval" record, keeps ``loop.eval_result`` and ``loop.best_metric``
@@ -414,13 +412,13 @@ class EvalHook(HookBase):
 
 
 # -------------------------------------------------------------- checkpoints
-class CheckpointHook(HookBase):
+class CheckpointHook(Hook):
     """``last.pt`` every ``train.checkpoint_interval`` epochs, every ``train.checkpoint_every_iters``
     steps and at the end; ``best.pt`` when the evaluation improved.  Rank 0 writes (atomically)."""
 
     priority = 60
 
-    def __init__(self, epoch_interval: int = 1, every_iters: int | None = None):
+    def __init__(self, epoch_interval: int, every_iters: int | None):
         self.epoch_interval = epoch_interval
         self.every_iters = every_iters
 
@@ -442,7 +440,7 @@ class CheckpointHook(HookBase):
             loop.save_checkpoint(loop.run_dir / "last.pt")
 
 
-class SummaryHook(HookBase):
+class SummaryHook(Hook):
     """At the end of a finished run (rank 0): the loss plot, the AP table and one summary line."""
 
     priority = 100
@@ -466,32 +464,31 @@ class SummaryHook(HookBase):
 
 
 # ---------------------------------------------------------------- assembly
-def default_hooks(cfg: Any) -> list[HookBase]:
+def default_hooks(cfg: Any) -> list[Hook]:
     """The built-in hooks a config asks for, plus its ``train.hooks`` plugins and ``train.ema``."""
     tc = cfg.train
-    guard = tc.loss_guard
-    hooks: list[HookBase] = [
+    hooks: list[Hook] = [
         ProgressHook(),
         MetricsFileHook(),
         FrozenBackboneHook(tc.freeze_backbone_epochs),
         LRScheduleHook(),
-        NonFiniteLossHook(guard.max_loss, guard.max_ratio, guard.history, tc.checkpoint_every_iters),
+        NonFiniteLossHook(tc.loss_guard, tc.checkpoint_every_iters),
         LoggingHook(),
         EvalHook(),
         CheckpointHook(tc.checkpoint_interval, tc.checkpoint_every_iters),
         SummaryHook(),
     ]
     if tc.ema is not None:
-        hooks.append(EMAHook(**tc.ema.model_dump()))
+        hooks.append(EMAHook(tc.ema))
     for i, spec in enumerate(tc.hooks):
         hook = spec.build()
-        if not isinstance(hook, HookBase):
+        if not isinstance(hook, Hook):
             raise ConfigError(f"train.hooks[{i}]: hook '{spec.type}' is a {type(hook).__name__}, "
-                              "not a detkit.engine.hooks.HookBase")
+                              "not a detkit.interfaces.Hook")
         hooks.append(hook)
     return sort_hooks(hooks)
 
 
-def sort_hooks(hooks: list[HookBase]) -> list[HookBase]:
+def sort_hooks(hooks: list[Hook]) -> list[Hook]:
     """By priority, stable (equal priorities keep their order)."""
     return sorted(hooks, key=lambda h: h.priority)

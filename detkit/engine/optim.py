@@ -5,13 +5,15 @@ Both are plugin kinds like any component (entry-point groups ``detkit.optimizer`
 and ``detkit.lr_scheduler``; config ``train.optimizer`` / ``train.scheduler`` as
 ``{type: name, ...params}``).
 
-- An **optimizer** factory is called with its params and ``model`` (the
-  detector) and returns a ``torch.optim.Optimizer``.  The built-ins ``sgd``,
-  ``adam`` and ``adamw`` put weights in a group with ``weight_decay`` and
-  biases/normalisation parameters in one without.
-- An **lr_scheduler** factory is called with its params, ``optimizer`` and
-  ``epoch_steps`` (optimizer steps in each epoch; epochs may differ in length,
-  as in a frozen-backbone phase with its own batch size) and returns a
+- An **optimizer** factory is called as ``factory(params, model=detector)``
+  (``params``: its validated ``Params``) and returns a
+  ``torch.optim.Optimizer``.  The built-ins ``sgd``, ``adam`` and ``adamw``
+  put weights in a group with ``weight_decay`` and biases/normalisation
+  parameters in one without.
+- An **lr_scheduler** factory is called as ``factory(params, optimizer=...,
+  epoch_steps=...)``, ``epoch_steps`` being the optimizer steps in each epoch
+  (epochs may differ in length, as in a frozen-backbone phase with its own
+  batch size), and returns a
   ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps once per
   optimizer step.  The built-ins ``step``, ``cosine`` and ``constant`` share a
   linear warm-up (``warmup_iters``, ``warmup_factor``).
@@ -61,19 +63,22 @@ class AdamParams(_Strict):
     weight_decay: float = Field(5e-4, ge=0, description="on weights only, not on biases and norms")
 
 
-def sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.Optimizer:
+def sgd(params: SGDParams, *, model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (Faster R-CNN's optimizer)."""
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(param_groups(model, params.weight_decay), lr=params.lr, momentum=params.momentum,
+                           nesterov=params.nesterov)
 
 
-def adam(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+def adam(params: AdamParams, *, model: nn.Module) -> torch.optim.Optimizer:
     """Adam; its weight decay is an L2 term in the gradient."""
-    return torch.optim.Adam(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    return torch.optim.Adam(param_groups(model, params.weight_decay), lr=params.lr, betas=params.betas,
+                            eps=params.eps)
 
 
-def adamw(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.Optimizer:
+def adamw(params: AdamParams, *, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW: decoupled weight decay (Loshchilov & Hutter)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(param_groups(model, params.weight_decay), lr=params.lr, betas=params.betas,
+                             eps=params.eps)
 
 
 sgd.Params = SGDParams  # type: ignore[attr-defined]
@@ -120,12 +125,14 @@ def warmup_multiplier(it: int, warmup_iters: int, factor: float) -> float:
 
 
 def _lambda_scheduler(
-    optimizer: torch.optim.Optimizer, curve: Callable[[int], float], warmup_iters: int, warmup: float
+    optimizer: torch.optim.Optimizer, curve: Callable[[int], float], warmup: _Warmup
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup_iters, warmup_factor = warmup.warmup_iters, warmup.warmup_factor
+
     # A plain function (not a callable object): LambdaLR's state_dict then stores
     # nothing of it, and checkpoints stay loadable with weights_only=True.
     def factor(it: int) -> float:
-        return curve(it) * warmup_multiplier(it, warmup_iters, warmup)
+        return curve(it) * warmup_multiplier(it, warmup_iters, warmup_factor)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -135,38 +142,38 @@ def _starts(epoch_steps: Sequence[int]) -> list[int]:
 
 
 def step_schedule(
-    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], milestones: list[int], gamma: float,
-    warmup_iters: int, warmup_factor: float,
+    params: StepParams, *, optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """lr x gamma at each milestone epoch (counted in epochs, whatever their lengths)."""
     starts = _starts(epoch_steps)
+    milestones, gamma = list(params.milestones), params.gamma
 
     def curve(it: int) -> float:
         epoch = bisect.bisect_right(starts, it) - 1
         return gamma ** sum(epoch >= m for m in milestones)
 
-    return _lambda_scheduler(optimizer, curve, warmup_iters, warmup_factor)
+    return _lambda_scheduler(optimizer, curve, params)
 
 
 def cosine_schedule(
-    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], min_lr_ratio: float,
-    warmup_iters: int, warmup_factor: float,
+    params: CosineParams, *, optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Half a cosine from lr to ``min_lr_ratio`` x lr over the whole run."""
     total = max(sum(epoch_steps), 1)
+    floor = params.min_lr_ratio
 
     def curve(it: int) -> float:
         progress = min(it / total, 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return _lambda_scheduler(optimizer, curve, warmup_iters, warmup_factor)
+    return _lambda_scheduler(optimizer, curve, params)
 
 
 def constant_schedule(
-    optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int], warmup_iters: int, warmup_factor: float,
+    params: ConstantParams, *, optimizer: torch.optim.Optimizer, epoch_steps: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The configured lr throughout (after the warm-up)."""
-    return _lambda_scheduler(optimizer, lambda it: 1.0, warmup_iters, warmup_factor)
+    return _lambda_scheduler(optimizer, lambda it: 1.0, params)
 
 
 step_schedule.Params = StepParams  # type: ignore[attr-defined]

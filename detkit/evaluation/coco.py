@@ -75,9 +75,12 @@ class COCOEvaluator(Evaluator):
 
         max_dets: int = Field(100, gt=10, description="detections per image for AP and the last AR")
 
-    def __init__(self, classes: Sequence[str], max_dets: int = 100, category_ids: Sequence[int] | None = None):
+    def __init__(
+        self, params: "COCOEvaluator.Params | None" = None, *, classes: Sequence[str],
+        category_ids: Sequence[int] | None = None,
+    ):
         self.classes = list(classes)
-        self.max_dets = max_dets
+        self.max_dets = (params if params is not None else self.Params()).max_dets
         self.category_ids = list(category_ids) if category_ids is not None else [k + 1 for k in range(len(classes))]
         if len(self.category_ids) != len(self.classes):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.classes)} classes")

@@ -103,15 +103,16 @@ class VOCEvaluator(Evaluator):
         )
 
     def __init__(
-        self,
-        classes: Sequence[str],
-        iou_thresh: float | None = None,
-        use_07_metric: bool | None = None,
-        category_ids: Sequence[int] | None = None,
+        self, params: "VOCEvaluator.Params", *, classes: Sequence[str], category_ids: Sequence[int] | None = None
     ):
+        # The unset fields stand for the eval section's values, which build_evaluators fills in;
+        # the evaluator does not guess them.
+        unset = [k for k in ("iou_thresh", "use_07_metric") if getattr(params, k) is None]
+        if unset:
+            raise ValueError(f"VOCEvaluator: {', '.join(unset)} not given (from a config: eval.{unset[0]})")
         self.classes = list(classes)
-        self.iou_thresh = 0.5 if iou_thresh is None else float(iou_thresh)
-        self.use_07_metric = bool(use_07_metric)
+        self.iou_thresh = float(params.iou_thresh)
+        self.use_07_metric = bool(params.use_07_metric)
         self.reset()
 
     def reset(self) -> None:

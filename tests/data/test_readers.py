@@ -18,6 +18,19 @@ from detkit.registry import registry
 
 runner = CliRunner()
 
+
+# Built as the registry builds them: each from its validated Params.
+def shapes(**params) -> SyntheticShapes:
+    return SyntheticShapes(SyntheticShapes.Params(**params))
+
+
+def voc(**params) -> VOCDataset:
+    return VOCDataset(VOCDataset.Params(**params))
+
+
+def coco(**params) -> COCODataset:
+    return COCODataset(COCODataset.Params(**params))
+
 VOC_XML = """<annotation>
   <filename>{fn}</filename>
   <size><width>20</width><height>10</height><depth>3</depth></size>
@@ -44,7 +57,7 @@ def test_cli_synth_roundtrip(tmp_path, fmt):
     res = runner.invoke(app, ["data", "synth", str(out), "--format", fmt, "-n", "3", "--seed", "2",
                               "--split", "val", "--image-size", "64", "--classes", "ring,diamond,circle"])
     assert res.exit_code == 0, res.output
-    synth = SyntheticShapes(num_images=3, seed=2, split="val", image_size=(64, 64),
+    synth = shapes(num_images=3, seed=2, split="val", image_size=(64, 64),
                             classes=["ring", "diamond", "circle"])
     if fmt == "voc":
         ds = registry("dataset").build({"type": "voc", "root": str(out), "split": "val",
@@ -67,9 +80,9 @@ def test_cli_synth_rejects_bad_options(tmp_path):
 
 
 def test_jpeg_export_is_close(tmp_path):
-    synth = SyntheticShapes(num_images=1, image_size=(48, 48), object_size=(12, 20), noise=0.0)
+    synth = shapes(num_images=1, image_size=(48, 48), object_size=(12, 20), noise=0.0)
     export_synthetic(tmp_path, "voc", synth, image_format="jpg")
-    ds = VOCDataset(root=str(tmp_path), split="train", classes=synth.classes)
+    ds = voc(root=str(tmp_path), split="train", classes=synth.classes)
     assert ds.image_path(0).name == "train_000000.jpg"
     assert (ds[0][0] - synth[0][0]).abs().mean() < 0.02
 
@@ -90,13 +103,13 @@ def test_voc_boxes_are_zero_based_and_difficult_flagged(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "JPEGImages" / "a1.png")
-    kept = VOCDataset(root=str(tmp_path), split="train", use_difficult=True)
+    kept = voc(root=str(tmp_path), split="train", use_difficult=True)
     img, t = kept[0]
     assert img.shape == (3, 10, 20) and torch.allclose(img[0], torch.ones(10, 20)) and img[1:].abs().max() == 0
     assert t["boxes"].tolist() == [[0.0, 1.0, 10.0, 8.0], [4.0, 4.0, 20.0, 10.0]]
     assert t["labels"].tolist() == [11, 7]  # dog, cat in the VOC order
     assert t["difficult"].tolist() == [False, True]
-    dropped = VOCDataset(root=str(tmp_path), split="train")
+    dropped = voc(root=str(tmp_path), split="train")
     assert dropped[0][1]["labels"].tolist() == [11]
 
 
@@ -114,7 +127,7 @@ def test_voc_boxes_are_zero_based_and_difficult_flagged(tmp_path):
 def test_voc_bad_annotation_names_file_and_field(tmp_path, objects, field):
     xml = _voc_tree(tmp_path, objects)
     with pytest.raises(DataError) as err:
-        VOCDataset(root=str(tmp_path), split="train")
+        voc(root=str(tmp_path), split="train")
     msg = str(err.value)
     assert msg.startswith(f"{xml}: ") and field in msg and "\n" not in msg
 
@@ -122,23 +135,23 @@ def test_voc_bad_annotation_names_file_and_field(tmp_path, objects, field):
 def test_voc_ignore_other_classes(tmp_path):
     _voc_tree(tmp_path, [OBJ.format(name="unicorn", d=0, x1=1, y1=1, x2=5, y2=5),
                          OBJ.format(name="dog", d=0, x1=1, y1=1, x2=5, y2=5)])
-    ds = VOCDataset(root=str(tmp_path), split="train", classes=["dog"], ignore_other_classes=True)
+    ds = voc(root=str(tmp_path), split="train", classes=["dog"], ignore_other_classes=True)
     assert ds.annotation(0)[1]["labels"].tolist() == [0]
 
 
 def test_voc_missing_root_and_split_explain_themselves(tmp_path):
     with pytest.raises(DataError) as err:
-        VOCDataset(root=str(tmp_path / "nowhere"))
+        voc(root=str(tmp_path / "nowhere"))
     msg = str(err.value)
     assert str(tmp_path / "nowhere" / "Annotations") in msg and "VOCtrainval_06-Nov-2007.tar" in msg
     _voc_tree(tmp_path, [])
     with pytest.raises(DataError, match="test.txt: split file not found.*available splits: train"):
-        VOCDataset(root=str(tmp_path), split="test")
+        voc(root=str(tmp_path), split="test")
 
 
 def test_voc_missing_image_names_file(tmp_path):
     _voc_tree(tmp_path, [], fn="")
-    ds = VOCDataset(root=str(tmp_path), split="train")
+    ds = voc(root=str(tmp_path), split="train")
     with pytest.raises(DataError, match=r"JPEGImages/a1\.jpg: image file not found"):
         ds[0]
 
@@ -162,7 +175,7 @@ def _coco(tmp_path, **changes):
 
 def test_coco_maps_categories_and_crowds(tmp_path):
     path = _coco(tmp_path)
-    ds = COCODataset(root=str(tmp_path), annotations=str(path), use_crowd=True)
+    ds = coco(root=str(tmp_path), annotations=str(path), use_crowd=True)
     assert ds.classes == ["ant", "zebra"]  # sorted by category id: 4, 9
     assert len(ds) == 2  # the image without annotations stays
     size, t = ds.annotation(0)
@@ -170,7 +183,7 @@ def test_coco_maps_categories_and_crowds(tmp_path):
     _, t = ds.annotation(1)
     assert t["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0], [0.0, 0.0, 10.0, 5.0]]  # the empty box is skipped
     assert t["labels"].tolist() == [1, 0] and t["difficult"].tolist() == [False, True]
-    no_crowd = COCODataset(root=str(tmp_path), annotations=str(path))
+    no_crowd = coco(root=str(tmp_path), annotations=str(path))
     assert no_crowd.annotation(1)[1]["labels"].tolist() == [1]
 
 
@@ -189,7 +202,7 @@ def test_coco_maps_categories_and_crowds(tmp_path):
 def test_coco_bad_annotation_names_file_and_field(tmp_path, changes, field):
     path = _coco(tmp_path, **changes)
     with pytest.raises(DataError) as err:
-        COCODataset(root=str(tmp_path), annotations=str(path))
+        coco(root=str(tmp_path), annotations=str(path))
     assert str(err.value).startswith(f"{path}: ") and field in str(err.value)
 
 
@@ -197,6 +210,6 @@ def test_coco_invalid_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [}')
     with pytest.raises(DataError, match=r"bad\.json: invalid JSON at line 1"):
-        COCODataset(root=str(tmp_path), annotations=str(bad))
+        coco(root=str(tmp_path), annotations=str(bad))
     with pytest.raises(DataError, match=r"nope\.json: COCO annotation file not found"):
-        COCODataset(root=str(tmp_path), annotations=str(tmp_path / "nope.json"))
+        coco(root=str(tmp_path), annotations=str(tmp_path / "nope.json"))

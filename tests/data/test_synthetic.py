@@ -8,8 +8,13 @@ from detkit.data.synthetic import SyntheticShapes
 from detkit.registry import registry
 
 
+def synth(**params) -> SyntheticShapes:
+    """Built as the registry builds it: from its validated Params."""
+    return SyntheticShapes(SyntheticShapes.Params(**params))
+
+
 def test_same_seed_same_image(tiny_synth):
-    again = SyntheticShapes(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5)
+    again = synth(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5)
     # Access order must not matter: read backwards from a fresh instance.
     for i in reversed(range(6)):
         a, ta = tiny_synth[i]
@@ -23,8 +28,8 @@ def test_different_index_seed_and_split_differ(tiny_synth):
     a, _ = tiny_synth[0]
     b, _ = tiny_synth[1]
     assert (a - b).abs().mean() > 0.05
-    other_seed = SyntheticShapes(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=6)
-    val = SyntheticShapes(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5, split="val")
+    other_seed = synth(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=6)
+    val = synth(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5, split="val")
     assert (other_seed[0][0] - a).abs().mean() > 0.05
     assert (val[0][0] - a).abs().mean() > 0.05
 
@@ -47,7 +52,7 @@ def test_sample_contract(tiny_synth):
 
 
 def test_objects_are_painted_inside_their_boxes():
-    ds = SyntheticShapes(num_images=4, image_size=(64, 64), objects=(1, 1), object_size=(24, 30), noise=0.0,
+    ds = synth(num_images=4, image_size=(64, 64), objects=(1, 1), object_size=(24, 30), noise=0.0,
                          clutter=0.0, classes=["square"])
     for i in range(4):
         img, t = ds[i]
@@ -68,7 +73,7 @@ def test_annotation_matches_rendered_targets(tiny_synth):
 
 
 def test_overlap_limit():
-    ds = SyntheticShapes(num_images=20, image_size=(64, 64), objects=(4, 4), object_size=(16, 24), max_overlap=0.1)
+    ds = synth(num_images=20, image_size=(64, 64), objects=(4, 4), object_size=(16, 24), max_overlap=0.1)
     for i in range(20):
         b = ds.annotation(i)[1]["boxes"]
         lt = torch.maximum(b[:, None, :2], b[None, :, :2])
@@ -83,17 +88,20 @@ def test_overlap_limit():
 def test_registry_builds_it_and_params_are_checked():
     ds = registry("dataset").build({"type": "synthetic", "num_images": 3, "image_size": [48, 48], "object_size": [8, 16]})
     assert len(ds) == 3 and ds[2][0].shape == (3, 48, 48)
+    # One constructor path: the data set keeps the Params the config validated, not a re-validated copy.
+    spec = registry("dataset").validate({"type": "synthetic", "num_images": 2})
+    assert spec.build().params is spec.params
     with pytest.raises(ValidationError, match="unknown shape"):
-        SyntheticShapes(classes=["circle", "blob"])
+        synth(classes=["circle", "blob"])
     with pytest.raises(ValidationError, match="larger than image_size"):
-        SyntheticShapes(image_size=(40, 40), object_size=(16, 48))
+        synth(image_size=(40, 40), object_size=(16, 48))
     with pytest.raises(IndexError):
         ds[3]
 
 
 # ------------------------------------------------------------------ clutter preset
 def _clutter(**kw):
-    return SyntheticShapes(preset="clutter", **kw)
+    return synth(preset="clutter", **kw)
 
 
 def test_clutter_preset_is_deterministic_given_its_seed():
@@ -134,11 +142,11 @@ def test_clutter_images_are_cluttered_and_params_override_the_preset():
     img, t = ds[0]
     assert img.shape == (3, 160, 200) and len(t["boxes"]) == 2
     # Textured backgrounds: far more local variation than the plain gradient default.
-    plain, _ = SyntheticShapes(num_images=1, image_size=(160, 200), clutter=0, noise=0, objects=(0, 0))[0]
+    plain, _ = synth(num_images=1, image_size=(160, 200), clutter=0, noise=0, objects=(0, 0))[0]
     grad = lambda x: (x[:, 1:, :] - x[:, :-1, :]).abs().mean()  # noqa: E731
     assert grad(img) > 3 * grad(plain)
     with pytest.raises(ValidationError, match="preset"):
-        SyntheticShapes(preset="nope")
+        synth(preset="nope")
 
 
 def test_synth_cli_writes_the_clutter_splits_deterministically(tmp_path):

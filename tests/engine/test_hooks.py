@@ -16,25 +16,26 @@ from torch import nn
 from detkit.config import load_config
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.distributed import DistInfo
-from detkit.engine.hooks import EMAHook, HookBase
+from detkit.engine.config import EMAConfig, LossGuardConfig
+from detkit.engine.hooks import EMAHook
 from detkit.engine.train import TrainLoop, train
 from detkit.errors import ConfigError, DetkitError
-from detkit.interfaces import Detector, Trainer
+from detkit.interfaces import Detector, Hook, Trainer
 from detkit.registry import registry
 
 # ------------------------------------------------------------ toy plugins
 EVENTS: list[tuple] = []
 
 
-class Recorder(HookBase):
+class Recorder(Hook):
     """Records every call with what the loop shows at that point."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         tag: str = "r"
 
-    def __init__(self, tag: str = "r"):
-        self.tag = tag
+    def __init__(self, params: "Recorder.Params | None" = None):
+        self.tag = (params if params is not None else self.Params()).tag
 
     def before_train(self):
         EVENTS.append(("before_train", self.loop.step))
@@ -55,7 +56,7 @@ class Recorder(HookBase):
         EVENTS.append(("after_train", self.loop.completed))
 
 
-class StopAt(HookBase):
+class StopAt(Hook):
     """Asks the loop to stop after step ``step`` (after the checkpoint hook has run)."""
 
     priority = 70
@@ -64,8 +65,8 @@ class StopAt(HookBase):
         model_config = ConfigDict(extra="forbid")
         step: int
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, params: "StopAt.Params"):
+        self.step = params.step
 
     def after_step(self):
         if self.loop.step == self.step:
@@ -78,7 +79,7 @@ class ToyDetector(Detector):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, num_classes: int):
+    def __init__(self, params: "ToyDetector.Params | None" = None, *, num_classes: int):
         super().__init__()
         self.num_classes = num_classes
         self.lin = nn.Linear(3, 1)
@@ -98,9 +99,10 @@ class ToyTrainer(Trainer):
         model_config = ConfigDict(extra="forbid")
         offset: float = 0.0
 
-    def __init__(self, model, optimizer=None, offset: float = 0.0):
+    def __init__(self, params: "ToyTrainer.Params | None" = None, *, model, optimizer=None):
         super().__init__()
-        self.model, self.optimizer, self.offset = model, optimizer, offset
+        p = params if params is not None else self.Params()
+        self.model, self.optimizer, self.offset = model, optimizer, p.offset
 
     def forward(self, imgs, bboxes, labels, scale=1.0, image_sizes=None):
         target = torch.tensor([float(len(b)) for b in bboxes], device=imgs.device)
@@ -123,7 +125,6 @@ model: {type: toy_detector}
 data:
   train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
   batch_size: 4
-  transforms: {min_size: 64, max_size: 64}
 train:
   epochs: 1
   trainer: {type: toy_trainer}
@@ -220,7 +221,7 @@ def test_iteration_checkpoints_are_written_between_epochs(toys, tmp_path, monkey
 # --------------------------------------------------------------------- EMA
 def test_ema_hook_averages_and_swaps_weights():
     model = nn.Linear(2, 1)
-    hook = EMAHook(decay=0.75, tau=0)
+    hook = EMAHook(EMAConfig(decay=0.75, tau=0))
     hook.loop = SimpleNamespace(model=model)
     hook.before_train()
     old = model.weight.detach().clone()
@@ -236,9 +237,9 @@ def test_ema_hook_averages_and_swaps_weights():
         assert state["in_model"] == "ema" and torch.equal(state["weights"]["weight"], new)
     assert torch.equal(model.weight, new)
     # Warm-up: the first update with tau keeps little of the initial weights.
-    warm = EMAHook(decay=0.9999, tau=2000)
+    warm = EMAHook(EMAConfig(decay=0.9999, tau=2000))
     warm.updates = 0
-    assert warm.current_decay() == 0.0 and EMAHook(decay=0.5, tau=0).current_decay() == 0.5
+    assert warm.current_decay() == 0.0 and EMAHook(EMAConfig(decay=0.5, tau=0)).current_decay() == 0.5
 
 
 def test_evaluation_and_checkpoints_use_the_ema_weights(toys, tmp_path, monkeypatch):
@@ -334,7 +335,7 @@ def test_loss_guard_stops_a_loss_above_the_cap(toys, tmp_path):
 def test_loss_guard_ratio_to_the_recent_median(toys, tmp_path):
     from detkit.engine.hooks import NonFiniteLossHook
 
-    hook = NonFiniteLossHook(max_ratio=3.0, history=2)
+    hook = NonFiniteLossHook(LossGuardConfig(max_ratio=3.0, history=2), checkpoint_every_iters=None)
     window = SimpleNamespace(mean=lambda: {"total": values[-1]})
     hook.loop = SimpleNamespace(log_now=lambda: True, window=window, step=7)
     values = []
@@ -347,7 +348,7 @@ def test_loss_guard_ratio_to_the_recent_median(toys, tmp_path):
 
 
 # ------------------------------------------------------- interrupts, transforms
-class InterruptAt(HookBase):
+class InterruptAt(Hook):
     """Ctrl-C after step ``step`` (after the checkpoint hook)."""
 
     priority = 70
@@ -356,8 +357,8 @@ class InterruptAt(HookBase):
         model_config = ConfigDict(extra="forbid")
         step: int
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, params: "InterruptAt.Params"):
+        self.step = params.step
 
     def after_step(self):
         if self.loop.step == self.step:
@@ -380,9 +381,9 @@ def test_keyboard_interrupt_names_the_saved_step(toys, tmp_path):
 
 
 def test_transform_steps_from_the_config_train(toys, tmp_path):
-    run = train(toy_config(tmp_path, "data.transforms=[{type: resize, min_size: 32, max_size: 32}, {type: hflip}]"),
+    run = train(toy_config(tmp_path, "data.transforms=[{type: hflip, p: 0.25}, {type: photometric}]"),
                 out_dir=tmp_path / "run")
-    assert load_checkpoint(run / "last.pt")["config"]["data"]["transforms"][0]["min_size"] == 32
+    assert load_checkpoint(run / "last.pt")["config"]["data"]["transforms"][0] == {"type": "hflip", "p": 0.25}
 
 
 def test_compile_asks_the_detector_what_to_compile(toys, tmp_path, monkeypatch):

@@ -95,8 +95,8 @@ def test_a_plugin_optimizer_from_the_registry(clean_registry):
         model_config = ConfigDict(extra="forbid")
         lr: float = 1e-4
 
-    def signsgd(model, lr):
-        return torch.optim.SGD(model.parameters(), lr=lr)
+    def signsgd(params, *, model):
+        return torch.optim.SGD(model.parameters(), lr=params.lr)
 
     signsgd.Params = LionLike
     registry("optimizer").register("signsgd")(signsgd)

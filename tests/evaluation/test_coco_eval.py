@@ -17,7 +17,7 @@ FAR = [200, 200, 220, 220]
 
 
 def _run(preds, targets, classes=("a", "b")):
-    ev = COCOEvaluator(list(classes))
+    ev = COCOEvaluator(classes=list(classes))
     ev.update(preds, targets)
     return ev.compute()
 

@@ -75,7 +75,7 @@ def _gt_dict(targets, image_ids, cat_ids, classes):
 def test_coco_equals_faster_coco_eval_with_non_contiguous_ids():
     classes, cat_ids, image_ids = ["cat", "dog", "owl"], [3, 7, 12], [10, 4, 25, 8, 31]
     preds, targets = _random_case(0, image_ids, len(classes))
-    ours = COCOEvaluator(classes, category_ids=cat_ids)
+    ours = COCOEvaluator(classes=classes, category_ids=cat_ids)
     ours.update(preds, targets)
     res = ours.compute()
 
@@ -187,7 +187,7 @@ def test_voc_reports_both_interpolations():
     A, B, FAR = [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]
     preds, targets = [P([A, FAR, B], [0.9, 0.8, 0.7], [0, 0, 0])], [T([A, B], [0, 0])]
     for use_07, headline in ((False, 5 / 6), (True, (6 + 5 * 2 / 3) / 11)):
-        ev = VOCEvaluator(["a"], use_07_metric=use_07)
+        ev = VOCEvaluator(VOCEvaluator.Params(iou_thresh=0.5, use_07_metric=use_07), classes=["a"])
         ev.update(preds, targets)
         res = ev.compute()
         assert res["mAP_allpt"] == pytest.approx(5 / 6) and res["mAP_11pt"] == pytest.approx((6 + 5 * 2 / 3) / 11)

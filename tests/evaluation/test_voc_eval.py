@@ -16,8 +16,14 @@ from .records import P, T
 A, B, FAR = [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]
 
 
+def voc(classes, iou_thresh=0.5, use_07_metric=False):
+    """Built from its Params as the registry builds it; a config's eval section fills the thresholds."""
+    return VOCEvaluator(VOCEvaluator.Params(iou_thresh=iou_thresh, use_07_metric=use_07_metric),
+                        classes=list(classes))
+
+
 def _ap(preds, targets, classes=("a", "b"), **kw):
-    ev = VOCEvaluator(list(classes), **kw)
+    ev = voc(classes, **kw)
     ev.update(preds, targets)
     return ev.compute()
 
@@ -139,7 +145,7 @@ def test_matches_plain_devkit_loop_on_random_data():
                          torch.randint(0, 3, (n_det,), generator=g))
         preds.append({"boxes": det, "scores": torch.rand(n_det, generator=g), "labels": dl})
         targets.append({"boxes": gt, "labels": gl, "difficult": torch.rand(n_gt, generator=g) < 0.15})
-    ev = VOCEvaluator(["a", "b", "c"])
+    ev = voc(["a", "b", "c"])
     for k in range(0, 30, 7):  # several update() calls
         ev.update(preds[k : k + 7], targets[k : k + 7])
     res = ev.compute()
@@ -152,4 +158,10 @@ def test_matches_plain_devkit_loop_on_random_data():
 
 def test_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="label out of range"):
-        VOCEvaluator(["a"]).update([P([A], [0.9], [3])], [T([A], [0])])
+        voc(["a"]).update([P([A], [0.9], [3])], [T([A], [0])])
+
+
+def test_unset_thresholds_are_refused_not_guessed():
+    # None means "eval.iou_thresh / eval.use_07_metric": build_evaluators fills them; alone it is an error.
+    with pytest.raises(ValueError, match="iou_thresh, use_07_metric not given"):
+        VOCEvaluator(VOCEvaluator.Params(), classes=["a"])

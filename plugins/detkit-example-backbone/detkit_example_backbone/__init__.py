@@ -31,19 +31,21 @@ class ResNet18Backbone(Backbone):
     out_channels = 256
     stride = 16
 
-    def __init__(self, pretrained: str | None = None, freeze_stages: int = 0):
+    # The registry calls factory(params): the validated Params, nothing restated here.
+    def __init__(self, params: "ResNet18Backbone.Params | None" = None):
         super().__init__()
+        p = params if params is not None else self.Params()
         net = torchvision.models.resnet18(weights=None)
-        if pretrained:
+        if p.pretrained:
             try:
-                state = torch.load(pretrained, map_location="cpu", weights_only=True)
+                state = torch.load(p.pretrained, map_location="cpu", weights_only=True)
             except FileNotFoundError:
-                raise ConfigError(f"model.backbone.pretrained: {pretrained}: file not found") from None
+                raise ConfigError(f"model.backbone.pretrained: {p.pretrained}: file not found") from None
             net.load_state_dict(state)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.body = nn.Sequential(net.layer1, net.layer2, net.layer3)
         self._tail = nn.Sequential(net.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.freeze_stages(freeze_stages)
+        self.freeze_stages(p.freeze_stages)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(self.stem(x))
