@@ -72,7 +72,7 @@ def sync(device: torch.device) -> None:
 def bare_step(cfg_dict: dict, args: argparse.Namespace) -> float:
     from detkit.config import validate
     from detkit.data.loader import build_dataset, build_loader
-    from detkit.engine.amp import Amp
+    from detkit.amp import Amp
     from detkit.engine.optim import build_optimizer
     from detkit.registry import registry
 

@@ -68,7 +68,7 @@ def make_step(trainer: Any, amp: bool, device: torch.device) -> Callable[..., An
     """
     params = inspect.signature(trainer.train_step).parameters
     if "amp" in params:
-        from detkit.engine.amp import Amp
+        from detkit.amp import Amp
 
         a = Amp(device, enabled=amp)
         return lambda imgs, boxes, labels: trainer.train_step(imgs, boxes, labels, amp=a)

@@ -6,15 +6,17 @@ attribute describing its config parameters, and declares an entry point in the
 group ``detkit.<kind>``.
 
 Shapes use: ``N`` images, ``A`` anchors per image, ``R`` RoIs in a batch,
-``G`` ground-truth boxes of one image, ``C`` foreground classes.
-Boxes are ``(x1, y1, x2, y2)`` in pixels of the network input.
+``G`` ground-truth boxes of one image, ``C`` foreground classes.  Inside the
+detector boxes are ``(x1, y1, x2, y2)`` in pixels of the network input; the
+detector's own inputs and outputs are in the pixels of the images as given.
+This module imports nothing of ``detkit.engine``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
-from typing import Any, Mapping, NamedTuple, Sequence, Union
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -142,19 +144,36 @@ def _meta_forward(module: nn.Module, side: int) -> Any:
     return torch.func.functional_call(module, state, (x,))
 
 
-class RPNOutput(NamedTuple):
-    """What a proposal generator returns for a batch.
+class ImageBatch(NamedTuple):
+    """A preprocessed batch, what the detector's stages see.
 
-    locs: ``[N, A, 4]`` predicted deltas; scores: ``[N, A, 2]`` logits
-    (background, object); rois: ``[R, 4]`` proposals; roi_indices: ``[R]``
-    int64 image index of each RoI; anchors: ``[A, 4]`` shared by the batch.
+    ``tensor``: ``[N, 3, H, W]`` normalised, padded at the bottom and right;
+    ``image_sizes``: int64 ``[N, 2]`` (h, w) of each resized image inside the
+    padding; ``orig_sizes``: int64 ``[N, 2]`` (h, w) of each image as given;
+    ``scales``: float32 ``[N]`` how much each image was enlarged.
     """
 
-    locs: Tensor
-    scores: Tensor
-    rois: Tensor
-    roi_indices: Tensor
-    anchors: Tensor
+    tensor: Tensor
+    image_sizes: Tensor
+    orig_sizes: Tensor
+    scales: Tensor
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the padded batch (traced values when exporting)."""
+        return self.tensor.shape[-2], self.tensor.shape[-1]
+
+
+# Per image ``{"boxes": float32 [G, 4] xyxy, "labels": int64 [G] in 0..C-1}``;
+# in network-input pixels once the detector's preprocessing has resized them.
+Targets = Sequence[Mapping[str, Tensor]]
+
+
+class Proposals(NamedTuple):
+    """Proposals of a batch: ``boxes [R, 4]`` in network-input pixels and the int64 ``image_indices [R]``."""
+
+    boxes: Tensor
+    image_indices: Tensor
 
 
 class Neck(nn.Module, ABC):
@@ -171,38 +190,155 @@ class Neck(nn.Module, ABC):
     def output_shape(self) -> dict[str, ShapeSpec]: ...
 
 
-class ProposalGenerator(nn.Module, ABC):
-    """Scores anchors and turns the best into proposals.
+class _Stage(nn.Module):
+    """What the RPN and RoI-head contracts share: the random source of their target sampling."""
 
-    ``features`` is one map or a dict of levels; with levels, ``locs``,
-    ``scores`` and ``anchors`` of the :class:`RPNOutput` concatenate the
-    levels in order, so target creators and losses see one anchor list.
+    # None: torch's global generator (saved in checkpoints); a trainer with a seed sets its own.
+    generator: torch.Generator | None = None
+
+
+class ProposalGenerator(_Stage, ABC):
+    """Scores anchors, turns the best into proposals and, in training, computes its own losses.
+
+    ``forward(features, images, targets=None) -> (proposals, losses)``:
+    ``features`` is one map or a dict of levels; ``targets`` (train mode) are
+    in network-input pixels.  ``losses`` is a dict of named scalars in train
+    mode (``rpn_loc``, ``rpn_cls`` for the built-in), empty in eval mode.  The
+    stage owns its anchor target creator and its losses (config slots).
     """
 
     @abstractmethod
     def forward(
-        self, features: Features, image_sizes: Tensor, scale: float | Tensor = 1.0
-    ) -> RPNOutput:
-        """``image_sizes``: ``[N, 2]`` true (height, width) of each image in the padded batch."""
+        self, features: Features, images: ImageBatch, targets: Targets | None = None
+    ) -> tuple[Proposals, dict[str, Tensor]]: ...
+
+    @abstractmethod
+    def anchors(
+        self,
+        feature_sizes: Sequence[tuple[int, int]],
+        input_size: tuple[int, int],
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """``[A, 4]`` anchors (levels concatenated) for feature maps of ``feature_sizes``."""
 
 
-class RoIHead(nn.Module, ABC):
-    """Classifies and refines RoIs: returns ``([R, (C+1)*4] deltas, [R, C+1] logits)``."""
+class Pooler(nn.Module, ABC):
+    """Pools RoIs from features: ``(features, boxes [R, 4], image_indices [R], input_size) -> [R, C, s, s]``.
 
-    num_classes: int  # foreground classes; background is class 0 inside the head
+    Built with the ``input_shapes`` of the features (one entry for one map)
+    and a ``required_size`` when the box head needs one (a backbone's RoI
+    tail); ``output_size``/``out_channels`` say what it returns.
+    """
+
+    output_size: int
+    out_channels: int
 
     @abstractmethod
     def forward(
-        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
-        """``input_size``: (height, width) of the padded network input the RoIs refer to."""
+        self, features: Features, boxes: Tensor, image_indices: Tensor, input_size: tuple[int, int]
+    ) -> Tensor: ...
+
+
+class BoxHead(nn.Module, ABC):
+    """Per-RoI features: ``[R, C, s, s] -> [R, out_features]`` (two FC layers, a backbone's C4 tail)."""
+
+    out_features: int
+
+    @classmethod
+    def input_size(cls, tail: RoITail | None) -> int | None:
+        """The RoI side this head needs from the pooler, given the backbone's tail (``None``: any)."""
+        return None
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+class RoIPredictions(NamedTuple):
+    """A RoI head's inference output, before per-class NMS.
+
+    ``boxes [R, C, 4]`` decoded per foreground class in network-input pixels,
+    ``scores [R, C]`` foreground class probabilities, ``image_indices [R]``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    image_indices: Tensor
+
+
+class RoIHead(_Stage, ABC):
+    """Classifies and refines proposals and, in training, samples them and computes its own losses.
+
+    ``forward(features, proposals, images, targets=None) -> (predictions, losses)``:
+    in eval mode :class:`RoIPredictions` and ``{}``; in train mode
+    ``predictions`` may be ``None`` and ``losses`` holds named scalars
+    (``roi_loc``, ``roi_cls`` for the built-in).  Background is class 0
+    inside the head; ``num_classes`` counts the foreground classes.
+    """
+
+    num_classes: int
+
+    @abstractmethod
+    def forward(
+        self, features: Features, proposals: Proposals, images: ImageBatch, targets: Targets | None = None
+    ) -> tuple[RoIPredictions | None, dict[str, Tensor]]: ...
 
 
 class TargetCreator(nn.Module, ABC):
-    """Turns ground truth into training targets. Holds no learnable parameters."""
+    """Turns ground truth into training targets (no learnable parameters).
+
+    ``role`` says which slot a creator fits: ``anchor`` (the RPN's) or
+    ``proposal`` (the RoI head's); configs refuse one in the wrong slot.
+    """
+
+    role: str
+
+
+class AnchorTargetCreatorBase(TargetCreator):
+    """Labels anchors and gives their regression targets (the RPN's ``anchor_target`` slot)."""
+
+    role = "anchor"
 
     @abstractmethod
-    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+    def forward(
+        self,
+        gt_boxes: Sequence[Tensor],
+        anchors: Tensor,
+        image_sizes: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``gt_boxes``: per image ``[G_i, 4]``; ``anchors [A, 4]``; ``image_sizes [N, 2]`` (h, w).
+
+        Returns ``(loc_targets [N, A, 4], labels [N, A])`` with labels 1
+        object, 0 background, -1 ignored.
+        """
+
+
+class SampledRoIs(NamedTuple):
+    """RoIs chosen for training the head: ``boxes [S, 4]``, ``image_indices [S]``,
+    ``loc_targets [S, 4]`` (divided by the std), ``labels [S]`` (0 background,
+    ``c + 1`` class ``c``, -1 padding)."""
+
+    boxes: Tensor
+    image_indices: Tensor
+    loc_targets: Tensor
+    labels: Tensor
+
+
+class ProposalTargetCreatorBase(TargetCreator):
+    """Samples the RoIs the head trains on (the RoI head's ``proposal_target`` slot)."""
+
+    role = "proposal"
+
+    @abstractmethod
+    def forward(
+        self,
+        rois: Tensor,
+        roi_indices: Tensor,
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        loc_normalize_std: Sequence[float] | Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SampledRoIs: ...
 
 
 class MatchedBoxes:
@@ -234,52 +370,70 @@ class MatchedBoxes:
 
 
 class Loss(nn.Module, ABC):
-    """A loss that returns a scalar tensor.
+    """A loss returning a scalar tensor; ``role`` (``box`` or ``classification``) says which slots it fits."""
 
-    The Faster R-CNN trainer calls a ``role = "classification"`` loss as
-    ``loss(logits [M, K], labels [M])`` and a ``role = "box"`` loss as
-    ``loss(pred [M, 4], target [M, 4], labels [M], boxes=MatchedBoxes)``:
-    deltas, target deltas and the labels (``> 0`` foreground, ``0``
-    background, ``-1`` ignored).  See docs/plugins.md.
-    """
+    role: str
+
+
+class ClassificationLoss(Loss):
+    """``loss(logits [M, K], labels [M]) -> scalar``; labels ``-1`` are ignored."""
+
+    role = "classification"
 
     @abstractmethod
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor: ...
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor: ...
+
+
+class BoxLoss(Loss):
+    """``loss(pred [M, 4], target [M, 4], labels [M], boxes=MatchedBoxes) -> scalar``.
+
+    Deltas, target deltas and labels (``> 0`` foreground, ``0`` background,
+    ``-1`` ignored); ``boxes`` gives the reference and matched boxes to losses
+    on boxes (see docs/plugins.md).
+    """
+
+    role = "box"
+
+    @abstractmethod
+    def forward(self, pred: Tensor, target: Tensor, labels: Tensor, boxes: MatchedBoxes | None = None) -> Tensor: ...
 
 
 class Detector(nn.Module, ABC):
-    """A detector with a multi-mode ``forward`` and an end-to-end ``predict``.
+    """A whole detector: one module, one forward, its preprocessing inside.
 
-    ``forward(x, mode="forward" | "extractor" | "rpn" | "head", ...)``; the last
-    three are the pieces a trainer calls.  Besides ``forward`` and ``predict``,
-    the engine calls only what is declared here: :meth:`backbone_parameters`
-    (the frozen-backbone phase), :meth:`predict_input_size` (a check that
-    training and ``predict`` resize alike) and :meth:`compile_modules`
-    (``train.compile``).
+    ``detector.train(); losses = detector(images, targets)``: a dict of named
+    scalar losses.  ``detector.eval(); detections = detector(images)``: per
+    image ``{"boxes" float32 [K, 4] xyxy in the image's own pixels, "scores"
+    [K], "labels" int64 [K] in 0..C-1}``, best first.  ``images``: ``[3, H,
+    W]`` tensors of any sizes, uint8 or float 0..1; ``targets``: per image
+    ``{"boxes" [G, 4] in the same pixels, "labels" [G]}``, ``G`` may be 0.
+    The same forward runs in training, evaluation, ``predict`` and export.
+
+    Besides ``forward``, the engine, export, import and statistics call only
+    what is declared here.
     """
 
     num_classes: int
+    preprocess: nn.Module  # resizes, normalises and pads (detkit.preprocess.ImagePreprocessor)
 
     @abstractmethod
-    def forward(self, x: Tensor, mode: str = "forward", **kwargs: Any) -> Any: ...
+    def forward(
+        self, images: Sequence[Tensor], targets: Targets | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]: ...
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The network-input ``(h, w)`` an ``height x width`` image is resized to at inference."""
+        return self.preprocess.output_size(height, width)
 
     @abstractmethod
-    def predict(
-        self,
-        images: Sequence[Tensor],
-        score_thresh: float | None = None,
-        nms_iou: float | None = None,
-        resize: bool = True,
-    ) -> list[dict[str, Tensor]]:
-        """Per image: ``{"boxes": [K, 4], "scores": [K], "labels": [K] 0..C-1}``.
+    def detection_settings(
+        self, score_thresh: float | None = None, nms_iou: float | None = None, max_detections: int | None = None
+    ) -> AbstractContextManager:
+        """A context in which inference uses these post-processing settings (``None``: the model's own)."""
 
-        ``images``: ``[3, H, W]`` tensors.  With ``resize=True`` the detector
-        applies its own predict-time preprocessing (resize, normalise) and
-        returns boxes in original-image pixels; ``resize=False`` takes images
-        already at network-input size (what evaluation feeds from the data
-        pipeline) and returns boxes in those pixels.  ``score_thresh``/``nms_iou``
-        default to the detector's own.
-        """
+    def anchors(self, input_size: tuple[int, int]) -> Tensor:
+        """``[A, 4]`` anchors the proposal generator scores for an ``(H, W)`` network input."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare anchors()")
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The trunk parameters the frozen-backbone phase stops training.
@@ -289,13 +443,6 @@ class Detector(nn.Module, ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not declare backbone_parameters()")
 
-    def predict_input_size(self, height: int, width: int) -> tuple[int, int] | None:
-        """The network-input ``(height, width)`` ``predict`` resizes a ``height x width`` image to.
-
-        None when the detector does not resize (or cannot say).
-        """
-        return None
-
     def compile_modules(self) -> list[nn.Module]:
         """The sub-modules ``train.compile`` compiles in place (``nn.Module.compile``).
 
@@ -304,73 +451,66 @@ class Detector(nn.Module, ABC):
         """
         return []
 
+    def set_sampling_generator(self, generator: torch.Generator | None) -> None:
+        """Draw the stages' target sampling from ``generator`` (``None``: torch's global RNG)."""
+        for module in self.modules():
+            if isinstance(module, _Stage):
+                module.generator = generator
 
-class Trainer(nn.Module, ABC):
-    """Holds a detector and its optimizer; computes named losses and takes steps.
+    def import_state_dict(
+        self, state_dict: Mapping[str, Tensor], source: str, new_classes: bool = False
+    ) -> list[str]:
+        """Load weights saved by another implementation (``source``); returns the keys left fresh.
 
-    ``forward`` returns a ``dict[str, Tensor]`` of scalar losses; the key
-    ``"total"`` is the one minimised, the others are logged under their names.
-    The engine may wrap the trainer (``DistributedDataParallel``) and hands the
-    wrapper to :meth:`train_step` as ``module``, so that the forward pass runs
-    through it.  Mixed precision comes in as an :class:`detkit.engine.amp.Amp`.
+        ``new_classes``: class-specific layers whose shapes differ keep their
+        initialisation (fine-tuning to other classes).
+        """
+        from detkit.errors import CheckpointError
+
+        raise CheckpointError(f"{type(self).__name__} cannot import {source} checkpoints")
+
+    @classmethod
+    def upgrade_checkpoint(
+        cls, config: dict[str, Any], state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """``(config, model state)`` of a checkpoint written by an earlier layout, in today's.
+
+        Called when loading every detkit checkpoint; returns both unchanged when
+        they are current (the default).
+        """
+        return config, dict(state)
+
+
+class Trainer(ABC):
+    """The optimisation step of a detector (kind ``trainer``), as detectron2's ``AMPTrainer.run_step``.
+
+    Built with the ``model`` (a :class:`Detector`), its ``optimizer`` and
+    ``amp`` (mixed precision on or off).  ``module`` is what the forward pass
+    runs through: the model, or the engine's ``DistributedDataParallel``
+    wrapper of it.  The training loop fetches batches and calls
+    :meth:`run_step`; it owns nothing of the step.
     """
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None = None
-    grad_clip: float | None = None  # max total gradient norm, None: no clipping
+    optimizer: torch.optim.Optimizer | None
+    module: nn.Module
 
     @abstractmethod
-    def forward(
-        self,
-        imgs: Tensor,
-        bboxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
-        scale: float | Tensor = 1.0,
-        image_sizes: Tensor | None = None,
-    ) -> dict[str, Tensor]: ...
+    def run_step(self, micro_batches: Iterable[tuple[Sequence[Tensor], Targets]]) -> dict[str, Tensor]:
+        """One optimizer step over one or more micro-batches (gradient accumulation).
 
-    def train_step(
-        self,
-        imgs: Tensor,
-        bboxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
-        scale: float | Tensor = 1.0,
-        image_sizes: Tensor | None = None,
-        *,
-        amp: Any = None,
-        module: nn.Module | None = None,
-        loss_scale: float = 1.0,
-        zero_grad: bool = True,
-        step: bool = True,
-    ) -> dict[str, Tensor]:
-        """One optimisation step (or one micro-step of an accumulated one); returns the losses, detached.
-
-        ``module`` runs the forward pass (default ``self``; the engine passes its
-        DDP wrapper).  The backward pass sees ``loss_scale * total`` (``1/N`` for
-        ``N`` accumulated micro-batches).  ``zero_grad`` clears the gradients
-        first; ``step`` unscales, clips to ``grad_clip`` and steps the optimizer.
-        Gradient accumulation is ``zero_grad`` on the first micro-step and
-        ``step`` on the last.  The mode (train/eval) is left as the caller set it.
+        Returns the losses (the micro-batches' mean, detached) with ``"total"``.
         """
-        if self.optimizer is None:
-            raise RuntimeError(f"{type(self).__name__}.train_step needs an optimizer; build it with optimizer=...")
-        if amp is None:
-            from detkit.engine.amp import Amp
 
-            amp = Amp(imgs.device, enabled=False)
-        if zero_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-        with amp.autocast():
-            losses = (module or self)(imgs, bboxes, labels, scale=scale, image_sizes=image_sizes)
-        total = losses["total"]
-        amp.backward(total * loss_scale if loss_scale != 1.0 else total)
-        if step:
-            if self.grad_clip is not None:
-                amp.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-                params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            amp.step(self.optimizer)
-        return {name: loss.detach() for name, loss in losses.items()}
+    def train_step(self, images: Sequence[Tensor], targets: Targets) -> dict[str, Tensor]:
+        """One optimizer step on one batch."""
+        return self.run_step([(images, targets)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the step exactly (scaler, generators)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class Transform(ABC):

@@ -36,6 +36,8 @@ KINDS: tuple[str, ...] = (
     "neck",
     "proposal_generator",
     "roi_head",
+    "pooler",
+    "box_head",
     "target_creator",
     "loss",
     "detector",
@@ -469,6 +471,12 @@ BackboneSpec = Annotated[ComponentSpec, Component("backbone")]
 NeckSpec = Annotated[ComponentSpec, Component("neck")]
 ProposalGeneratorSpec = Annotated[ComponentSpec, Component("proposal_generator")]
 RoIHeadSpec = Annotated[ComponentSpec, Component("roi_head")]
+PoolerSpec = Annotated[ComponentSpec, Component("pooler")]
+BoxHeadSpec = Annotated[ComponentSpec, Component("box_head")]
+AnchorTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="anchor")]
+ProposalTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="proposal")]
+BoxLossSpec = Annotated[ComponentSpec, Component("loss", role="box")]
+ClassLossSpec = Annotated[ComponentSpec, Component("loss", role="classification")]
 TargetCreatorSpec = Annotated[ComponentSpec, Component("target_creator")]
 LossSpec = Annotated[ComponentSpec, Component("loss")]
 DetectorSpec = Annotated[ComponentSpec, Component("detector")]

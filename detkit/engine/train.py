@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from detkit.config import Config
 from detkit.data.transforms import build_transform
-from detkit.engine.amp import Amp
+from detkit.amp import Amp
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown

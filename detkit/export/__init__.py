@@ -9,7 +9,7 @@ NMS are all inside the graph.
 
 :class:`ExportableDetector` composes the detector's own pieces (``forward``
 and ``detections``); only the resize is new code, because ``predict``'s
-resizers (PIL, torch's uint8 kernel) do not trace: :mod:`detkit.export.resize`
+resizers (PIL, torch's uint8 kernel) do not trace: :mod:`detkit.resize`
 reproduces them exactly with tensor operations.  The graph is recorded by
 tracing, so every size inside it is computed by tensor operations and stays
 dynamic.
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.errors import DetkitError
-from detkit.export.resize import as_f64, resize_uint8
+from detkit.resize import as_f64, resize_uint8
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")

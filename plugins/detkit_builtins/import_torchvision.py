@@ -1,21 +1,21 @@
 """torchvision's detection weights in detkit's layout.
 
 ``fasterrcnn_resnet50_fpn`` (v1) maps one to one onto ``resnet50``
-(``out_features: [C2, C3, C4, C5]``) + ``fpn`` + ``rpn`` + ``multiscale_roi_head``:
+(``out_features: [C2, C3, C4, C5]``) + ``fpn`` + ``rpn`` + ``roi_head`` (``multiscale_roi_align`` + ``two_mlp``):
 
 =====================================  =====================================
 torchvision                            detkit
 =====================================  =====================================
-``backbone.body.conv1/bn1``            ``extractor.features.0/1``
-``backbone.body.layer1..3``            ``extractor.features.4..6``
-``backbone.body.layer4``               ``extractor.layer4``
+``backbone.body.conv1/bn1``            ``backbone.features.0/1``
+``backbone.body.layer1..3``            ``backbone.features.4..6``
+``backbone.body.layer4``               ``backbone.layer4``
 ``backbone.fpn.*``                     ``neck.*``
 ``rpn.head.conv.0.0``                  ``rpn.conv1``
 ``rpn.head.cls_logits`` (1 per anchor) ``rpn.score`` (2 per anchor)
 ``rpn.head.bbox_pred``                 ``rpn.loc``
-``roi_heads.box_head.fc6/fc7``         ``head.box_head.fc6/fc7``
-``roi_heads.box_predictor.cls_score``  ``head.score``
-``roi_heads.box_predictor.bbox_pred``  ``head.cls_loc``
+``roi_heads.box_head.fc6/fc7``         ``roi_head.box_head.fc6/fc7``
+``roi_heads.box_predictor.cls_score``  ``roi_head.score``
+``roi_heads.box_predictor.bbox_pred``  ``roi_head.cls_loc``
 =====================================  =====================================
 
 torchvision scores an anchor with one logit and a sigmoid; detkit with two
@@ -33,19 +33,19 @@ from typing import Mapping
 from torch import Tensor
 
 _RULES = [
-    (r"^backbone\.body\.conv1\.", "extractor.features.0."),
-    (r"^backbone\.body\.bn1\.", "extractor.features.1."),
-    (r"^backbone\.body\.layer1\.", "extractor.features.4."),
-    (r"^backbone\.body\.layer2\.", "extractor.features.5."),
-    (r"^backbone\.body\.layer3\.", "extractor.features.6."),
-    (r"^backbone\.body\.layer4\.", "extractor.layer4."),
+    (r"^backbone\.body\.conv1\.", "backbone.features.0."),
+    (r"^backbone\.body\.bn1\.", "backbone.features.1."),
+    (r"^backbone\.body\.layer1\.", "backbone.features.4."),
+    (r"^backbone\.body\.layer2\.", "backbone.features.5."),
+    (r"^backbone\.body\.layer3\.", "backbone.features.6."),
+    (r"^backbone\.body\.layer4\.", "backbone.layer4."),
     (r"^backbone\.fpn\.", "neck."),
     (r"^rpn\.head\.conv\.0\.0\.", "rpn.conv1."),
     (r"^rpn\.head\.cls_logits\.", "rpn.score."),
     (r"^rpn\.head\.bbox_pred\.", "rpn.loc."),
-    (r"^roi_heads\.box_head\.", "head.box_head."),
-    (r"^roi_heads\.box_predictor\.cls_score\.", "head.score."),
-    (r"^roi_heads\.box_predictor\.bbox_pred\.", "head.cls_loc."),
+    (r"^roi_heads\.box_head\.", "roi_head.box_head."),
+    (r"^roi_heads\.box_predictor\.cls_score\.", "roi_head.score."),
+    (r"^roi_heads\.box_predictor\.bbox_pred\.", "roi_head.cls_loc."),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in _RULES]
 _REVERSE = [(re.compile("^" + re.escape(r)), p[1:].replace("\\", "")) for p, r in _RULES]

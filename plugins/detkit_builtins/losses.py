@@ -8,7 +8,6 @@ tensors so nothing synchronises with the device.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,10 @@ from torch import Tensor
 
 from torchvision.ops import generalized_box_iou_loss
 
-from detkit.interfaces import Loss, MatchedBoxes
+from detkit.interfaces import BoxLoss, ClassificationLoss, MatchedBoxes
 
 
-class SmoothL1Loss(Loss):
+class SmoothL1Loss(BoxLoss):
     """Smooth L1 over the rows whose label is positive, per positive row.
 
     ``forward(pred [M, 4], target [M, 4], labels [M]) -> scalar``:
@@ -29,16 +28,15 @@ class SmoothL1Loss(Loss):
     (the Fast R-CNN loss; ``sigma = 3`` is the usual RPN choice, 1 for the head).
     """
 
-    role = "box"  # which trainer slot it fits (see Component(role=...))
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         sigma: float = Field(1.0, gt=0, description="transition point is 1 / sigma^2")
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        self.sigma = (params if params is not None else self.Params(**kwargs)).sigma
+        self.sigma = (params if params is not None else self.Params()).sigma
 
     def forward(self, pred: Tensor, target: Tensor, labels: Tensor, boxes: MatchedBoxes | None = None) -> Tensor:
         sigma2 = self.sigma**2
@@ -55,7 +53,7 @@ class SmoothL1Loss(Loss):
         return f"sigma={self.sigma}"
 
 
-class GIoULoss(Loss):
+class GIoULoss(BoxLoss):
     """Generalized IoU loss (Rezatofighi et al., 2019) between predicted and matched boxes.
 
     ``forward(pred [M, 4], target [M, 4], labels [M], boxes: MatchedBoxes) -> scalar``:
@@ -67,16 +65,15 @@ class GIoULoss(Loss):
     ``weight`` of a few (torchvision's GIoU heads use 1-2) keeps the balance.
     """
 
-    role = "box"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         weight: float = Field(1.0, gt=0, description="multiplies the loss")
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        self.weight = (params if params is not None else self.Params(**kwargs)).weight
+        self.weight = (params if params is not None else self.Params()).weight
 
     def forward(self, pred: Tensor, target: Tensor, labels: Tensor, boxes: MatchedBoxes | None = None) -> Tensor:
         if boxes is None:
@@ -95,22 +92,21 @@ class GIoULoss(Loss):
         return f"weight={self.weight}"
 
 
-class CrossEntropyLoss(Loss):
+class CrossEntropyLoss(ClassificationLoss):
     """Softmax cross entropy, averaged over the rows whose label is not ``ignore_index``.
 
     ``forward(logits [M, K], labels [M] int64) -> scalar``; 0 when every row is ignored.
     """
 
-    role = "classification"  # which trainer slot it fits (see Component(role=...))
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         ignore_index: int = Field(-1, description="label of rows that do not count")
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        self.ignore_index = (params if params is not None else self.Params(**kwargs)).ignore_index
+        self.ignore_index = (params if params is not None else self.Params()).ignore_index
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         total = F.cross_entropy(

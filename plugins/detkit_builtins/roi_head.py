@@ -1,27 +1,29 @@
-"""RoI heads: pool each RoI, run a box head, classify and refine.
+"""The RoI head: pool each proposal, run a box head, classify and refine; in training, its own losses.
 
-* :class:`RoIHead` pools one feature map and runs the backbone's tail on it
-  (the C4 design of the original Faster R-CNN).
-* :class:`MultiScaleRoIHead` pools each RoI from the pyramid level that fits
-  its size (FPN, Eq. 1, as ``torchvision.ops.MultiScaleRoIAlign``) and runs
-  two fully connected layers (``TwoMLPHead``) on it.
+One class for every built-in architecture; the parts are components named in
+the config: a ``pooler`` (``roi_pool``, ``roi_align``, ``multiscale_roi_align``),
+a ``box_head`` (``backbone_tail``, ``two_mlp``), the ``proposal_target``
+creator that samples the RoIs it trains on, and its two losses.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import roi_align, roi_pool
 
-from detkit.errors import ConfigError
-from detkit.interfaces import Features, RoITail, ShapeSpec, is_multi_level
-from detkit.interfaces import RoIHead as RoIHeadBase
-
+from detkit import boxes as box_ops
+from detkit.interfaces import (
+    Features, ImageBatch, MatchedBoxes, Proposals, RoIHead as RoIHeadBase, RoIPredictions, RoITail, ShapeSpec,
+    Targets,
+)
+from detkit.registry import (
+    BoxHeadSpec, BoxLossSpec, ClassLossSpec, PoolerSpec, ProposalTargetSpec, registry,
+)
 
 CLS_PRIOR_DESCRIPTION = (
     "initial foreground probability of the classifier (bias of the background logit log(1-p), of "
@@ -29,7 +31,7 @@ CLS_PRIOR_DESCRIPTION = (
 )
 
 
-def _init_predictors(cls_loc: nn.Linear, score: nn.Linear, cls_prior: float | None = None) -> None:
+def init_predictors(cls_loc: nn.Linear, score: nn.Linear, cls_prior: float | None = None) -> None:
     """The reference initialisation: classifier normal(0, 0.01), box regression normal(0, 0.001)."""
     nn.init.normal_(cls_loc.weight, std=0.001)
     nn.init.normal_(score.weight, std=0.01)
@@ -41,223 +43,99 @@ def _init_predictors(cls_loc: nn.Linear, score: nn.Linear, cls_prior: float | No
             score.bias[1:] = math.log(cls_prior / (score.out_features - 1))
 
 
+def class_deltas(roi_cls_locs: Tensor, labels: Tensor) -> Tensor:
+    """``[S, (C+1)*4]`` -> ``[S, 4]``: each row's deltas for its own label (row 0's slot for background/padding)."""
+    s = roi_cls_locs.shape[0]
+    index = labels.clamp(min=0).reshape(s, 1, 1).expand(s, 1, 4)
+    return roi_cls_locs.reshape(s, -1, 4).gather(1, index).squeeze(1)
+
+
 class RoIHead(RoIHeadBase):
-    """``features [N, in_channels, h, w]`` + ``rois [R, 4]`` -> ``([R, (C+1)*4], [R, C+1])``.
+    """Features + proposals -> per-class boxes and scores; train mode: ``{"roi_loc", "roi_cls"}``.
 
-    RoIs (in input pixels) are mapped to the feature map.  ``mapping:
-    feature_ratio`` (default, the faster-rcnn-pytorch way) scales x by
-    ``feat_w / input_w`` and y by ``feat_h / input_h`` and pools with
-    ``spatial_scale=1``; ``stride`` pools with ``spatial_scale=1/feat_stride``.
-    The pooled ``[R, in_channels, roi_size, roi_size]`` go through the
-    backbone's tail (``classifier``), then ``cls_loc`` and ``score``.
-    Class 0 is background.
+    The pooled ``[R, C, s, s]`` RoIs go through ``box_head`` to ``[R, F]``, then
+    ``cls_loc`` (``(C+1)*4`` deltas, divided by ``loc_normalize_std``) and
+    ``score`` (``C+1`` logits, class 0 background).  In training the
+    ``proposal_target`` creator samples ``n_sample`` RoIs per image among the
+    proposals and the ground truth, in float32 with autocast off (IoU in half
+    precision would move the thresholds); ``roi_loc`` is the box loss on each
+    foreground RoI's own class deltas, ``roi_cls`` the classification loss.
     """
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        pool: Literal["roi_pool", "roi_align"] = "roi_pool"
-        mapping: Literal["feature_ratio", "stride"] = "feature_ratio"
-        sampling_ratio: int = Field(2, ge=0, description="roi_align only: samples per bin side (0 = adaptive)")
-        aligned: bool = Field(False, description="roi_align only: half-pixel offset")
+        pooler: PoolerSpec = Field(default_factory=lambda: {"type": "roi_pool"}, validate_default=True)
+        box_head: BoxHeadSpec = Field(default_factory=lambda: {"type": "backbone_tail"}, validate_default=True)
+        proposal_target: ProposalTargetSpec = Field(
+            default_factory=lambda: {"type": "proposal_target"}, validate_default=True
+        )
+        loc_loss: BoxLossSpec = Field(default_factory=lambda: {"type": "smooth_l1"}, validate_default=True)
+        cls_loss: ClassLossSpec = Field(default_factory=lambda: {"type": "cross_entropy"}, validate_default=True)
+        loc_normalize_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
         cls_prior: float | None = Field(None, gt=0, lt=1, description=CLS_PRIOR_DESCRIPTION)
 
     def __init__(
         self,
-        params: Params | None = None,
+        params: Params,
         *,
         num_classes: int,
-        in_channels: int | None = None,
+        input_shapes: dict[str, ShapeSpec],
         tail: RoITail | None = None,
-        feat_stride: int = 16,
-        input_shapes: dict[str, ShapeSpec] | None = None,
-        **kwargs: Any,
     ):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
-        if input_shapes is not None or tail is None:
-            raise ConfigError(
-                "model.roi_head: roi_head pools one feature map through the backbone's RoI tail; "
-                "with multi-level features (a neck) use type multiscale_roi_head"
-            )
+        p = self.params = params
         self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.roi_size = tail.roi_size
-        self.feat_stride = feat_stride
-        self.pool, self.mapping = p.pool, p.mapping
-        self.sampling_ratio, self.aligned = p.sampling_ratio, p.aligned
-        self.classifier = tail.module
-        self.cls_loc = nn.Linear(tail.out_features, (num_classes + 1) * 4)
-        self.score = nn.Linear(tail.out_features, num_classes + 1)
-        _init_predictors(self.cls_loc, self.score, p.cls_prior)
+        box_head_cls = registry("box_head").get(p.box_head.type).factory
+        self.pooler = p.pooler.build(input_shapes=input_shapes, required_size=box_head_cls.input_size(tail))
+        self.box_head = p.box_head.build(
+            in_channels=self.pooler.out_channels, roi_size=self.pooler.output_size, tail=tail
+        )
+        self.cls_loc = nn.Linear(self.box_head.out_features, (num_classes + 1) * 4)
+        self.score = nn.Linear(self.box_head.out_features, num_classes + 1)
+        init_predictors(self.cls_loc, self.score, p.cls_prior)
+        self.proposal_target = p.proposal_target.build()
+        self.loc_loss = p.loc_loss.build()
+        self.cls_loss = p.cls_loss.build()
+        # Non-persistent: from the config, not trained.
+        self.register_buffer("loc_std", torch.tensor(p.loc_normalize_std), persistent=False)
 
-    def pool_rois(
-        self, features: Tensor, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
-    ) -> Tensor:
-        """``[R, in_channels, roi_size, roi_size]`` features of each RoI."""
-        # Pool in float32: RoI coordinates in fp16/bf16 lose up to pixels and
-        # move roi_pool's rounded bins, torchvision's pooling needs features and
-        # boxes of one dtype, and it has no bfloat16 CPU kernels. Cast back after.
-        out_dtype = features.dtype
-        features = features.float()
-        rois = rois.float()
-        if self.mapping == "feature_ratio":
-            fh, fw = features.shape[-2:]
-            h, w = input_size
-            # Divide then multiply, in this order, as the reference does: RoIPool rounds
-            # the mapped coordinates, so a different rounding of x/w*fw could move a bin.
-            # Python-scalar arithmetic per axis: no small tensors copied to the device.
-            xs = rois[:, 0::2] / w * fw
-            ys = rois[:, 1::2] / h * fh
-            rois = torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), dim=1)
-            spatial_scale = 1.0
-        else:
-            spatial_scale = 1.0 / self.feat_stride
-        boxes = torch.cat((roi_indices.to(rois.dtype).unsqueeze(1), rois), dim=1)
-        if self.pool == "roi_pool":
-            pooled = roi_pool(features, boxes, self.roi_size, spatial_scale)
-        else:
-            pooled = roi_align(
-                features, boxes, self.roi_size, spatial_scale, self.sampling_ratio, self.aligned
-            )
-        return pooled.to(out_dtype)
+    @property
+    def loc_normalize_std(self) -> Sequence[float]:
+        return self.params.loc_normalize_std
 
-    def forward(
-        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
+    def predict_boxes(
+        self, features: Features, boxes: Tensor, image_indices: Tensor, input_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
-        if is_multi_level(features):
-            raise ValueError("roi_head takes one feature map; use multiscale_roi_head for levels")
-        pooled = self.pool_rois(features, rois, roi_indices, input_size)
-        hidden = self.classifier(pooled)
+        """``([R, (C+1)*4] deltas, [R, C+1] logits)`` of the given RoIs."""
+        hidden = self.box_head(self.pooler(features, boxes, image_indices, input_size))
         return self.cls_loc(hidden), self.score(hidden)
 
-
-class TwoMLPHead(nn.Module):
-    """``[R, C, s, s] -> [R, hidden]``: flatten, ``fc6`` (+ norm) + ReLU, ``fc7`` (+ norm) + ReLU (the FPN box head).
-
-    ``norm``: ``none``, or ``gn`` (GroupNorm, 32 groups over the features of each RoI) /
-    ``bn`` (BatchNorm over the RoIs of a batch) after each layer, for training from scratch.
-    """
-
-    def __init__(self, in_features: int, hidden: int, norm: str = "none"):
-        super().__init__()
-        self.fc6 = nn.Linear(in_features, hidden, bias=norm == "none")
-        self.fc7 = nn.Linear(hidden, hidden, bias=norm == "none")
-        self.norm6, self.norm7 = (_fc_norm(norm, hidden) for _ in range(2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.norm6(self.fc6(x.flatten(1))))
-        return F.relu(self.norm7(self.fc7(x)))
-
-
-def _fc_norm(norm: str, features: int) -> nn.Module:
-    if norm == "gn":
-        return nn.GroupNorm(math.gcd(32, features), features)
-    if norm == "bn":
-        return nn.BatchNorm1d(features)
-    return nn.Identity()
-
-
-class MultiScaleRoIHead(RoIHeadBase):
-    """Pyramid features + ``rois [R, 4]`` -> ``([R, (C+1)*4], [R, C+1])``.
-
-    Each RoI of size ``sqrt(w*h)`` is pooled (RoIAlign, ``roi_size`` bins,
-    ``spatial_scale = 1/stride``) from level
-    ``k = floor(canonical_level + log2(size / canonical_scale) + 1e-6)``
-    clamped to the levels in ``in_features`` (FPN Eq. 1 and torchvision's
-    ``MultiScaleRoIAlign``), then goes through :class:`TwoMLPHead`
-    (``box_head``), ``cls_loc`` and ``score``.  Class 0 is background.
-    Splitting RoIs by level reads the per-level counts back to the host once
-    per level, as torchvision does.
-    """
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        in_features: list[str] = Field(
-            default_factory=lambda: ["P2", "P3", "P4", "P5"], min_length=1,
-            description="pyramid levels to pool from, finest first",
-        )
-        roi_size: int = Field(7, gt=0)
-        sampling_ratio: int = Field(2, ge=0, description="samples per bin side (0 = adaptive)")
-        aligned: bool = Field(False, description="half-pixel offset (torchvision's detection models: false)")
-        canonical_scale: float = Field(224.0, gt=0)
-        canonical_level: int = Field(4, ge=0)
-        representation_size: int = Field(1024, gt=0, description="width of fc6 and fc7")
-        norm: Literal["none", "gn", "bn"] = Field(
-            "none", description="normalisation after fc6 and fc7: gn (GroupNorm, 32 groups) or bn, for training from scratch"
-        )
-        cls_prior: float | None = Field(None, gt=0, lt=1, description=CLS_PRIOR_DESCRIPTION)
-
-    def __init__(
-        self,
-        params: Params | None = None,
-        *,
-        num_classes: int,
-        input_shapes: dict[str, ShapeSpec] | None = None,
-        in_channels: int | None = None,
-        tail: RoITail | None = None,
-        feat_stride: Any = None,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
-        if not input_shapes:
-            raise ConfigError(
-                "model.roi_head: multiscale_roi_head needs multi-level features "
-                "(a backbone with out_features and a neck such as fpn)"
-            )
-        missing = [n for n in p.in_features if n not in input_shapes]
-        if missing:
-            raise ConfigError(
-                f"model.roi_head.in_features: {', '.join(missing)} not among the features "
-                f"({', '.join(input_shapes)})"
-            )
-        shapes = [input_shapes[n] for n in p.in_features]
-        if len({s.channels for s in shapes}) != 1:
-            raise ConfigError("model.roi_head.in_features: the pooled levels must have equal channels")
-        levels = [math.log2(s.stride) for s in shapes]
-        if any(l != round(l) for l in levels) or levels != sorted(levels):
-            raise ConfigError("model.roi_head.in_features: strides must be powers of 2, finest first")
-        self.num_classes = num_classes
-        self.in_features = list(p.in_features)
-        self.scales = [1.0 / s.stride for s in shapes]
-        self.k_min, self.k_max = int(levels[0]), int(levels[-1])
-        self.roi_size = p.roi_size
-        self.sampling_ratio, self.aligned = p.sampling_ratio, p.aligned
-        self.canonical_scale, self.canonical_level = p.canonical_scale, p.canonical_level
-        channels = shapes[0].channels
-        self.box_head = TwoMLPHead(channels * p.roi_size * p.roi_size, p.representation_size, p.norm)
-        self.cls_loc = nn.Linear(p.representation_size, (num_classes + 1) * 4)
-        self.score = nn.Linear(p.representation_size, num_classes + 1)
-        _init_predictors(self.cls_loc, self.score, p.cls_prior)
-
-    def levels(self, rois: Tensor) -> Tensor:
-        """``[R]`` int64 index into ``in_features`` of the level each RoI is pooled from."""
-        area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
-        k = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_scale) + 1e-6)
-        return (k.clamp(self.k_min, self.k_max).to(torch.int64) - self.k_min)
-
-    def pool_rois(self, features: dict[str, Tensor], rois: Tensor, roi_indices: Tensor) -> Tensor:
-        """``[R, channels, roi_size, roi_size]`` features of each RoI, from its level."""
-        maps = [features[n] for n in self.in_features]
-        out_dtype = maps[0].dtype
-        rois = rois.float()
-        boxes = torch.cat((roi_indices.to(rois.dtype).unsqueeze(1), rois), dim=1)
-        if len(maps) == 1:
-            return roi_align(maps[0].float(), boxes, self.roi_size, self.scales[0], self.sampling_ratio,
-                             self.aligned).to(out_dtype)
-        levels = self.levels(rois)
-        out = rois.new_zeros((rois.shape[0], maps[0].shape[1], self.roi_size, self.roi_size))
-        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            out[idx] = roi_align(fmap.float(), boxes[idx], self.roi_size, scale, self.sampling_ratio, self.aligned)
-        return out.to(out_dtype)
-
     def forward(
-        self, features: Features, rois: Tensor, roi_indices: Tensor, input_size: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
-        if not is_multi_level(features):
-            raise ValueError("multiscale_roi_head takes a dict of pyramid levels")
-        hidden = self.box_head(self.pool_rois(features, rois, roi_indices))
-        return self.cls_loc(hidden), self.score(hidden)
+        self, features: Features, proposals: Proposals, images: ImageBatch, targets: Targets | None = None
+    ) -> tuple[RoIPredictions | None, dict[str, Tensor]]:
+        input_size = images.input_size
+        if self.training:
+            if targets is None:
+                raise ValueError("the RoI head needs targets in train mode")
+            with torch.autocast(images.tensor.device.type, enabled=False):
+                sampled = self.proposal_target(
+                    proposals.boxes.detach(), proposals.image_indices,
+                    [t["boxes"] for t in targets], [t["labels"] for t in targets],
+                    self.loc_std, generator=self.generator,
+                )
+            roi_cls_locs, roi_scores = self.predict_boxes(features, sampled.boxes, sampled.image_indices, input_size)
+            matched = MatchedBoxes(sampled.boxes, sampled.loc_targets, self.loc_std)
+            roi_loc = self.loc_loss(class_deltas(roi_cls_locs, sampled.labels), sampled.loc_targets,
+                                    sampled.labels, boxes=matched)
+            return None, {"roi_loc": roi_loc, "roi_cls": self.cls_loss(roi_scores, sampled.labels)}
+        roi_cls_locs, roi_scores = self.predict_boxes(features, proposals.boxes, proposals.image_indices, input_size)
+        return self.decode(proposals, roi_cls_locs, roi_scores), {}
+
+    def decode(self, proposals: Proposals, roi_cls_locs: Tensor, roi_scores: Tensor) -> RoIPredictions:
+        """Per-class boxes (network-input pixels, unclipped) and foreground probabilities."""
+        r, c = roi_cls_locs.shape[0], self.num_classes
+        locs = roi_cls_locs.float().reshape(r, c + 1, 4)[:, 1:]
+        boxes = box_ops.decode(proposals.boxes.float().unsqueeze(1), locs, self.loc_std.float())  # [R, C, 4]
+        probs = F.softmax(roi_scores.float(), dim=-1)[:, 1:]
+        return RoIPredictions(boxes, probs, proposals.image_indices)

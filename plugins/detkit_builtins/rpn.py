@@ -12,7 +12,9 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
 from detkit import boxes as box_ops
-from detkit.interfaces import Features, ProposalGenerator, RPNOutput, is_multi_level
+from detkit.errors import ConfigError
+from detkit.interfaces import Features, ImageBatch, MatchedBoxes, ProposalGenerator, Proposals, Targets, is_multi_level
+from detkit.registry import AnchorTargetSpec, BoxLossSpec, ClassLossSpec
 
 from detkit_builtins.anchors import AnchorGenerator, AnchorParams, MultiLevelAnchorGenerator
 from detkit_builtins.ops import group_and_cap, nms_first, nms_per_image
@@ -51,9 +53,9 @@ class ProposalCreator(nn.Module):
     full NMS.  No tensor data is read in Python.
     """
 
-    def __init__(self, params: ProposalParams | None = None, **kwargs: Any):
+    def __init__(self, params: ProposalParams):
         super().__init__()
-        p = self.params = params if params is not None else ProposalParams(**kwargs)
+        p = self.params = params
         self.nms_iou = p.nms_iou
         self.train_pre_nms, self.train_post_nms = p.train_pre_nms, p.train_post_nms
         self.test_pre_nms, self.test_post_nms = p.test_pre_nms, p.test_post_nms
@@ -131,7 +133,7 @@ class ProposalCreator(nn.Module):
                 per_image.append(valid_i[kept] + i * kk)
             keep = torch.cat(per_image)
         else:
-            # One NMS call per image: a single call over all N * kk boxes costs N times the work (issue 8).
+            # One NMS call per image: a single call over all N * kk boxes costs N times the work.
             keep = nms_per_image(top_boxes, top_scores, groups, self.nms_iou)  # by image, score order within
 
         # By image in batch order, best first over all levels, at most post_nms each;
@@ -143,17 +145,17 @@ class ProposalCreator(nn.Module):
 
 
 class RegionProposalNetwork(ProposalGenerator):
-    """3x3 conv + ReLU, then 1x1 convs scoring (2) and regressing (4) each anchor.
+    """3x3 conv + ReLU, then 1x1 convs scoring (2) and regressing (4) each anchor; its own training.
 
-    One map ``[N, in_channels, h, w]`` -> :class:`RPNOutput` with ``locs
-    [N, h*w*K, 4]``, ``scores [N, h*w*K, 2]`` (logits: background, object),
-    proposals ``rois [R, 4]`` / ``roi_indices [R]`` and the ``anchors
-    [h*w*K, 4]``.  With a dict of levels (all ``in_channels`` wide; needs
-    ``anchor.sizes``, one list per level), the same head runs on every level
-    and ``locs``/``scores``/``anchors`` concatenate the levels finest first;
-    proposals take the top ``pre_nms`` per level, NMS per level, then the
-    best ``post_nms`` over all levels.  Training mode uses the ``train_*``
-    proposal counts, eval mode the ``test_*`` ones.
+    One map ``[N, in_channels, h, w]`` gives ``h*w*K`` anchors; with a dict of
+    levels (all ``in_channels`` wide; needs ``anchor.sizes``, one list per
+    level) the same head runs on every level and anchors, deltas and scores
+    concatenate the levels finest first; proposals take the top ``pre_nms``
+    per level, NMS per level, then the best ``post_nms`` over all levels.
+    Training mode uses the ``train_*`` proposal counts and returns
+    ``{"rpn_loc", "rpn_cls"}``: the ``anchor_target`` creator labels the
+    anchors (float32, autocast off), ``loc_loss`` and ``cls_loss`` score them.
+    Eval mode uses the ``test_*`` counts and returns no losses.
     """
 
     class Params(BaseModel):
@@ -167,24 +169,37 @@ class RegionProposalNetwork(ProposalGenerator):
             description="initial object probability of every anchor (the background logit's bias is "
             "log((1-p)/p)); null: zero bias, i.e. 0.5",
         )
+        anchor_target: AnchorTargetSpec = Field(
+            default_factory=lambda: {"type": "anchor_target"}, validate_default=True
+        )
+        loc_loss: BoxLossSpec = Field(default_factory=lambda: {"type": "smooth_l1"}, validate_default=True)
+        cls_loss: ClassLossSpec = Field(default_factory=lambda: {"type": "cross_entropy"}, validate_default=True)
 
-    def __init__(
-        self,
-        params: Params | None = None,
-        *,
-        in_channels: int,
-        feat_stride: int | Sequence[int] = 16,
-        **kwargs: Any,
-    ):
+    def __init__(self, params: Params, *, in_channels: int, feat_stride: int | Sequence[int] = 16):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params
         if isinstance(feat_stride, int):
             if p.anchor.sizes is not None:
-                raise ValueError("anchor.sizes is for multi-level features; one map takes anchor.scales")
+                raise ConfigError(
+                    "model.rpn.anchor.sizes: one list per feature level, but the features are one map "
+                    f"(stride {feat_stride}); one map takes anchor.scales (times anchor.base_size)"
+                )
             self.anchor_generator: nn.Module = AnchorGenerator(feat_stride, p.anchor)
             self.multi_level = False
         else:
-            self.anchor_generator = MultiLevelAnchorGenerator(list(feat_stride), p.anchor)
+            strides = list(feat_stride)
+            if p.anchor.sizes is None:
+                raise ConfigError(
+                    f"model.rpn.anchor.sizes: missing; the features have {len(strides)} levels (strides "
+                    f"{strides}), so give one list of anchor sizes (px) per level, e.g. "
+                    f"{[[32 * 2 ** i] for i in range(len(strides))]}"
+                )
+            if len(p.anchor.sizes) != len(strides):
+                raise ConfigError(
+                    f"model.rpn.anchor.sizes: {len(p.anchor.sizes)} levels, but the features have "
+                    f"{len(strides)} (strides {strides}); give one list per level"
+                )
+            self.anchor_generator = MultiLevelAnchorGenerator(strides, p.anchor)
             self.multi_level = True
         k = self.anchor_generator.num_per_cell
         mid = p.mid_channels or in_channels
@@ -193,6 +208,9 @@ class RegionProposalNetwork(ProposalGenerator):
         self.score = nn.Conv2d(mid, k * 2, 1)
         self.loc = nn.Conv2d(mid, k * 4, 1)
         self.proposal_creator = ProposalCreator(p.proposal)
+        self.anchor_target = p.anchor_target.build()
+        self.loc_loss = p.loc_loss.build()
+        self.cls_loss = p.cls_loss.build()
         # The reference initialisation: normal(0, 0.01) for all three layers.
         for layer in (self.conv1, self.score, self.loc):
             nn.init.normal_(layer.weight, std=0.01)
@@ -228,15 +246,10 @@ class RegionProposalNetwork(ProposalGenerator):
         return locs, scores
 
     def forward(
-        self,
-        features: Features,
-        image_sizes: Tensor,
-        scale: float | Tensor = 1.0,
-        input_size: tuple[int, int] | None = None,
-    ) -> RPNOutput:
-        """``input_size``: the padded input (H, W); needed with multi-level ``input_ratio`` strides."""
+        self, features: Features, images: ImageBatch, targets: Targets | None = None
+    ) -> tuple[Proposals, dict[str, Tensor]]:
         maps = list(features.values()) if is_multi_level(features) else [features]
-        if self.multi_level != (len(maps) > 1 or is_multi_level(features)):
+        if self.multi_level != is_multi_level(features):
             raise ValueError(
                 "the RPN was built for " + ("multi-level" if self.multi_level else "single-map")
                 + " features but got " + ("a dict of levels" if is_multi_level(features) else "one map")
@@ -245,23 +258,33 @@ class RegionProposalNetwork(ProposalGenerator):
         locs = torch.cat([o[0] for o in outs], dim=1) if len(outs) > 1 else outs[0][0]
         scores = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
         sizes = [(m.shape[-2], m.shape[-1]) for m in maps]  # ints; traced values when exporting
-        num_per_level = None
-        if self.multi_level:
-            if input_size is None:
-                # The padded input implied by the finest level (shapes only: no host sync).
-                stride = self.anchor_generator.strides[0]
-                input_size = (sizes[0][0] * stride, sizes[0][1] * stride)
-            anchors = self.anchors(sizes, input_size, maps[0].device)
-            num_per_level = [h * w * self.num_anchors_per_cell for h, w in sizes]
-        else:
-            anchors = self.anchors(sizes, None, maps[0].device)
+        anchors = self.anchors(sizes, images.input_size, maps[0].device)
+        num_per_level = [h * w * self.num_anchors_per_cell for h, w in sizes] if self.multi_level else None
         fg = F.softmax(scores.detach(), dim=-1)[..., 1]
+        # faster-rcnn-pytorch's min_size rule: times each image's resize factor in training, 1 at test.
+        scale = images.scales if self.training else 1.0
         # The proposal step is not differentiated: the RoI head treats RoIs as inputs.
         with torch.no_grad():
             rois, roi_indices = self.proposal_creator(
-                locs.detach(), fg, anchors, image_sizes, scale, num_per_level
+                locs.detach(), fg, anchors, images.image_sizes, scale, num_per_level
             )
-        return RPNOutput(locs, scores, rois, roi_indices, anchors)
+        proposals = Proposals(rois, roi_indices)
+        if not self.training:
+            return proposals, {}
+        if targets is None:
+            raise ValueError("the RPN needs targets in train mode")
+        n = locs.shape[0]
+        with torch.autocast(locs.device.type, enabled=False):
+            gt_locs, labels = self.anchor_target(
+                [t["boxes"] for t in targets], anchors, images.image_sizes, generator=self.generator
+            )
+        flat_labels = labels.reshape(-1)
+        gt_locs = gt_locs.reshape(-1, 4)
+        # Box losses also get the boxes behind each row (anchors, matched ground truth): IoU-type losses need them.
+        matched = MatchedBoxes(anchors.repeat(n, 1), gt_locs)
+        rpn_loc = self.loc_loss(locs.reshape(-1, 4), gt_locs, flat_labels, boxes=matched)
+        rpn_cls = self.cls_loss(scores.reshape(-1, 2), flat_labels)
+        return proposals, {"rpn_loc": rpn_loc, "rpn_cls": rpn_cls}
 
 
 def _min_size(limit: int, size: int | Tensor) -> int | Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from detkit.boxes import box_iou, encode
-from detkit.interfaces import TargetCreator
+from detkit.interfaces import AnchorTargetCreatorBase, ProposalTargetCreatorBase, SampledRoIs
 
 
 def pad_ground_truth(
@@ -101,7 +101,7 @@ def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Gene
     return torch.rand(shape, generator=generator, device=device)
 
 
-class AnchorTargetCreator(TargetCreator):
+class AnchorTargetCreator(AnchorTargetCreatorBase):
     """Assigns ground truth to anchors for training the RPN.
 
     ``forward(gt_boxes: list of [G_i, 4], anchors [A, 4], image_sizes [N, 2] (h, w),
@@ -118,8 +118,6 @@ class AnchorTargetCreator(TargetCreator):
     anchors reaching more than that many pixels outside the image's true size
     are ignored and take no part in matching.
     """
-
-    role = "anchor"  # which trainer slot it fits (see Component(role=...))
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -138,9 +136,9 @@ class AnchorTargetCreator(TargetCreator):
                 raise ValueError("neg_iou_thresh must not exceed pos_iou_thresh")
             return self
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         self.n_sample = p.n_sample
         self.pos_iou_thresh = p.pos_iou_thresh
         self.neg_iou_thresh = p.neg_iou_thresh
@@ -223,7 +221,7 @@ class AnchorTargetCreator(TargetCreator):
         )
 
 
-class ProposalTargetCreator(TargetCreator):
+class ProposalTargetCreator(ProposalTargetCreatorBase):
     """Samples the RoIs the head is trained on and gives their targets.
 
     ``forward(rois [R, 4], roi_indices [R] int64, gt_boxes: list of [G_i, 4],
@@ -242,8 +240,6 @@ class ProposalTargetCreator(TargetCreator):
     elsewhere.
     """
 
-    role = "proposal"  # which trainer slot it fits (see Component(role=...))
-
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -259,9 +255,9 @@ class ProposalTargetCreator(TargetCreator):
                 raise ValueError("neg_iou_thresh_lo must not exceed neg_iou_thresh_hi")
             return self
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         self.n_sample = p.n_sample
         self.pos_ratio = p.pos_ratio
         self.pos_iou_thresh = p.pos_iou_thresh
@@ -276,9 +272,9 @@ class ProposalTargetCreator(TargetCreator):
         roi_indices: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
-        loc_normalize_std: Sequence[float] | Tensor = (0.1, 0.1, 0.2, 0.2),
+        loc_normalize_std: Sequence[float] | Tensor,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> SampledRoIs:
         with torch.autocast(rois.device.type, enabled=False):
             return self._create(
                 rois.detach().float(), roi_indices, gt_boxes, gt_labels, loc_normalize_std, generator
@@ -292,7 +288,7 @@ class ProposalTargetCreator(TargetCreator):
         gt_labels: Sequence[Tensor],
         loc_normalize_std: Sequence[float] | Tensor,
         generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> SampledRoIs:
         device = rois.device
         n, s = len(gt_boxes), self.n_sample
         gt, valid, gt_lab = pad_ground_truth(gt_boxes, device, gt_labels)
@@ -345,7 +341,7 @@ class ProposalTargetCreator(TargetCreator):
         gt_roi_labels = torch.full((n * s + 1,), -1, dtype=torch.int64, device=device)
         gt_roi_labels[dest] = label
         sample_roi_indices = torch.arange(n, device=device).repeat_interleave(s)
-        return sample_rois[:-1], sample_roi_indices, gt_roi_locs[:-1], gt_roi_labels[:-1]
+        return SampledRoIs(sample_rois[:-1], sample_roi_indices, gt_roi_locs[:-1], gt_roi_labels[:-1])
 
     def extra_repr(self) -> str:
         return (

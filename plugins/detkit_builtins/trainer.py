@@ -1,181 +1,170 @@
-"""Faster R-CNN training: targets, the four losses, and one optimisation step."""
+"""The optimisation step: autocast forward to the detector's losses, weighted total, scaled backward, clip, step."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from contextlib import nullcontext
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
 
-from detkit.interfaces import Detector, MatchedBoxes, Trainer
-from detkit.registry import Component, ComponentSpec, registry
-
-# The trainer's slots each take one role of their kind: a classification loss in a
-# box-loss slot would only fail at the first step, so configs are refused instead.
-AnchorTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="anchor")]
-ProposalTargetSpec = Annotated[ComponentSpec, Component("target_creator", role="proposal")]
-BoxLossSpec = Annotated[ComponentSpec, Component("loss", role="box")]
-ClassLossSpec = Annotated[ComponentSpec, Component("loss", role="classification")]
+from detkit.amp import Amp
+from detkit.errors import ConfigError
+from detkit.interfaces import Targets, Trainer
 
 
 class FasterRCNNTrainer(Trainer):
-    """Trains a :class:`~detkit_builtins.faster_rcnn.FasterRCNN` end to end (approximate joint training).
+    """One optimizer step of a detector, as detectron2's ``AMPTrainer.run_step`` (kind ``trainer``).
 
-    ``forward(imgs [N, 3, H, W] 0..1, bboxes: list of [G_i, 4], labels: list of
-    [G_i] in 0..C-1, scale=1.0, image_sizes [N, 2] or None)`` returns the named
-    scalar losses ``{"rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total"}``;
-    ``total`` is the plain sum of the other four.  ``train_step`` (from
-    :class:`~detkit.interfaces.Trainer`) zeroes, runs forward and backward
-    through an ``amp`` helper, clips to ``grad_clip`` and steps.
+    :meth:`run_step` over ``k`` micro-batches (gradient accumulation; one for
+    :meth:`train_step`): zero the gradients; per micro-batch, the forward pass
+    under autocast (``amp``) to the detector's named losses, ``total`` =
+    their sum weighted by ``loss_weights`` (1 for a name not listed), and a
+    backward pass of ``total / k`` through the gradient scaler, skipping the
+    DDP all-reduce on all but the last micro-batch (``no_sync``); then unscale,
+    clip to ``grad_clip`` and step.  Returns the mean of the micro-batches'
+    losses, detached, with ``total``.  Nothing here is specific to Faster R-CNN
+    except the name: any :class:`~detkit.interfaces.Detector` trains with it.
 
-    Batch averaging: every loss pools the samples of all images before
-    normalising.  ``rpn_loc``/``roi_loc`` sum the smooth L1 of the positive
-    anchors / foreground RoIs of the whole batch and divide by their total
-    count; ``rpn_cls``/``roi_cls`` average the cross entropy over all sampled
-    (non-ignored) anchors / RoIs of the batch.  With the usual full samples
-    (``n_sample`` anchors and RoIs in every image) the classification losses
-    equal the mean of the per-image losses; the box losses weight each image
-    by its number of positives.
-
-    Targets are created in float32 with autocast disabled; only the network
-    runs in reduced precision under ``amp``.  ``seed`` fixes the random
-    sampling of anchors and RoIs (one ``torch.Generator`` per device).
+    ``seed`` fixes the random sampling of anchors and RoIs (one
+    ``torch.Generator`` per device, saved in :meth:`state_dict`); ``null``
+    draws from torch's global generator.
     """
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        anchor_target: AnchorTargetSpec = Field(
-            default_factory=lambda: {"type": "anchor_target"}, validate_default=True
-        )
-        proposal_target: ProposalTargetSpec = Field(
-            default_factory=lambda: {"type": "proposal_target"}, validate_default=True
-        )
-        rpn_loc_loss: BoxLossSpec = Field(
-            default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
-        )
-        rpn_cls_loss: ClassLossSpec = Field(
-            default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
-        )
-        roi_loc_loss: BoxLossSpec = Field(
-            default_factory=lambda: {"type": "smooth_l1", "sigma": 1.0}, validate_default=True
-        )
-        roi_cls_loss: ClassLossSpec = Field(
-            default_factory=lambda: {"type": "cross_entropy"}, validate_default=True
+        loss_weights: dict[str, float] = Field(
+            default_factory=dict,
+            description="weight of each named loss in total (rpn_loc, rpn_cls, roi_loc, roi_cls, ...); 1 if absent",
         )
         grad_clip: float | None = Field(None, gt=0, description="max total gradient norm; null: no clipping")
         seed: int | None = Field(None, description="seed of the target sampling; null: torch's global RNG")
 
+        @field_validator("loss_weights")
+        @classmethod
+        def _finite(cls, value: dict[str, float]) -> dict[str, float]:
+            bad = {k: v for k, v in value.items() if not (v >= 0 and v != float("inf"))}
+            if bad:
+                raise ValueError(f"weights must be finite and >= 0, got {bad}")
+            return value
+
     def __init__(
         self,
-        model: Detector,
+        params: Params | None = None,
+        *,
+        model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
-        anchor_target: Any = "anchor_target",
-        proposal_target: Any = "proposal_target",
-        rpn_loc_loss: Any = "smooth_l1",
-        rpn_cls_loss: Any = "cross_entropy",
-        roi_loc_loss: Any = "smooth_l1",
-        roi_cls_loss: Any = "cross_entropy",
-        grad_clip: float | None = None,
-        seed: int | None = None,
+        amp: bool | Amp = False,
     ):
-        super().__init__()
+        p = self.params = params if params is not None else self.Params()
         self.model = model
+        self.module: nn.Module = model  # the engine puts its DistributedDataParallel wrapper here
         self.optimizer = optimizer
-        # Each accepts a ComponentSpec (from a config) or a mapping/name (direct use).
-        self.anchor_target = registry("target_creator").build(anchor_target)
-        self.proposal_target = registry("target_creator").build(proposal_target)
-        self.rpn_loc_loss = registry("loss").build(rpn_loc_loss)
-        self.rpn_cls_loss = registry("loss").build(rpn_cls_loss)
-        self.roi_loc_loss = registry("loss").build(roi_loc_loss)
-        self.roi_cls_loss = registry("loss").build(roi_cls_loss)
-        self.grad_clip = grad_clip
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        self.amp = amp if isinstance(amp, Amp) else Amp(_device_of(model), enabled=bool(amp))
+        self.grad_clip = p.grad_clip
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+        self._checked_names = False
 
-    def get_extra_state(self) -> dict[str, Tensor]:
-        """The seeded sampling generators' states, so a resumed run samples on as before."""
-        return {key: g.get_state() for key, g in self._generators.items()}
+    def __repr__(self) -> str:
+        return f"FasterRCNNTrainer(loss_weights={self.params.loss_weights}, grad_clip={self.grad_clip}, amp={self.amp})"
 
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        for key, value in state.items():
-            g = torch.Generator(device=torch.device(key))
-            g.set_state(value.cpu())
-            self._generators[key] = g
+    # ------------------------------------------------------------- sampling
+    def _sampling_generator(self, device: torch.device) -> None:
+        """Give the detector's stages the seeded generator (on the device the model is on now)."""
+        if self.params.seed is None:
+            return
+        if self._generator is None or self._generator.device != device:
+            g = torch.Generator(device=device)
+            if self._generator_state is not None:
+                g.set_state(self._generator_state)
+            else:
+                g.manual_seed(self.params.seed)
+            self._generator = g
+            self.model.set_sampling_generator(g)
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The sampling generator for ``device`` (created and seeded on first use), or None."""
-        if self.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"scaler": self.amp.state_dict()}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
 
-    def forward(
-        self,
-        imgs: Tensor,
-        bboxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
-        scale: float | Tensor = 1.0,
-        image_sizes: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        n = imgs.shape[0]
-        if len(bboxes) != n or len(labels) != n:
-            raise ValueError(f"{n} images but {len(bboxes)} box lists and {len(labels)} label lists")
-        device = imgs.device
-        input_size = (int(imgs.shape[-2]), int(imgs.shape[-1]))
-        if image_sizes is None:
-            # Filled on the device: torch.tensor(..., device="cuda") would block on a copy.
-            image_sizes = torch.empty(n, 2, dtype=torch.int64, device=device)
-            image_sizes[:, 0], image_sizes[:, 1] = input_size
-        else:
-            image_sizes = image_sizes.to(device)
-        bboxes = [b.to(device) for b in bboxes]
-        labels = [l.to(device) for l in labels]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.amp.load_state_dict(state.get("scaler") or {})
+        if state.get("generator") is not None:
+            self._generator_state = state["generator"].cpu()
+            self._generator = None  # rebuilt from the state on the next step's device
 
-        features = self.model(imgs, mode="extractor")
-        rpn = self.model(
-            features, mode="rpn", image_sizes=image_sizes, scale=scale, input_size=input_size
-        )
+    # ---------------------------------------------------------------- step
+    def losses(self, images: Sequence[Tensor], targets: Targets) -> dict[str, Tensor]:
+        """The forward pass (through ``module``, under autocast): the named losses and their weighted ``total``."""
+        with self.amp.autocast():
+            losses = dict(self.module(images, targets))
+        if not self._checked_names:
+            unknown = sorted(set(self.params.loss_weights) - set(losses))
+            if unknown:
+                raise ConfigError(
+                    f"train.trainer.loss_weights: {', '.join(unknown)} is not a loss of this model "
+                    f"(it returns {', '.join(losses)})"
+                )
+            self._checked_names = True
+        weights = self.params.loss_weights
+        total = sum(loss.float() * weights.get(name, 1.0) for name, loss in losses.items())
+        losses["total"] = total
+        return losses
 
-        generator = self.generator(device)
-        # IoU and box coding in half precision would move the 0.7 / 0.5 thresholds.
-        with torch.autocast(device.type, enabled=False):
-            gt_rpn_locs, gt_rpn_labels = self.anchor_target(
-                bboxes, rpn.anchors, image_sizes, generator=generator
-            )
-            sample_rois, sample_indices, gt_roi_locs, gt_roi_labels = self.proposal_target(
-                rpn.rois.detach(),
-                rpn.roi_indices,
-                bboxes,
-                labels,
-                self.model.loc_normalize_std,
-                generator=generator,
-            )
+    def run_step(self, micro_batches: Iterable[tuple[Sequence[Tensor], Targets]]) -> dict[str, Tensor]:
+        if self.optimizer is None:
+            raise RuntimeError("FasterRCNNTrainer.run_step needs an optimizer; build it with optimizer=...")
+        batches = list(micro_batches) if not isinstance(micro_batches, Iterator) else None
+        items = _with_last(iter(batches) if batches is not None else micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        count = 0
+        no_sync = getattr(self.module, "no_sync", None)  # DistributedDataParallel's
+        micro = len(batches) if batches is not None else None
+        for (images, targets), last in items:
+            if count == 0 and images:
+                self._sampling_generator(_device_of(self.model))
+            with nullcontext() if last or no_sync is None else no_sync():
+                losses = self.losses(images, targets)
+                # Accumulated gradients are the mean over micro-batches: scale each backward by 1/k.
+                # With an iterator of unknown length, the count is known only at the end: divided there.
+                scale = 1.0 / micro if micro else 1.0
+                self.amp.backward(losses["total"] * scale if scale != 1.0 else losses["total"])
+            count += 1
+            for name, value in losses.items():
+                value = value.detach()
+                sums[name] = sums[name] + value if name in sums else value
+        if count == 0:
+            raise ValueError("run_step got no micro-batches")
+        if micro is None and count > 1:
+            for p in (q for g in self.optimizer.param_groups for q in g["params"]):
+                if p.grad is not None:
+                    p.grad.div_(count)
+        if self.grad_clip is not None:
+            self.amp.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.amp.step(self.optimizer)
+        return {name: value / count if count > 1 else value for name, value in sums.items()}
 
-        roi_cls_locs, roi_scores = self.model(
-            features, mode="head", rois=sample_rois, roi_indices=sample_indices, input_size=input_size
-        )
 
-        flat_labels = gt_rpn_labels.reshape(-1)
-        # Box losses also get the boxes behind each row (anchors, matched ground truth): IoU-type losses need them.
-        rpn_boxes = MatchedBoxes(rpn.anchors.repeat(n, 1), gt_rpn_locs.reshape(-1, 4))
-        rpn_loc = self.rpn_loc_loss(
-            rpn.locs.reshape(-1, 4), gt_rpn_locs.reshape(-1, 4), flat_labels, boxes=rpn_boxes
-        )
-        rpn_cls = self.rpn_cls_loss(rpn.scores.reshape(-1, rpn.scores.shape[-1]), flat_labels)
+def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` pairs, looking one item ahead (so at most two micro-batches are held)."""
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
-        # Each sample's deltas for its own class; background/padding rows are
-        # masked by the loss (labels <= 0), class 0's slot is a harmless pick.
-        s = roi_cls_locs.shape[0]
-        per_class = roi_cls_locs.reshape(s, -1, 4)
-        index = gt_roi_labels.clamp(min=0).reshape(s, 1, 1).expand(s, 1, 4)
-        roi_locs = per_class.gather(1, index).squeeze(1)
-        roi_boxes = MatchedBoxes(sample_rois, gt_roi_locs, self.model.loc_normalize_std)
-        roi_loc = self.roi_loc_loss(roi_locs, gt_roi_locs, gt_roi_labels, boxes=roi_boxes)
-        roi_cls = self.roi_cls_loss(roi_scores, gt_roi_labels)
 
-        total = rpn_loc + rpn_cls + roi_loc + roi_cls
-        return {"rpn_loc": rpn_loc, "rpn_cls": rpn_cls, "roi_loc": roi_loc, "roi_cls": roi_cls, "total": total}
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

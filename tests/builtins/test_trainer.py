@@ -10,7 +10,7 @@ from torch import nn
 
 from detkit.interfaces import Detector, RPNOutput
 from detkit.registry import ComponentValidationError, registry
-from detkit.engine.amp import Amp
+from detkit.amp import Amp
 from detkit_builtins.trainer import FasterRCNNTrainer
 
 COLOURS = torch.tensor([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.2, 0.2, 1.0]])

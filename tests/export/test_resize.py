@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from detkit.data.transforms import resize_shape
 from detkit.export import resized_size
-from detkit.export.resize import resize_uint8
+from detkit.resize import resize_uint8
 
 # (in_h, in_w, out_h, out_w): shrinking and growing each side, one side unchanged, and both
 # orders of Pillow's passes (it runs the vertical one first when the height shrinks by more
@@ -87,7 +87,7 @@ def test_onnx_resize_and_size_rule_equal_eager_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import warnings
 
-    from detkit.export.resize import resample_weights
+    from detkit.resize import resample_weights
 
     class Probe(torch.nn.Module):
         def forward(self, height, width, out):

@@ -131,7 +131,7 @@ class TailSequential(_FrozenBNMixin, nn.Sequential):
     An ``nn.Sequential`` (so its layers keep the reference checkpoint's
     indices) that flattens its input first when ``flatten_input`` is set and
     always flattens its output.  The tail is owned by the RoI head (its
-    parameters live under ``head.classifier``), so it keeps its own frozen-BN
+    parameters live under ``roi_head.box_head.tail``), so it keeps its own frozen-BN
     state instead of relying on the backbone's ``train()``.
     """
 
@@ -153,7 +153,7 @@ class FreezableBNBackbone(_FrozenBNMixin, Backbone):
 
     The tail is kept out of the backbone's submodules: the RoI head registers
     it, so its weights appear once in the detector's state dict (as
-    ``head.classifier.*``, the layout of imported checkpoints).
+    ``roi_head.box_head.tail.*``).
     ``freeze_bn`` reaches the tail too.
     """
 

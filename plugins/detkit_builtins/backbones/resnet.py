@@ -86,9 +86,9 @@ class ResNet50Backbone(FreezableBNBackbone):
     stride = 16
     trunk_name = "features"  # the faster-rcnn-pytorch ``extractor`` Sequential
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         check_pretrained_norm(p.pretrained, p.norm, "resnet50")
         path = resolve_pretrained(p.pretrained, WEIGHTS_FILE, "resnet50")
         make = lambda: resnet50(  # noqa: E731

@@ -79,9 +79,9 @@ class TinyBackbone(FreezableBNBackbone):
 
     stride = 16
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         channels = list(p.channels)
         self.out_channels = channels[-1]
         blocks, cin = [], 3

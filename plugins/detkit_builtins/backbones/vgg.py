@@ -54,9 +54,9 @@ class VGG16Backbone(FreezableBNBackbone):
     weights_file = WEIGHTS_FILE
     name = "vgg16"
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
+    def __init__(self, params: Params | None = None):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         path = resolve_pretrained(p.pretrained, self.weights_file, self.name)
         net = build_torchvision(self._make(), path, self.name)
         self.features = net.features[: self.stage_ends[-1]]
@@ -108,8 +108,8 @@ class VGG16BNBackbone(VGG16Backbone):
     weights_file = BN_WEIGHTS_FILE
     name = "vgg16_bn"
 
-    def __init__(self, params: Params | None = None, **kwargs: Any):
-        p = params if params is not None else self.Params(**kwargs)
+    def __init__(self, params: Params | None = None):
+        p = params if params is not None else self.Params()
         check_pretrained_norm(p.pretrained, p.norm, self.name)
         super().__init__(p)
         if p.norm in ("sync_bn", "gn"):

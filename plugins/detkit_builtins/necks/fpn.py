@@ -42,9 +42,9 @@ class FPN(Neck):
             "maxpool", description="maxpool: add a stride-2 subsampled level after the coarsest (P6)"
         )
 
-    def __init__(self, params: Params | None = None, *, input_shapes: dict[str, ShapeSpec], **kwargs: Any):
+    def __init__(self, params: Params | None = None, *, input_shapes: dict[str, ShapeSpec]):
         super().__init__()
-        p = self.params = params if params is not None else self.Params(**kwargs)
+        p = self.params = params if params is not None else self.Params()
         if not input_shapes:
             raise ConfigError("model.neck: fpn needs a multi-level backbone (e.g. resnet50 with out_features)")
         names = list(p.in_features or input_shapes)

@@ -1,0 +1,86 @@
+"""Box heads (kind ``box_head``): per-RoI features from pooled RoIs, ``[R, C, s, s] -> [R, F]``.
+
+* ``backbone_tail``: the backbone's own last stage (VGG16's fc6/fc7, ResNet50's
+  layer4 + average pool), the C4 design of the original Faster R-CNN;
+* ``two_mlp``: flatten, two fully connected layers (the FPN box head), with
+  optional GroupNorm/BatchNorm for training from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detkit.errors import ConfigError
+from detkit.interfaces import BoxHead, RoITail
+
+
+class BackboneTail(BoxHead):
+    """Runs the backbone's RoI tail (:meth:`detkit.interfaces.Backbone.roi_tail`) on each pooled RoI.
+
+    The tail is registered here, so its weights appear once in the detector's
+    state dict, as ``roi_head.box_head.tail.*``; the pooler's output size is
+    the tail's ``roi_size``.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: Params, *, in_channels: int, roi_size: int, tail: RoITail | None = None):
+        super().__init__()
+        if tail is None:
+            raise ConfigError(
+                "model.roi_head.box_head: backbone_tail runs the backbone's RoI tail, and this backbone "
+                "has none (multi-level features); use type two_mlp"
+            )
+        self.tail = tail.module
+        self.out_features = tail.out_features
+
+    @classmethod
+    def input_size(cls, tail: RoITail | None) -> int | None:
+        """The RoI side the tail takes (what the pooler must produce)."""
+        return tail.roi_size if tail is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tail(x)
+
+
+class TwoMLPHead(BoxHead):
+    """Flatten, ``fc6`` (+ norm) + ReLU, ``fc7`` (+ norm) + ReLU.
+
+    ``norm``: ``none``, or ``gn`` (GroupNorm, 32 groups over the features of
+    each RoI) / ``bn`` (BatchNorm over the RoIs of a batch) after each layer,
+    for training from scratch.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        representation_size: int = Field(1024, gt=0, description="width of fc6 and fc7")
+        norm: Literal["none", "gn", "bn"] = Field(
+            "none", description="normalisation after fc6 and fc7: gn (GroupNorm, 32 groups) or bn"
+        )
+
+    def __init__(self, params: Params, *, in_channels: int, roi_size: int, tail: RoITail | None = None):
+        super().__init__()
+        hidden, norm = params.representation_size, params.norm
+        self.fc6 = nn.Linear(in_channels * roi_size * roi_size, hidden, bias=norm == "none")
+        self.fc7 = nn.Linear(hidden, hidden, bias=norm == "none")
+        self.norm6, self.norm7 = (_fc_norm(norm, hidden) for _ in range(2))
+        self.out_features = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm6(self.fc6(x.flatten(1))))
+        return F.relu(self.norm7(self.fc7(x)))
+
+
+def _fc_norm(norm: str, features: int) -> nn.Module:
+    if norm == "gn":
+        return nn.GroupNorm(math.gcd(32, features), features)
+    if norm == "bn":
+        return nn.BatchNorm1d(features)
+    return nn.Identity()
