@@ -4,36 +4,52 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic_core import PydanticCustomError
 
 from detkit.registry import Component, ComponentSpec, DatasetSpec
 
 TransformSpec = Annotated[ComponentSpec, Component("transform")]
 
+HFLIP_P = 0.5  # the hflip probability of both forms of data.transforms
+
+# Sizes data.transforms once set: the input size is the detector's now, set in one place.
+_MOVED = {
+    "min_size": "the input size is set once, in model.preprocess.min_size (and model.preprocess.train_min_sizes "
+                "for multi-scale training); move it there",
+    "max_size": "the input size is set once, in model.preprocess.max_size; move it there",
+    "scale_jitter": "multi-scale training is set once, in model.preprocess.train_min_sizes (a list of short "
+                    "sides, e.g. [480, 544, 608]); replace the factor range by that list",
+    "fixed_size": "the input size is set once, in model.preprocess.min_size and model.preprocess.max_size (a "
+                  "fixed height x width is not supported); set those instead",
+}
+_RESIZE_STEP = ("the resize step is gone: the input size is set once, in model.preprocess.min_size (and "
+                "model.preprocess.train_min_sizes for multi-scale training); move its sizes there and remove the step")
+
+
+def _moved_size(value: object) -> tuple[tuple[str | int, ...], str] | None:
+    """Where an old config sets the input size under data.transforms, and what to do instead."""
+    if isinstance(value, dict):
+        moved = [k for k in _MOVED if k in value]
+        if len(moved) == 1:
+            return (moved[0],), _MOVED[moved[0]]
+        if moved:
+            return (), (f"{', '.join(moved)}: the input size is set once, in model.preprocess (min_size, max_size, "
+                        "train_min_sizes for multi-scale training); move them there")
+    elif isinstance(value, list):
+        for i, step in enumerate(value):
+            if isinstance(step, dict) and step.get("type") == "resize":
+                return (i,), _RESIZE_STEP
+    return None
+
 
 class TransformConfig(BaseModel):
-    """How images (and their boxes) are resized and augmented."""
+    """The training augmentations, as settings (the same as ``[hflip, photometric]`` steps)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    min_size: int = Field(600, gt=0, description="short side after resizing")
-    max_size: int = Field(1000, gt=0, description="cap on the long side after resizing")
-    fixed_size: tuple[int, int] | None = Field(
-        None, description="(height, width) to resize to, ignoring aspect; overrides min/max_size"
-    )
-    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip (train)")
+    hflip: float = Field(HFLIP_P, ge=0, le=1, description="probability of a horizontal flip (train)")
     photometric: bool = Field(False, description="random brightness/contrast/saturation (train)")
-    scale_jitter: tuple[float, float] | None = Field(
-        None, description="random factor range applied to min_size (train)"
-    )
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "TransformConfig":
-        if self.fixed_size is not None and min(self.fixed_size) <= 0:
-            raise ValueError(f"fixed_size {self.fixed_size}: both sides must be > 0")
-        if self.scale_jitter is not None and not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
-            raise ValueError(f"scale_jitter {self.scale_jitter}: need 0 < low <= high")
-        return self
 
 
 class DataConfig(BaseModel):
@@ -69,5 +85,16 @@ class DataConfig(BaseModel):
         Discriminator(lambda v: "steps" if isinstance(v, list) else "settings"),
     ] = Field(
         default_factory=TransformConfig,
-        description="the settings mapping, or a list of transform plugins: [{type: resize, ...}, {type: hflip}]",
+        description="training augmentations: the settings mapping, or a list of transform plugins: "
+        "[{type: hflip, p: 0.5}, {type: photometric}] (the input size is model.preprocess's)",
     )
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _size_moved_to_the_model(cls, value: object) -> object:
+        moved = _moved_size(value)
+        if moved is not None:
+            # A nested error (as components report theirs), so the path names the old key itself.
+            loc, msg = moved
+            raise PydanticCustomError("detkit_component", "{summary}", {"summary": msg, "detkit_errors": [(loc, msg)]})
+        return value

@@ -126,7 +126,7 @@ def test_overrides():
         apply_overrides({"train": {"epochs": 1}}, ["train.epochs.x=1"])
 
 
-# ---------------------------------------------------------------- issue 9, case 4
+# ------------------------------------------------------------ broken files
 def test_config_that_is_not_utf8_is_one_line_exit_2(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("name: caf\xe9\ntrain: {epochs: 1}\n".encode("latin-1"))
@@ -149,7 +149,7 @@ def test_duplicate_yaml_keys_name_both_lines(tmp_path):
     assert load_raw(ok)["b"] == {"x": 3, "y": 2}
 
 
-# ---------------------------------------------------------------- issue 9, case 7
+# ---------------------------------------------------------- component types
 def test_set_of_a_component_type_starts_from_the_new_types_defaults(tmp_path, toy_plugins):
     path = write(tmp_path / "a.yaml", BASE)
     cfg = load_config(path, ["model.backbone.type=toy_wide"])
@@ -165,7 +165,7 @@ def test_set_of_a_component_type_starts_from_the_new_types_defaults(tmp_path, to
     assert load_config(path, ["model.backbone.type=toy_bb"]).to_dict()["model"]["backbone"]["depth"] == 4
 
 
-# --------------------------------------------------------------- issue 9, case 13
+# ------------------------------------------------------- where errors point
 def test_missing_extends_target_names_the_extending_file(tmp_path):
     child = write(tmp_path / "child.yaml", "extends: nowhere.yaml\n")
     with pytest.raises(ConfigError) as info:
@@ -193,3 +193,50 @@ def test_set_errors_are_blamed_on_the_set_not_the_file(tmp_path, toy_plugins):
     msg = str(info.value)
     assert msg.startswith(f"{bad} with --set overrides: 2 invalid fields")
     assert "model.nms_iou: " in msg and "(from --set model.nms_iou=7)" in msg
+
+
+# ----------------------------------------------- the input size left data.transforms
+PRESET = "model.preprocess"
+MOVED = {
+    "min_size: 300": ("min_size", f"the input size is set once, in {PRESET}.min_size (and {PRESET}.train_min_sizes "
+                                  "for multi-scale training); move it there"),
+    "max_size: 500": ("max_size", f"the input size is set once, in {PRESET}.max_size; move it there"),
+    "scale_jitter: [0.8, 1.2]": ("scale_jitter", f"multi-scale training is set once, in {PRESET}.train_min_sizes"),
+    "fixed_size: [300, 300]": ("fixed_size", f"the input size is set once, in {PRESET}.min_size and {PRESET}.max_size"),
+}
+
+
+@pytest.mark.parametrize("setting", list(MOVED))
+def test_an_old_size_setting_under_data_transforms_is_one_line_naming_the_new_field(tmp_path, toy_plugins, setting):
+    key, message = MOVED[setting]
+    path = write(tmp_path / "old.yaml", BASE.replace("root: /data}", "root: /data}, transforms: {hflip: 0.5, "
+                                                     + setting + "}"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: data.transforms.{key}: {message}") and "\n" not in msg
+    assert info.value.exit_code == 2
+
+
+def test_old_size_settings_from_set_and_in_the_list_form_are_one_line_too(tmp_path, toy_plugins):
+    path = write(tmp_path / "a.yaml", BASE)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.transforms.min_size=300"])
+    assert str(info.value) == (f"--set data.transforms.min_size=300: data.transforms.min_size: the input size is set "
+                               f"once, in {PRESET}.min_size (and {PRESET}.train_min_sizes for multi-scale training); "
+                               "move it there")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.transforms={min_size: 300, max_size: 500}"])
+    msg = str(info.value)
+    assert "data.transforms: min_size, max_size: the input size is set once, in model.preprocess" in msg
+    assert "\n" not in msg
+    steps = write(tmp_path / "steps.yaml", BASE.replace(
+        "root: /data}", "root: /data}, transforms: [{type: hflip}, {type: resize, min_size: 600}]"))
+    with pytest.raises(ConfigError) as info:
+        load_config(steps)
+    msg = str(info.value)
+    assert msg.startswith(f"{steps}: data.transforms[1]: the resize step is gone: the input size is set once, "
+                          f"in {PRESET}.min_size") and "\n" not in msg
+    # Augmentations stay where they were, in both forms.
+    assert load_config(path, ["data.transforms={hflip: 0.2, photometric: true}"]).data.transforms.hflip == 0.2
+    assert load_config(path, ["data.transforms=[{type: hflip, p: 0.2}]"]).data.transforms[0].params.p == 0.2

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from detkit.config import validate
 from detkit.data.config import TransformConfig
-from detkit.data.transforms import DetectionTransform, HorizontalFlip, Photometric, Resize
+from detkit.data.transforms import DetectionTransform, HorizontalFlip, Photometric
 from detkit.errors import ConfigError
 from detkit.interfaces import Transform
 from detkit.registry import registry
@@ -22,35 +22,34 @@ def image_and_target():
 
 
 def test_builtins_are_registered_through_entry_points():
-    assert {"resize", "hflip", "photometric"} <= set(registry("transform").names())
+    assert {"hflip", "photometric"} <= set(registry("transform").names())
     assert registry("transform").get("hflip").provider.distribution == "detkit"
 
 
 def test_the_list_form_equals_the_settings_mapping_sample_for_sample(image_and_target):
     image, target = image_and_target
-    settings = TransformConfig(min_size=40, max_size=200, hflip=0.5, photometric=True, scale_jitter=(0.5, 1.5))
-    steps = [{"type": "resize", "min_size": 40, "max_size": 200, "scale_jitter": [0.5, 1.5]},
-             {"type": "hflip", "p": 0.5}, {"type": "photometric"}]
+    settings = TransformConfig(hflip=0.5, photometric=True)
+    steps = [{"type": "hflip", "p": 0.5}, {"type": "photometric"}]
     a, b = DetectionTransform(settings, train=True), DetectionTransform(steps, train=True)
     flips = set()
     for seed in range(8):
         ia, ta = a(image, target, torch.Generator().manual_seed(seed))
         ib, tb = b(image, target, torch.Generator().manual_seed(seed))
-        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"]) and ta["scale"] == tb["scale"]
+        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"])
         flips.add(bool(ta["boxes"][0, 0] > 0))
     assert flips == {True, False}  # both outcomes seen: the draws are really used
 
 
-def test_eval_mode_skips_augmentations_and_boxes_only_agrees(image_and_target):
+def test_steps_are_built_from_their_params_and_eval_mode_skips_them(image_and_target):
     image, target = image_and_target
-    t = DetectionTransform([Resize(min_size=80, max_size=1000), HorizontalFlip(p=1.0), Photometric()], train=False)
+    spec = registry("transform").validate({"type": "hflip", "p": 1.0})
+    flip = spec.build()
+    assert flip.p == 1.0 and HorizontalFlip().p == HorizontalFlip.Params().p  # defaults live in Params only
+    t = DetectionTransform([flip, Photometric(Photometric.Params(brightness=0.5))], train=False)
     out, tgt = t(image, target)
-    assert out.shape == (3, 80, 120)
-    assert torch.allclose(tgt["boxes"], target["boxes"] * 2)  # scaled, not flipped
-    size, tgt2 = t.boxes_only((40, 60), target)
-    assert size == (80, 120) and torch.equal(tgt["boxes"], tgt2["boxes"])
-    assert t.output_size(40, 60) == (80, 120) and t.fixed_size is None
-    assert DetectionTransform([Resize(fixed_size=(32, 32))], train=False).fixed_size == (32, 32)
+    assert torch.equal(out, image) and torch.equal(tgt["boxes"], target["boxes"])  # not flipped
+    out, tgt = DetectionTransform([flip], train=True)(image, target, torch.Generator().manual_seed(0))
+    assert torch.equal(out, image.flip(-1))
 
 
 class Invert(Transform):
@@ -63,8 +62,8 @@ class Invert(Transform):
     random_draws = 1
     train_only = True
 
-    def __init__(self, p: float = 1.0):
-        self.p = p
+    def __init__(self, params: "Invert.Params | None" = None):
+        self.p = (params if params is not None else self.Params()).p
 
     def __call__(self, image, target, rand):
         if rand is not None and bool(rand[0] < self.p):
@@ -72,11 +71,17 @@ class Invert(Transform):
         return image, target
 
 
+class NoModel:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+
 def test_a_plugin_transform_from_the_config(clean_registry, image_and_target):
     registry("transform").register("invert")(Invert)
-    base = {"model": {"type": "faster_rcnn", "backbone": {"type": "tiny"}},
+    registry("detector").register("no_model")(NoModel)  # the data section is under test, not a detector
+    base = {"model": {"type": "no_model"},
             "data": {"train": {"type": "synthetic"},
-                     "transforms": [{"type": "resize", "min_size": 40, "max_size": 60}, {"type": "invert"}]}}
+                     "transforms": [{"type": "hflip", "p": 0.0}, {"type": "invert"}]}}
     cfg = validate(base, "x.yaml")
     image, target = image_and_target
     out, _ = DetectionTransform(cfg.data.transforms, train=True)(image, target, torch.Generator().manual_seed(0))
@@ -86,6 +91,6 @@ def test_a_plugin_transform_from_the_config(clean_registry, image_and_target):
     base["data"]["transforms"][1] = {"type": "invert", "q": 1}
     with pytest.raises(ConfigError, match=r"data\.transforms\.steps\[1\]\.q: Extra inputs"):
         validate(base, "x.yaml")
-    base["data"]["transforms"] = {"min_sise": 3}
-    with pytest.raises(ConfigError, match=r"data\.transforms\.settings\.min_sise: Extra inputs"):
+    base["data"]["transforms"] = {"hfilp": 0.5}
+    with pytest.raises(ConfigError, match=r"data\.transforms\.settings\.hfilp: Extra inputs"):
         validate(base, "x.yaml")
