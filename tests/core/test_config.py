@@ -195,6 +195,29 @@ def test_set_errors_are_blamed_on_the_set_not_the_file(tmp_path, toy_plugins):
     assert "model.nms_iou: " in msg and "(from --set model.nms_iou=7)" in msg
 
 
+# ------------------------------------------------------- unknown keys everywhere
+@pytest.mark.parametrize("override, path", [
+    ("train.epoch=3", "train.epoch"),  # a typo of train.epochs
+    ("train.loss_guard.max_los=1", "train.loss_guard.max_los"),
+    ("train.ema={decay: 0.9, tua: 10}", "train.ema.tua"),
+    ("eval.intervall=2", "eval.intervall"),
+    ("data.batchsize=2", "data.batchsize"),
+    ("model.nms_io=0.5", "model.nms_io"),
+])
+def test_an_unknown_key_in_any_section_is_an_error_naming_its_path(tmp_path, toy_plugins, override, path):
+    # Silently ignored, a typo would train with the default instead of the value the user wrote.
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "a.yaml", BASE), [override])
+    assert str(info.value) == f"--set {override}: {path}: Extra inputs are not permitted"
+    assert info.value.exit_code == 2
+
+
+def test_an_unknown_key_written_in_the_file_names_the_file(tmp_path, toy_plugins):
+    written = write(tmp_path / "b.yaml", BASE + "eval: {intervall: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{written}: eval\.intervall: Extra inputs are not permitted$"):
+        load_config(written)
+
+
 # ----------------------------------------------- the input size left data.transforms
 PRESET = "model.preprocess"
 MOVED = {
