@@ -13,8 +13,8 @@ class Widget:
         size: int = Field(3, gt=0)
         name: str = "w"
 
-    def __init__(self, size: int, name: str, **runtime):
-        self.size, self.name, self.runtime = size, name, runtime
+    def __init__(self, params: "Widget.Params", **runtime):
+        self.params, self.size, self.name, self.runtime = params, params.size, params.name, runtime
 
 
 def test_build_validates_params_and_passes_runtime():
@@ -22,6 +22,26 @@ def test_build_validates_params_and_passes_runtime():
     reg.add("widget", Widget)
     w = reg.build({"type": "widget", "size": 7}, colour="red")
     assert (w.size, w.name, w.runtime) == (7, "w", {"colour": "red"})
+
+
+def test_the_factory_gets_the_validated_params_instance_itself():
+    # One constructor path, one validation: factory(params, **runtime) with the spec's own Params.
+    reg = Registry("thing")
+    reg.add("widget", Widget)
+    spec = reg.validate({"type": "widget", "size": 5})
+    assert reg.build(spec).params is spec.params
+
+
+def test_an_error_inside_a_plugin_constructor_names_the_plugin():
+    class Broken(Widget):
+        def __init__(self, params, **runtime):
+            raise ZeroDivisionError("boom")
+
+    reg = Registry("thing")
+    reg.add("broken", Broken)
+    with pytest.raises(PluginLoadError, match=r"thing 'broken' from .*Broken.* failed while being built: "
+                                              r"ZeroDivisionError: boom"):
+        reg.build("broken")
 
 
 def test_string_is_shorthand_for_type():
@@ -90,17 +110,17 @@ def test_nested_components_are_validated_and_built_recursively(clean_registry):
             model_config = ConfigDict(extra="forbid")
             factor: float = 1.0
 
-        def __init__(self, factor: float, base: float):
-            self.value = factor * base
+        def __init__(self, params, *, base: float):
+            self.value = params.factor * base
 
     class Holder:
         class Params(BaseModel):
             model_config = ConfigDict(extra="forbid")
             inner: LossSpec = Field(default_factory=lambda: {"type": "scaled_test"}, validate_default=True)
 
-        def __init__(self, inner: ComponentSpec):
-            assert isinstance(inner, ComponentSpec)
-            self.inner = inner.build(base=10.0)  # the parent supplies run-time values
+        def __init__(self, params):
+            assert isinstance(params.inner, ComponentSpec)
+            self.inner = params.inner.build(base=10.0)  # the parent supplies run-time values
 
     registry("loss").add("scaled_test", Scaled)
     registry("detector").add("holder_test", Holder)

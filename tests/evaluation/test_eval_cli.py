@@ -26,7 +26,6 @@ CONFIG = {
         "val": {"type": "synthetic", "num_images": 3, "image_size": [64, 64], "classes": ["circle", "square"],
                 "split": "val"},
         "batch_size": 2,
-        "transforms": {"min_size": 64, "max_size": 64},
     },
     "eval": {"score_thresh": 0.0},
 }

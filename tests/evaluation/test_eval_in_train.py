@@ -24,7 +24,6 @@ CONFIG = {
         "val": {"type": "synthetic", "num_images": 4, "image_size": [64, 64], "object_size": [16, 32],
                 "split": "val"},
         "batch_size": 4,
-        "transforms": {"min_size": 64, "max_size": 64},
     },
     "train": {
         "epochs": 3,

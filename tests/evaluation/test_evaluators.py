@@ -145,7 +145,6 @@ def test_evaluate_on_a_coco_file_matches_faster_coco_eval_on_that_file(tmp_path)
     data = DataConfig.model_validate({
         "train": {"type": "coco", "root": str(tmp_path / "img"), "annotations": str(ann)},
         "val": {"type": "coco", "root": str(tmp_path / "img"), "annotations": str(ann)},
-        "transforms": {"min_size": 96, "max_size": 200},  # images are resized: results must come back
     })
     dataset = build_dataset(data, "val")
     assert dataset.classes == ["two", "five", "nine"]  # labels follow sorted ids 2, 5, 9
