@@ -3,7 +3,7 @@
 The public API (imported on first use, so ``import detkit`` stays light)::
 
     import detkit
-    model = detkit.load("runs/quickstart/best.pt")        # a detkit.Detector
+    model = detkit.load("runs/quickstart/best.pt")        # a detkit.Predictor
     dets = model.predict("street.jpg")                     # list of detkit.Detections
     run_dir = detkit.train("configs/quickstart.yaml", overrides=["train.epochs=1"])
     result = detkit.evaluate(run_dir / "best.pt")
@@ -25,9 +25,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 if TYPE_CHECKING:
     from detkit import errors, registry
-    from detkit.api import Detections, Detector, ImageLike, evaluate, load, predict_files, train
+    from detkit.api import Detections, ImageLike, Predictor, evaluate, load, predict_files, train
 
-_API = ("Detections", "Detector", "ImageLike", "evaluate", "load", "predict_files", "train")
+_API = ("Detections", "ImageLike", "Predictor", "evaluate", "load", "predict_files", "train")
 _MODULES = ("errors", "registry", "interfaces", "config", "plugins")
 
 __all__ = [*_API, "errors", "registry", "__version__"]

@@ -38,7 +38,7 @@ ImageLike = Union[str, os.PathLike, "PILImage.Image", "np.ndarray", Tensor]
 """One image: a file path, a PIL image, a numpy ``[H, W, 3]`` uint8 array, or a
 ``[3, H, W]`` tensor (uint8 0..255 or float 0..1)."""
 
-__all__ = ["Detections", "Detector", "ImageLike", "evaluate", "load", "predict_files", "to_image_tensor", "train"]
+__all__ = ["Detections", "ImageLike", "Predictor", "evaluate", "load", "predict_files", "to_image_tensor", "train"]
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,12 @@ def _as_list(images: Any) -> tuple[list[Any], bool]:
     return [images], False
 
 
-class Detector:
+class Predictor:
     """A trained detector ready to predict: the module, its class names and its device.
 
-    Made by :func:`load`.  ``module`` is the underlying ``nn.Module`` (eval mode).
+    Made by :func:`load`.  ``module`` is the detector (a
+    :class:`detkit.interfaces.Detector`, in eval mode): ``predict`` runs its
+    forward, the same one training evaluated and export traces.
     """
 
     def __init__(self, module: nn.Module, classes: Sequence[str], config: Mapping[str, Any],
@@ -157,10 +159,10 @@ class Detector:
         self.checkpoint = checkpoint
 
     def __repr__(self) -> str:
-        return (f"Detector({self.config.get('model', {}).get('type', '?')}, {len(self.classes)} classes, "
+        return (f"Predictor({self.config.get('model', {}).get('type', '?')}, {len(self.classes)} classes, "
                 f"device={self.device}, checkpoint={self.checkpoint!r})")
 
-    def to(self, device: str | torch.device) -> "Detector":
+    def to(self, device: str | torch.device) -> "Predictor":
         """Move to ``device`` (``auto``, ``cpu``, ``cuda:1``...); returns self."""
         from detkit.engine.device import resolve_device
 
@@ -191,8 +193,9 @@ class Detector:
             chunk = items[start : start + batch_size]
             tensors = [to_image_tensor(x, f"image {start + i}" if len(items) > 1 else "image")
                        for i, x in enumerate(chunk)]
-            preds = self.module.predict([t.to(self.device) for t in tensors],
-                                        score_thresh=score_thresh, nms_iou=nms_iou)
+            self.module.eval()
+            with self.module.detection_settings(score_thresh=score_thresh, nms_iou=nms_iou):
+                preds = self.module([t.to(self.device) for t in tensors])
             for item, image, pred in zip(chunk, tensors, preds):
                 labels = pred["labels"]
                 out.append(Detections(
@@ -206,8 +209,8 @@ class Detector:
     __call__ = predict
 
 
-def load(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> Detector:
-    """A :class:`Detector` from a detkit checkpoint (``best.pt``, ``last.pt``, an import).
+def load(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> Predictor:
+    """A :class:`Predictor` from a detkit checkpoint (``best.pt``, ``last.pt``, an import).
 
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
     """
@@ -217,7 +220,7 @@ def load(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> 
     dev = resolve_device(str(device), "device")
     module, ckpt = load_detector(checkpoint, map_location="cpu")
     module.to(dev)
-    return Detector(module, ckpt["classes"], ckpt["config"], dev, str(checkpoint))
+    return Predictor(module, ckpt["classes"], ckpt["config"], dev, str(checkpoint))
 
 
 def _config(config: str | os.PathLike | Mapping[str, Any] | "Config", overrides: Sequence[str]) -> tuple["Config", Path | None]:

@@ -105,7 +105,7 @@ def check_backbone_output(backbone: nn.Module, name: str) -> None:
     """
     from detkit.errors import ConfigError
 
-    shapes = backbone.output_shape() if hasattr(backbone, "output_shape") else None
+    shapes = backbone.output_shape()
     if shapes:
         declared = dict(shapes)
     else:

@@ -55,7 +55,7 @@ def photo(tmp_path):
 def test_load_and_predict_every_kind_of_image(checkpoint, photo):
     path, array = photo
     model = detkit.load(checkpoint, device="cpu")
-    assert isinstance(model, detkit.Detector) and model.classes == ["circle", "square"] and model.device.type == "cpu"
+    assert isinstance(model, detkit.Predictor) and model.classes == ["circle", "square"] and model.device.type == "cpu"
     dets = model.predict(path)
     assert isinstance(dets, list) and len(dets) == 1 and isinstance(dets[0], detkit.Detections)
     ref = dets[0]
@@ -105,8 +105,8 @@ def test_cli_predict_goes_through_the_api(checkpoint, photo, tmp_path, monkeypat
     from detkit.cli import app
 
     calls = []
-    original = detkit.Detector.predict
-    monkeypatch.setattr(detkit.Detector, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = detkit.Predictor.predict
+    monkeypatch.setattr(detkit.Predictor, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     result = CliRunner().invoke(app, ["predict", str(checkpoint), str(photo[0]), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert calls == [1] and (tmp_path / "out" / "street.json").is_file()

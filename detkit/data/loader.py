@@ -7,17 +7,16 @@ pairs.  :class:`TransformedDataset` seeds the sample's transform with it.  So
 an epoch's batches and augmentations depend on the seed and the epoch only,
 not on the number of workers or on which worker loads a sample.
 
-Throughput (issue 8):
+Throughput:
 
 * **Aspect-ratio groups.**  With ``group_ids`` the sampler reorders each
   epoch's permutation so that every run of ``batch_size`` consecutive samples
   comes from one group (images of similar aspect ratio, as in torchvision's
   detection references), so padded batches waste few pixels.  The leftovers
   of all groups end the epoch, mixed.  The number of batches is unchanged.
-* **Small, uint8 batches.**  Workers (each runs one torch thread, as
-  ``DataLoader`` sets it) send images as uint8, padded to ``size_divisor``
-  (32 by default: a handful of batch shapes, so ``cudnn.benchmark`` tunes
-  each once); :meth:`Batch.to` makes them float32 on the device.
+* **uint8 batches.**  Workers (each runs one torch thread, as ``DataLoader``
+  sets it) send images as uint8 at their own sizes; the detector's
+  preprocessing makes them float32, resizes and pads them on its device.
 * **Prefetch to the device.**  :class:`DevicePrefetcher` copies the next
   batch from pinned memory on a side CUDA stream while the current one trains.
 """
@@ -42,15 +41,14 @@ class TransformedDataset(Dataset):
     """``dataset`` with ``transform`` applied; indexable by ``i`` or ``(i, seed)``.
 
     An int index uses a seed derived from ``(seed, i)``, so even direct
-    indexing is reproducible.  ``classes`` and ``size_divisor`` are exposed
-    for the loader and the model builder.
+    indexing is reproducible.  ``classes`` is exposed for the loader and the
+    model builder.
     """
 
-    def __init__(self, dataset: Any, transform: DetectionTransform, seed: int = 0, size_divisor: int = 0):
+    def __init__(self, dataset: Any, transform: DetectionTransform, seed: int = 0):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
-        self.size_divisor = size_divisor
         self.group_by_aspect = True  # batch similar aspect ratios together (build_loader's default)
 
     @property
@@ -193,7 +191,7 @@ def build_dataset(
     """The ``split`` data set of ``data_cfg`` with its transforms.
 
     The data set type comes from the registry, so it can be a plugin.  The
-    train split augments (unless ``augment=False``); val only resizes.
+    train split augments (unless ``augment=False``); val is as read.
     """
     from detkit.registry import registry
 
@@ -208,7 +206,7 @@ def build_dataset(
     dataset = registry("dataset").build(spec)
     train = (split == "train") if augment is None else augment
     transform = build_transform(data_cfg.transforms, train=train)
-    out = TransformedDataset(dataset, transform, seed=seed, size_divisor=data_cfg.size_divisor)
+    out = TransformedDataset(dataset, transform, seed=seed)
     out.group_by_aspect = data_cfg.group_by_aspect
     return out
 
@@ -236,7 +234,6 @@ def build_loader(
     seed: int = 0,
     drop_last: bool = False,
     *,
-    size_divisor: int | None = None,
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
@@ -246,7 +243,6 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader of :class:`~detkit.data.collate.Batch` es over ``dataset``.
 
-    ``size_divisor`` defaults to the data set's own (set by :func:`build_dataset`).
     Workers persist across epochs; the sampler is ``loader.sampler``
     (an :class:`EpochSampler`, with ``set_epoch``).  ``group_by_aspect``
     (default: the data set's, set from ``data.group_by_aspect``; shuffled loaders of a :class:`TransformedDataset`, batches of 2 or more)
@@ -254,8 +250,6 @@ def build_loader(
     as uint8 until :meth:`Batch.to`; ``pin_memory`` is for CUDA training.
     ``num_workers="auto"`` resolves with ``device`` (see :func:`resolve_workers`).
     """
-    if size_divisor is None:
-        size_divisor = int(getattr(dataset, "size_divisor", 0))
     num_workers = resolve_workers(num_workers, device)
     if group_by_aspect is None:
         group_by_aspect = bool(getattr(dataset, "group_by_aspect", True))
@@ -280,7 +274,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=Collate(size_divisor, uint8=uint8),
+        collate_fn=Collate(uint8=uint8),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

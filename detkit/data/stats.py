@@ -1,7 +1,7 @@
 """Data statistics and anchor coverage (``detkit data stats``).
 
-For a config's training split, after its deterministic (eval-mode)
-transforms: image and box size distributions, boxes per class, and how well
+For a config's training split, resized as the detector's preprocessing
+resizes it (``model.preprocess``): image and box size distributions, boxes per class, and how well
 the configured anchors cover the ground truth.  A box's *best anchor IoU* is
 its largest IoU with any anchor of an input of its image's size; the RPN
 only learns a box as a positive if some anchor reaches its positive
@@ -132,6 +132,17 @@ def collect_annotations(dataset: Any, max_images: int | None = None) -> Annotati
     )
 
 
+def at_network_input(ann: Annotations, model: Any) -> Annotations:
+    """``ann`` resized as the detector's preprocessing resizes each image (``model.input_size``)."""
+    if ann.sizes.shape[0] == 0:
+        return ann
+    new = torch.tensor([list(model.input_size(int(h), int(w))) for h, w in ann.sizes.tolist()], dtype=torch.long)
+    factor = (new.double() / ann.sizes.double())[ann.image_index]  # [G, 2] (sy, sx)
+    boxes = (ann.boxes.double() * factor.flip(1).repeat(1, 2)).float()
+    return Annotations(classes=ann.classes, sizes=new, boxes=boxes, labels=ann.labels,
+                       image_index=ann.image_index, difficult=ann.difficult)
+
+
 def without_degenerate_boxes(ann: Annotations) -> Annotations:
     """``ann`` without zero-area boxes: they say nothing about anchor sizes (and would suggest ~0)."""
     keep = ((ann.boxes[:, 2:] - ann.boxes[:, :2]) > 0).all(dim=1)
@@ -216,11 +227,11 @@ def _with_anchors(model_cfg: dict[str, Any], path: Sequence[str], scales: list, 
     return out
 
 
-def _detector_anchors(model_cfg: dict[str, Any], num_classes: int) -> Callable[[tuple[int, int]], Tensor]:
+def _detector_anchors(model_cfg: dict[str, Any], num_classes: int, model: Any = None) -> Callable[[tuple[int, int]], Tensor]:
     """``size -> anchors`` of the detector built from ``model_cfg`` (no pretrained weights)."""
     from detkit.registry import build_detector
 
-    model = build_detector(model_cfg, num_classes)
+    model = model if model is not None else build_detector(model_cfg, num_classes)
     cache: dict[tuple[int, int], Tensor] = {}
 
     def anchors_for(size: tuple[int, int]) -> Tensor:
@@ -244,10 +255,16 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
 
     from detkit.data.box_report import find_box_report
 
+    from detkit.registry import build_detector
+
     dataset = build_dataset(cfg.data, "train", augment=False)
     if len(dataset) == 0:
         raise DataError(f"{source}: data.train is empty (0 images); nothing to measure")
-    ann = without_degenerate_boxes(collect_annotations(dataset, max_images))
+    model_cfg = cfg.model.to_dict()
+    num_classes = len(dataset.classes)
+    model = build_detector(model_cfg, num_classes)
+    # Boxes as the network sees them: the detector's own preprocessing sizes each image.
+    ann = without_degenerate_boxes(at_network_input(collect_annotations(dataset, max_images), model))
     box_report = find_box_report(dataset)
     n_img = ann.sizes.shape[0]
     wh = (ann.boxes[:, 2:] - ann.boxes[:, :2]).clamp(min=0)
@@ -265,11 +282,9 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
     diffs = torch.bincount(ann.labels[ann.difficult], minlength=len(ann.classes)).tolist()
     per_class = list(zip(ann.classes, counts, diffs))
 
-    model_cfg = cfg.model.to_dict()
     path = find_anchor_section(model_cfg)
-    size_divisor = cfg.data.size_divisor
-    num_classes = len(ann.classes)
-    current = coverage(anchor_coverage(ann, _detector_anchors(model_cfg, num_classes), size_divisor))
+    size_divisor = model.preprocess.params.size_divisible
+    current = coverage(anchor_coverage(ann, _detector_anchors(model_cfg, num_classes, model), size_divisor))
     report = StatsReport(
         source=source, num_images=n_img, classes=ann.classes, distributions=dist, per_class=per_class,
         anchors=dict(_get(model_cfg, path)) if path is not None else {}, anchor_path=list(path) if path else None,

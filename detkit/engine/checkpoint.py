@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import detkit
-from detkit.errors import CheckpointError
+from detkit.errors import CheckpointError, DetkitError
 
 # Files are written and read in core (detkit.io), shared with plugins and data.
 from detkit.io import atomic_torch_save, atomic_write_text, load_file, load_model_state, state_mismatches
@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 FORMAT = "detkit"
-FORMAT_VERSION = 1
+# 2: the one-forward detector (backbone/rpn/roi_head, stages owning their losses).
+# Version-1 files are upgraded on load by their detector's upgrade_checkpoint.
+FORMAT_VERSION = 2
 
 
 def versions() -> dict[str, str]:
@@ -65,7 +67,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path}: written by a newer detkit (format {ckpt['format_version']}); upgrade detkit"
         )
+    if ckpt.get("format_version", 0) < FORMAT_VERSION:
+        ckpt = _upgrade(path, ckpt)
     return ckpt
+
+
+def _upgrade(path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """An earlier-format checkpoint in today's layout, by its detector's ``upgrade_checkpoint``."""
+    from detkit.registry import registry
+
+    model_type = (ckpt["config"].get("model") or {}).get("type")
+    try:
+        factory = registry("detector").get(str(model_type)).factory
+    except DetkitError as exc:
+        raise CheckpointError(f"{path}: written by an earlier detkit and cannot be upgraded: {exc}") from None
+    config, state = factory.upgrade_checkpoint(ckpt["config"], ckpt["model"])
+    return {**ckpt, "config": config, "model": state, "format_version": FORMAT_VERSION}
 
 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -133,12 +133,12 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
 
 
 def wrap_for_training(
-    trainer: nn.Module,
+    model: nn.Module,
     info: DistInfo,
     device: torch.device,
     find_unused_parameters: bool = False,
 ) -> nn.Module:
-    """The module the training step runs its forward pass through: ``trainer`` alone, or wrapped in DDP.
+    """The module the training step runs its forward pass through: the detector alone, or wrapped in DDP.
 
     DDP records the parameters that require gradients when it is built and
     expects a gradient for each of them in every step.  The frozen-backbone
@@ -152,16 +152,16 @@ def wrap_for_training(
     plain BatchNorm updates running statistics; frozen and synchronised
     BatchNorm statistics agree across ranks anyway.
     """
-    if not info.enabled or not any(p.requires_grad for p in trainer.parameters()):
-        return trainer
+    if not info.enabled or not any(p.requires_grad for p in model.parameters()):
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
-    sync = bool(_trainable_batchnorms(trainer))
+    sync = bool(_trainable_batchnorms(model))
     # Newer PyTorch renames broadcast_buffers (and warns about the old name).
     buffers = ({"forward_sync_buffers": sync} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                else {"broadcast_buffers": sync})
     return DistributedDataParallel(
-        trainer,
+        model,
         device_ids=[device.index] if device.type == "cuda" else None,
         output_device=device.index if device.type == "cuda" else None,
         **buffers,
@@ -172,7 +172,8 @@ def wrap_for_training(
 
 
 class DistributedHook(Hook):
-    """Keeps ``loop.trainer_module`` a DistributedDataParallel wrapper of the trainer.
+    """Keeps ``loop.trainer.module`` (what the step's forward runs through) a DistributedDataParallel
+    wrapper of the detector.
 
     Builds it before training (after converting BatchNorm to SyncBatchNorm when
     ``train.sync_bn`` asks) and rebuilds it before any step where the set of
@@ -204,12 +205,12 @@ class DistributedHook(Hook):
 
     def before_step(self) -> None:
         loop = self.loop
-        trainable = tuple(p.requires_grad for p in loop.trainer.parameters())
+        trainable = tuple(p.requires_grad for p in loop.model.parameters())
         if trainable == self._trainable:
             return
-        loop.trainer_module = loop.trainer  # drop the old wrapper (and its gradient hooks) first
-        loop.trainer_module = wrap_for_training(loop.trainer, loop.dist, loop.device, self.find_unused_parameters)
-        self._trainable = tuple(p.requires_grad for p in loop.trainer.parameters())
+        loop.trainer.module = loop.model  # drop the old wrapper (and its gradient hooks) first
+        loop.trainer.module = wrap_for_training(loop.model, loop.dist, loop.device, self.find_unused_parameters)
+        self._trainable = tuple(p.requires_grad for p in loop.model.parameters())
 
 
 # ---------------------------------------------------------------- evaluation

@@ -77,7 +77,11 @@ def predict_dataset(
     device: torch.device,
     progress: ProgressFn | None = None,
 ) -> list[ImageResult]:
-    """Run ``model.predict`` over ``loader`` (up to ``cfg.max_images``); per image, in loader order."""
+    """Run the detector's forward, in eval mode, over ``loader`` (up to ``cfg.max_images``); per image, in loader order.
+
+    The same forward as ``detkit predict`` on the same images: the detector
+    resizes them itself and returns boxes in their own pixels.
+    """
     was_training = model.training
     model.eval()
     total = _images_in(loader, cfg.max_images)
@@ -85,26 +89,24 @@ def predict_dataset(
     if progress is not None:
         progress(0, total)
     try:
-        for batch in loader:
-            batch = batch.to(device)
-            sizes = batch.image_sizes.tolist()
-            images = [img[:, :h, :w] for img, (h, w) in zip(batch.images, sizes)]
-            preds = model.predict(images, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou, resize=False)
-            for i, (pred, tgt) in enumerate(zip(preds, batch.targets)):
-                # Original pixels: COCO's small/medium/large split and the results file need them.
-                results.append(ImageResult(
-                    image_id=batch.image_ids[i],
-                    prediction={"boxes": batch.to_original(pred["boxes"].float(), i).cpu(),
-                                "scores": pred["scores"].float().cpu(), "labels": pred["labels"].long().cpu()},
-                    target={"boxes": batch.to_original(tgt["boxes"].float(), i).cpu(),
-                            "labels": tgt["labels"].long().cpu(), "difficult": tgt["difficult"].bool().cpu()},
-                ))  # fmt: skip
+        with model.detection_settings(score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou):
+            for batch in loader:
+                batch = batch.to(device)
+                preds = model(batch.images)
+                for i, (pred, tgt) in enumerate(zip(preds, batch.targets)):
+                    results.append(ImageResult(
+                        image_id=batch.image_ids[i],
+                        prediction={"boxes": pred["boxes"].float().cpu(), "scores": pred["scores"].float().cpu(),
+                                    "labels": pred["labels"].long().cpu()},
+                        target={"boxes": tgt["boxes"].float().cpu(), "labels": tgt["labels"].long().cpu(),
+                                "difficult": tgt["difficult"].bool().cpu()},
+                    ))  # fmt: skip
+                    if cfg.max_images and len(results) >= cfg.max_images:
+                        break
+                if progress is not None:
+                    progress(len(results), total)
                 if cfg.max_images and len(results) >= cfg.max_images:
                     break
-            if progress is not None:
-                progress(len(results), total)
-            if cfg.max_images and len(results) >= cfg.max_images:
-                break
     finally:
         model.train(was_training)
     return results

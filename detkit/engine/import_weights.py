@@ -168,8 +168,6 @@ def import_weights(
     config = cfg.to_dict()
     config["model"] = without_pretrained(config["model"])  # weights come from src
     detector = build_detector(config["model"], len(classes))
-    if not hasattr(detector, "import_state_dict"):
-        raise ConfigError(f"{config_path}: model {config['model']['type']!r} cannot import {source} weights")
     try:
         fresh = detector.import_state_dict(state, source=source, new_classes=new_classes)
     except CheckpointError as exc:

@@ -7,11 +7,13 @@ checkpoint when resuming, and then runs::
     before_train
     for each epoch:
         before_epoch
-        for each step:   before_step, run_step (train.accumulate micro-batches), after_step
+        for each step:   before_step, trainer.run_step (train.accumulate micro-batches), after_step
         after_epoch
     after_train
 
-Everything besides the step itself (LR schedule, frozen backbone phase,
+The step itself belongs to the trainer (kind ``trainer``, e.g. ``FasterRCNNTrainer``:
+autocast forward, weighted losses, scaled backward, clip, optimizer step);
+the loop only fetches its micro-batches.  Everything else (LR schedule, frozen backbone phase,
 progress and metrics, evaluation, checkpoints, the loss guard, EMA, plugin
 hooks) is a hook in :mod:`detkit.engine.hooks`, called in the documented order.
 
@@ -38,12 +40,11 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Sampler
 
 from detkit.config import Config
-from detkit.data.transforms import build_transform
-from detkit.amp import Amp
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
-from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
+from detkit.engine.hooks import default_hooks, sort_hooks
+from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.data.paths import absolute_data_paths
@@ -105,35 +106,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
 
 def _say(console: Console, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-def _trainer_extra_state(trainer: torch.nn.Module) -> Any:
-    """A trainer's own state beyond the model and optimizer (its seeded generators), if it keeps any."""
-    if type(trainer).get_extra_state is torch.nn.Module.get_extra_state:
-        return None
-    return trainer.get_extra_state()
-
-
-# Image sizes the resize check probes: landscape and portrait, VOC-like.
-_PROBE_SIZES = ((375, 500), (500, 375))
-
-
-def _warn_if_predict_resizes_differently(model: Any, cfg: Config, console: Console) -> None:
-    """Training sizes come from data.transforms, `predict` sizes from the detector's own
-    preprocessing: a model trained at one size and used at another loses accuracy silently."""
-    transform = build_transform(cfg.data.transforms, train=False)
-    if transform.fixed_size is not None:
-        return
-    for h, w in _PROBE_SIZES:
-        theirs = model.predict_input_size(h, w)
-        if theirs is None:
-            return
-        ours = transform.output_size(h, w)
-        if max(abs(ours[0] - theirs[0]), abs(ours[1] - theirs[1])) > 1:  # rounding may differ by 1 px
-            _say(console, f"warning: data.transforms resizes a {h}x{w} image to {ours[0]}x{ours[1]} but "
-                          f"`detkit predict` (the detector's preprocess) resizes it to {theirs[0]}x{theirs[1]}; "
-                          "set them alike unless that is intended")
-            return
 
 
 class _SkipSampler(Sampler):
@@ -199,10 +171,9 @@ class TrainLoop:
 
     Built objects: ``cfg``, ``run_dir``, ``device``, ``dist`` (rank, world size),
     ``is_main``, ``console``, ``classes``, ``train_set``, ``val_set``, ``model``
-    (the :class:`~detkit.interfaces.Detector`), ``trainer``, ``trainer_module``
-    (the module the forward pass runs through: the trainer, or its
-    DistributedDataParallel wrapper), ``optimizer``, ``scheduler``, ``amp``,
-    ``hooks``.
+    (the :class:`~detkit.interfaces.Detector`), ``trainer`` (its ``module`` is
+    what the forward pass runs through: the model, or its DistributedDataParallel
+    wrapper), ``optimizer``, ``scheduler``, ``amp`` (the trainer's), ``hooks``.
 
     Progress: ``epoch`` (0-based, current), ``epochs``, ``epoch_steps`` (optimizer
     steps per epoch), ``total_steps``, ``step`` (optimizer steps done in the
@@ -220,7 +191,7 @@ class TrainLoop:
         console: Console,
         device: torch.device,
         dist_info: DistInfo,
-        hooks: list[HookBase] | None = None,
+        hooks: list[Hook] | None = None,
     ):
         self.cfg = cfg
         self.run_dir = run_dir
@@ -247,7 +218,7 @@ class TrainLoop:
         self.t_start = time.perf_counter()
         self._loaders: dict[int, DataLoader] = {}
         self._build()
-        self.hooks: list[HookBase] = []
+        self.hooks: list[Hook] = []
         self.register_hooks(default_hooks(cfg) if hooks is None else hooks)
         if dist_info.enabled:
             self.register_hooks([DistributedHook(tc.sync_bn, tc.find_unused_parameters)])
@@ -271,10 +242,11 @@ class TrainLoop:
         self.model = registry("detector").build(model_cfg, num_classes=len(self.classes)).to(self.device)
         if tc.init_weights is not None:
             init_model_weights(self.model, tc.init_weights, self.classes)
-        _warn_if_predict_resizes_differently(self.model, cfg, self.console)
         self.optimizer = build_optimizer(self.model, tc.optimizer)
-        self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer)
-        self.trainer.to(self.device)
+        # The trainer owns the step and its mixed precision; under torchrun DistributedHook
+        # points trainer.module at the DistributedDataParallel wrapper of the model.
+        self.trainer = registry("trainer").build(tc.trainer, model=self.model, optimizer=self.optimizer, amp=tc.amp)
+        self.amp = self.trainer.amp
         # cudnn_benchmark "auto": on until more than CUDNN_AUTO_MAX_SHAPES batch shapes were seen.
         self._cudnn_shapes: set[tuple[int, ...]] | None = None
         if self.device.type == "cuda":
@@ -288,17 +260,15 @@ class TrainLoop:
                                    "(Detector.compile_modules); training uncompiled")
             for part in parts:
                 part.compile()
-        # The module the step's forward pass runs through: the trainer, or under
-        # torchrun its DistributedDataParallel wrapper (set by DistributedHook).
-        self.trainer_module: torch.nn.Module = self.trainer
+        if self._cudnn_shapes is not None:  # the batch shapes the network sees, after preprocessing
+            self.model.preprocess.register_forward_hook(self._watch_batch_shapes)
 
         micro = [self._micro_batches(e) for e in range(self.epochs)]
         self.epoch_steps = [-(-m // self.accumulate) for m in micro]
         self.total_steps = sum(self.epoch_steps)
         self.scheduler = build_scheduler(self.optimizer, tc.scheduler, self.epoch_steps)
-        self.amp = Amp(self.device, enabled=tc.amp)
 
-    def register_hooks(self, hooks: list[HookBase]) -> None:
+    def register_hooks(self, hooks: list[Hook]) -> None:
         """Add hooks (kept sorted by priority); each gets ``hook.loop = self``."""
         for hook in hooks:
             hook.loop = self
@@ -344,17 +314,13 @@ class TrainLoop:
         # The next batch is copied to the device (a side stream on CUDA) while this one trains.
         return DevicePrefetcher(loader, self.device)
 
-    def to_device(self, batch: Any) -> Any:
-        """The one place a batch moves to the training device."""
-        if self._cudnn_shapes is not None:
-            self._watch_batch_shapes(tuple(batch.images.shape))
-        return batch.to(self.device, non_blocking=True)
-
-    def _watch_batch_shapes(self, shape: tuple[int, ...]) -> None:
+    def _watch_batch_shapes(self, module: Any, inputs: Any, output: Any) -> None:
         """``train.cudnn_benchmark: auto``: cuDNN times its algorithms once per new input shape,
         which pays while the shapes are few and costs seconds per step when every batch is new."""
         shapes = self._cudnn_shapes
-        shapes.add(shape)
+        if shapes is None or not torch.is_grad_enabled():
+            return
+        shapes.add(tuple(output[0].tensor.shape))
         if len(shapes) > CUDNN_AUTO_MAX_SHAPES:
             torch.backends.cudnn.benchmark = False
             self._cudnn_shapes = None
@@ -362,29 +328,17 @@ class TrainLoop:
                                "(set train.cudnn_benchmark: true to keep it)")
 
     # ----------------------------------------------------------------- step
-    def run_step(self, batches: Iterator[Any], micro_batches: int) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``micro_batches`` loader batches; the mean of their losses.
-
-        Gradients of the micro-batches add up (each loss scaled by ``1/micro_batches``);
-        on all but the last, a DDP wrapper's gradient all-reduce is skipped (``no_sync``).
-        """
-        total: dict[str, torch.Tensor] = {}
+    def optimizer_step(self, batches: Iterator[Any], micro_batches: int) -> dict[str, torch.Tensor]:
+        """Hand the trainer the next ``micro_batches`` loader batches for one optimizer step; its losses."""
         self.step_images = 0
-        for k in range(micro_batches):
-            batch = self.to_device(next(batches))
-            last = k == micro_batches - 1
-            no_sync = getattr(self.trainer_module, "no_sync", None)
-            with nullcontext() if last or no_sync is None else no_sync():
-                losses = self.trainer.train_step(
-                    batch.images, batch.boxes, batch.labels, scale=batch.scales, image_sizes=batch.image_sizes,
-                    amp=self.amp, module=self.trainer_module, loss_scale=1.0 / micro_batches,
-                    zero_grad=k == 0, step=last,
-                )
-            self.step_images += len(batch) * self.dist.world_size
-            total = losses if k == 0 else {name: total[name] + value for name, value in losses.items()}
-        if micro_batches > 1:
-            total = {name: value / micro_batches for name, value in total.items()}
-        return total
+
+        def feed() -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+            for _ in range(micro_batches):
+                batch = next(batches)
+                self.step_images += len(batch) * self.dist.world_size
+                yield batch.images, batch.targets
+
+        return self.trainer.run_step(feed())
 
     def log_now(self) -> bool:
         """Whether this step ends a logging window (every ``train.log_interval`` steps and at epoch ends)."""
@@ -454,7 +408,7 @@ class TrainLoop:
 
     def _run(self) -> Path:
         self.t_start = time.perf_counter()
-        started: list[HookBase] = []
+        started: list[Hook] = []
         try:
             for hook in self.hooks:
                 hook.before_train()
@@ -469,7 +423,7 @@ class TrainLoop:
                 while self.epoch_step < self.epoch_steps[self.epoch]:
                     self.call("before_step")
                     n = min(self.accumulate, micro_total - self.epoch_step * self.accumulate)
-                    self.losses = self.run_step(batches, n)
+                    self.losses = self.optimizer_step(batches, n)
                     self.loss_names += [n for n in self.losses if n not in self.loss_names]
                     self.window.add(self.losses)
                     self.step += 1
@@ -507,7 +461,7 @@ class TrainLoop:
         return self.run_dir
 
     # ---------------------------------------------------------- checkpoints
-    def _hook_key(self, hook: HookBase, index: int) -> str:
+    def _hook_key(self, hook: Hook, index: int) -> str:
         same = [h for h in self.hooks if h.name == hook.name]
         return hook.name if len(same) == 1 else f"{hook.name}.{same.index(hook)}"
 
@@ -521,13 +475,13 @@ class TrainLoop:
             hook_state = {self._hook_key(h, i): s for i, h in enumerate(self.hooks) if (s := h.state_dict())}
             save_checkpoint(
                 path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(), scaler=self.amp.state_dict(),
+                scheduler=self.scheduler.state_dict(),
                 epoch=epoch, step=self.step, epoch_step=epoch_step, best_map=self.best_metric,
                 config=self.cfg.to_dict(), classes=self.classes, metrics=self.eval_result or {},
                 # Target sampling draws from the global generators: restoring them
                 # makes a resumed run continue exactly as an uninterrupted one.
                 rng_state=torch.get_rng_state(),
-                trainer_state=_trainer_extra_state(self.trainer),
+                trainer_state=self.trainer.state_dict(),
                 cuda_rng_state=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 hooks=hook_state,
             )
@@ -539,15 +493,17 @@ class TrainLoop:
         if list(ckpt["classes"]) != self.classes:
             raise CheckpointError(f"{path}: trained for classes {list(ckpt['classes'])}, this config has {self.classes}")
         load_model_state(self.model, ckpt["model"], str(path))
-        for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("scaler", self.amp)):
+        for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             if ckpt.get(name) is not None:
                 obj.load_state_dict(ckpt[name])
+        if ckpt.get("scaler"):  # checkpoints of the earlier layout kept the scaler beside the trainer
+            self.amp.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
         self.start_epoch_step = int(ckpt.get("epoch_step", 0))
         if self.start_epoch < self.epochs and self.start_epoch_step >= self.epoch_steps[self.start_epoch]:
             self.start_epoch, self.start_epoch_step = self.start_epoch + 1, 0
         if ckpt.get("trainer_state") is not None:
-            self.trainer.set_extra_state(ckpt["trainer_state"])
+            self.trainer.load_state_dict(ckpt["trainer_state"])
         if ckpt.get("rng_state") is not None:
             torch.set_rng_state(ckpt["rng_state"].cpu())
         if ckpt.get("cuda_rng_state") and torch.cuda.is_available():

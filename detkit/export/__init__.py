@@ -3,7 +3,7 @@
 The exported graph takes one image, ``uint8 [3, H, W]`` RGB (channels first,
 any height and width), and returns ``boxes float32 [K, 4]`` (x1, y1, x2, y2 in
 the image's own pixels), ``scores float32 [K]`` and ``labels int64 [K]``
-(0..C-1), best first: the same detections as ``model.predict([image])``.
+(0..C-1), best first: the same detections as ``model.eval(); model([image])``.
 Resizing, normalisation, proposals, the RoI head, box decoding and per-class
 NMS are all inside the graph.
 
@@ -39,79 +39,21 @@ class ExportError(DetkitError):
     """The model cannot be exported as asked (format, missing package, untraceable model)."""
 
 
-def resized_size(
-    height: Tensor, width: Tensor, min_size: int, max_size: int | None, rounding: str = "round"
-) -> tuple[Tensor, Tensor]:
-    """:func:`detkit.data.transforms.resize_shape` on 0-d int64 sizes, in tensor arithmetic.
-
-    The same IEEE operations in float64 (``round``, ``floor``: Python floats
-    are doubles; ``torch.round`` rounds half to even as ``round`` does) or
-    integer floor division (``truncate``), so a traced graph gives the sizes
-    ``predict`` uses for every image.
-    """
-    short, long = torch.minimum(height, width), torch.maximum(height, width)
-    if rounding == "truncate":
-        num, den = torch.full_like(short, min_size), short
-        if max_size is not None:
-            capped = long * min_size > max_size * short
-            num = torch.where(capped, torch.full_like(long, max_size), num)
-            den = torch.where(capped, long, den)
-        new_h, new_w = height * num // den, width * num // den
-    else:
-        # [1] float64 vectors, not 0-d: ONNX export computes 0-d arithmetic in float32 (as_f64).
-        h, w = as_f64(height), as_f64(width)
-        # full_like(...) / x, not number / x: torch computes the latter as reciprocal(x) * number.
-        shortf, longf = as_f64(short), as_f64(long)
-        scale = torch.full_like(shortf, min_size) / shortf
-        if max_size is not None:
-            scale = torch.where(longf * scale > max_size, torch.full_like(longf, max_size) / longf, scale)
-        step = torch.floor if rounding == "floor" else torch.round
-        if rounding not in ("floor", "round"):
-            raise ExportError(f"preprocess.rounding {rounding!r} is not exportable")
-        new_h, new_w = step(h * scale).to(torch.int64).reshape(()), step(w * scale).to(torch.int64).reshape(())
-    return new_h.clamp(min=1), new_w.clamp(min=1)
-
-
 class ExportableDetector(nn.Module):
-    """``image uint8 [3, H, W]`` -> ``(boxes [K, 4], scores [K], labels [K])``, traceable.
+    """``image uint8 [3, H, W]`` -> ``(boxes [K, 4], scores [K], labels [K])``: the detector's own eval forward.
 
-    Wraps a detector that has ``preprocess`` (min_size, max_size, resample,
-    backend), the multi-mode ``forward`` and ``detections`` (the batched,
-    flat post-processing that ``predict`` splits per image).
+    Only unpacks the one image's detection dict into a tuple (graph outputs);
+    preprocessing, proposals, the RoI head and post-processing are the
+    detector's forward, traced.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        for attr in ("preprocess", "detections"):
-            if not hasattr(model, attr):
-                raise ExportError(f"{type(model).__name__} cannot be exported: it has no `{attr}`")
         self.model = model.eval()
-        p = model.preprocess
-        self.min_size, self.max_size = int(p.min_size), p.max_size
-        self.resample, self.backend = p.resample, p.backend
-        self.rounding = p.rounding
-        unsupported = []
-        if p.backend == "torch" and not p.antialias:
-            unsupported.append("preprocess.antialias: false (only the antialiased resize is exportable)")
-        if p.size_divisible != 1:
-            unsupported.append("preprocess.size_divisible > 1")
-        if getattr(model, "multi_level", False):
-            unsupported.append("multi-level features (a neck such as fpn): their anchors and levels do not trace yet")
-        if unsupported:
-            raise ExportError(f"{type(model).__name__} cannot be exported with " + "; ".join(unsupported))
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        height, width = _dim(image, -2), _dim(image, -1)
-        new_h, new_w = resized_size(height, width, self.min_size, self.max_size, self.rounding)
-        x = resize_uint8(image, new_h, new_w, self.resample, self.backend) / 255.0
-        x = x.unsqueeze(0)
-        image_sizes = torch.stack((new_h, new_w)).unsqueeze(0)
-        orig_sizes = torch.stack((height, width)).unsqueeze(0).to(torch.float32)
-        roi_cls_locs, roi_scores, rois, roi_indices = self.model(x, image_sizes=image_sizes, scale=1.0)
-        boxes, scores, labels, _ = self.model.detections(
-            roi_cls_locs, roi_scores, rois, roi_indices, image_sizes, orig_sizes, 1
-        )
-        return boxes, scores, labels
+        detections = self.model([image])[0]
+        return detections["boxes"], detections["scores"], detections["labels"]
 
 
 def _dim(image: Tensor, dim: int) -> Tensor:
@@ -240,7 +182,9 @@ def verify_export(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, in
     compared = 0
     for i, (h, w) in enumerate(sizes):
         image = example_image(h, w, seed=i)
-        expected = model.predict([image])[0]
+        model.eval()
+        with torch.inference_mode():
+            expected = model([image])[0]
         problem = compare_detections(run(image), expected)
         if problem is not None:
             raise ExportError(f"{path}: the exported model disagrees with predict on a {h}x{w} image: {problem}")

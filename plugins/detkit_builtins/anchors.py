@@ -175,19 +175,25 @@ class MultiLevelAnchorGenerator(nn.Module):
         device: torch.device | str = "cpu",
     ) -> list[Tensor]:
         device = torch.device(device)
+        if torch.jit.is_tracing():  # export: the sizes are traced values, the graph computes the grids
+            return self._grids(feature_sizes, input_size, device)
         sizes = tuple((int(h), int(w)) for h, w in feature_sizes)
         key = (sizes, (int(input_size[0]), int(input_size[1])), device)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        out = []
-        for base, stride, (fh, fw) in zip(self.bases, self.strides, sizes):
-            if self.level_stride == "input_ratio":
-                sh, sw = key[1][0] // fh, key[1][1] // fw
-            else:
-                sh = sw = stride
-            out.append(_grid(base, fh, fw, sh, sw, self.offset, device))
+        out = self._grids(sizes, key[1], device)
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = out
+        return out
+
+    def _grids(self, sizes: Sequence[tuple[Any, Any]], input_size: tuple[Any, Any], device: torch.device) -> list[Tensor]:
+        out = []
+        for base, stride, (fh, fw) in zip(self.bases, self.strides, sizes):
+            if self.level_stride == "input_ratio":
+                sh, sw = input_size[0] // fh, input_size[1] // fw
+            else:
+                sh = sw = stride
+            out.append(_grid(base, fh, fw, sh, sw, self.offset, device))
         return out
