@@ -283,7 +283,7 @@ def data_synth(
 
     for name, count in splits.items():
         try:
-            dataset = SyntheticShapes(**common, num_images=count, split=name)
+            dataset = SyntheticShapes(SyntheticShapes.Params(**common, num_images=count, split=name))
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             raise ConfigError(f"data synth: {'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}") from None
