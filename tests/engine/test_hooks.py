@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +20,7 @@ from detkit.engine.config import EMAConfig, LossGuardConfig
 from detkit.engine.hooks import EMAHook
 from detkit.engine.train import TrainLoop, train
 from detkit.errors import ConfigError, DetkitError
-from detkit.interfaces import Detector, Hook, Trainer
+from detkit.interfaces import Detector, Hook
 from detkit.registry import registry
 
 # ------------------------------------------------------------ toy plugins
@@ -74,40 +74,33 @@ class StopAt(Hook):
 
 
 class ToyDetector(Detector):
-    """A linear model of the mean colour: enough for the loop, nothing Faster R-CNN."""
+    """A linear model of the mean colour: enough for the loop, nothing Faster R-CNN.
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, params: "ToyDetector.Params | None" = None, *, num_classes: int):
-        super().__init__()
-        self.num_classes = num_classes
-        self.lin = nn.Linear(3, 1)
-
-    def forward(self, x, mode="forward", **kw):
-        return self.lin(x.mean((2, 3))).squeeze(1)
-
-    def predict(self, images, score_thresh=None, nms_iou=None, resize=True):
-        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-                for _ in images]
-
-
-class ToyTrainer(Trainer):
-    """Mean squared error between the prediction and the number of boxes: a per-image mean."""
+    Its one training loss ``mse`` is the squared error between the prediction
+    and the number of boxes (a per-image mean), plus ``offset``.
+    """
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         offset: float = 0.0
 
-    def __init__(self, params: "ToyTrainer.Params | None" = None, *, model, optimizer=None):
+    def __init__(self, params: "ToyDetector.Params | None" = None, *, num_classes: int):
         super().__init__()
-        p = params if params is not None else self.Params()
-        self.model, self.optimizer, self.offset = model, optimizer, p.offset
+        self.num_classes = num_classes
+        self.offset = (params if params is not None else self.Params()).offset
+        self.lin = nn.Linear(3, 1)
 
-    def forward(self, imgs, bboxes, labels, scale=1.0, image_sizes=None):
-        target = torch.tensor([float(len(b)) for b in bboxes], device=imgs.device)
-        mse = ((self.model(imgs) - target) ** 2).mean() + self.offset
-        return {"mse": mse, "total": mse}
+    def forward(self, images, targets=None):
+        x = torch.stack([(im.float() / 255 if im.dtype == torch.uint8 else im.float()).mean((1, 2)) for im in images])
+        pred = self.lin(x).squeeze(1)
+        if not self.training:
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+                    for _ in images]
+        count = torch.tensor([float(len(t["boxes"])) for t in targets], device=pred.device)
+        return {"mse": ((pred - count) ** 2).mean() + self.offset}
+
+    def detection_settings(self, score_thresh=None, nms_iou=None, max_detections=None):
+        return nullcontext()
 
 
 @pytest.fixture
@@ -116,7 +109,6 @@ def toys(clean_registry):
     registry("hook").register("recorder")(Recorder)
     registry("hook").register("stop_at")(StopAt)
     registry("detector").register("toy_detector")(ToyDetector)
-    registry("trainer").register("toy_trainer")(ToyTrainer)
     yield
 
 
@@ -127,7 +119,6 @@ data:
   batch_size: 4
 train:
   epochs: 1
-  trainer: {type: toy_trainer}
   optimizer: {type: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
   scheduler: {type: constant}
   log_interval: 1
@@ -155,6 +146,9 @@ def test_builtin_hooks_run_in_the_documented_order(toys, tmp_path):
         "ProgressHook", "MetricsFileHook", "FrozenBackboneHook", "LRScheduleHook", "EMAHook",
         "NonFiniteLossHook", "LoggingHook", "EvalHook", "Recorder", "CheckpointHook", "SummaryHook",
     ]
+    # Built from the config's sections: train.ema's decay, the rest from EMAConfig's defaults.
+    ema = next(h for h in loop.hooks if isinstance(h, EMAHook))
+    assert (ema.decay, ema.tau) == (0.9, EMAConfig().tau)
 
 
 def test_plugin_hook_from_config_sees_each_event_in_order(toys, tmp_path):
@@ -171,7 +165,7 @@ def test_plugin_hook_from_config_sees_each_event_in_order(toys, tmp_path):
         ("after_epoch", 1, False),
         ("after_train", True),
     ]
-    # The loss names come from the trainer's dict, not from a fixed list.
+    # The loss names come from the detector's dict, not from a fixed list.
     recs = records(run_dir)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all({"mse", "total"} <= set(r) and "rpn_loc" not in r for r in recs)
@@ -305,8 +299,8 @@ def test_accumulation_skips_the_gradient_sync_on_all_but_the_last_micro_batch(to
     cfg = toy_config(tmp_path, "data.batch_size=1", "train.accumulate=4")
     (tmp_path / "run").mkdir()
     loop = TrainLoop(cfg, tmp_path / "run", Console(quiet=True), torch.device("cpu"), DistInfo())
-    wrapper = CountingWrapper(loop.trainer)
-    loop.trainer_module = wrapper
+    wrapper = CountingWrapper(loop.model)
+    loop.trainer.module = wrapper
     loop.run()
     assert loop.step == 2 and wrapper.forwards == 8  # 8 images, batch 1, 4 per step
     assert wrapper.no_syncs == 6 and wrapper.synced_backwards == 2
@@ -321,15 +315,15 @@ def test_an_epoch_that_does_not_divide_steps_with_what_is_left(toys, tmp_path):
 # -------------------------------------------------------------- loss guard
 def test_a_nan_loss_stops_with_one_line(toys, tmp_path):
     with pytest.raises(DetkitError, match=r"^loss became nan \(mse, total\) at step 1: lower train.optimizer.lr"):
-        train(toy_config(tmp_path, "train.trainer.offset=.nan"), out_dir=tmp_path / "run")
+        train(toy_config(tmp_path, "model.offset=.nan"), out_dir=tmp_path / "run")
 
 
 def test_loss_guard_stops_a_loss_above_the_cap(toys, tmp_path):
     with pytest.raises(DetkitError, match=r"exceeded train.loss_guard.max_loss 100"):
-        train(toy_config(tmp_path, "train.trainer.offset=1000", "train.loss_guard.max_loss=100"),
+        train(toy_config(tmp_path, "model.offset=1000", "train.loss_guard.max_loss=100"),
               out_dir=tmp_path / "run")
     # Below the cap it trains.
-    train(toy_config(tmp_path, "train.trainer.offset=10", "train.loss_guard.max_loss=100"), out_dir=tmp_path / "ok")
+    train(toy_config(tmp_path, "model.offset=10", "train.loss_guard.max_loss=100"), out_dir=tmp_path / "ok")
 
 
 def test_loss_guard_ratio_to_the_recent_median(toys, tmp_path):

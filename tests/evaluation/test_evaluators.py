@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -115,20 +116,26 @@ def _write_coco_set(root, images, cat_ids_names, annotations):
 
 
 class ReplayDetector(torch.nn.Module):
-    """Stands in for a detector: returns given detections (original pixels) scaled to the input it sees."""
+    """Stands in for a detector: its eval forward returns given detections (original pixels).
+
+    It checks that it is handed the original images, as ``predict`` is, and the eval settings.
+    """
 
     def __init__(self, detections, orig_sizes):
         super().__init__()
-        self.detections, self.orig_sizes, self.calls = detections, orig_sizes, 0
+        self.detections, self.orig_sizes, self.calls, self.settings = detections, orig_sizes, 0, []
 
-    def predict(self, images, score_thresh=None, nms_iou=None, resize=True):
+    @contextmanager
+    def detection_settings(self, score_thresh=None, nms_iou=None, max_detections=None):
+        self.settings.append((score_thresh, nms_iou))
+        yield
+
+    def forward(self, images):
+        assert not self.training
         out = []
         for image in images:
-            det = self.detections[self.calls]
-            oh, ow = self.orig_sizes[self.calls]
-            h, w = image.shape[-2:]
-            scale = torch.tensor([w / ow, h / oh, w / ow, h / oh])
-            out.append({**det, "boxes": det["boxes"] * scale})
+            assert tuple(image.shape[-2:]) == tuple(self.orig_sizes[self.calls])  # not resized by the data
+            out.append(self.detections[self.calls])
             self.calls += 1
         return out
 
@@ -166,6 +173,7 @@ def test_evaluate_on_a_coco_file_matches_faster_coco_eval_on_that_file(tmp_path)
     result = evaluate(model, loader, dataset.classes, EvalConfig(metric=["coco", "voc"]), torch.device("cpu"),
                       detections_path=tmp_path / "out" / "detections.json", progress=lambda d, t: seen.append((d, t)))
     assert seen == [(0, 3), (2, 3), (3, 3)]
+    assert model.calls == 3 and model.settings == [(EvalConfig().score_thresh, EvalConfig().nms_iou)]
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert {d["image_id"] for d in written} == {7, 12, 30} and {d["category_id"] for d in written} == {2, 5, 9}
     # Back in the original image's pixels, as [x, y, w, h].
