@@ -141,7 +141,7 @@ class ImagePreprocessor(nn.Module):
             if image.dtype != torch.uint8:
                 image = image.float().mul(255.0).round().clamp(0, 255).to(torch.uint8)
             h, w = (s if isinstance(s, Tensor) else torch.tensor(s, device=image.device) for s in size)
-            x = resize_uint8(image, h, w, p.resample, "pil") / 255.0
+            x = resize_uint8(image, h, w, p.resample) / 255.0
             return (x - mean) / std
         x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         x = (x - mean) / std  # then resize: torchvision's order
@@ -159,28 +159,33 @@ class ImagePreprocessor(nn.Module):
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         device = self.pixel_mean.device
-        resized, orig, sizes, out_targets = [], [], [], []
-        for i, image in enumerate(images):
-            image = self.prepare(image.to(device))
-            h, w = image.shape[-2], image.shape[-1]
-            size = self._target_size(image)
-            x = self.resize_image(image, size)
-            resized.append(x)
-            orig.append((h, w))
-            sizes.append(size)
-            if targets is not None:
-                t = dict(targets[i])
-                boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
-                sx, sy = x.shape[-1] / w, x.shape[-2] / h
-                t["boxes"] = boxes * boxes.new_tensor([sx, sy, sx, sy])
-                t["labels"] = t["labels"].to(device=device, dtype=torch.int64).reshape(-1)
-                out_targets.append(t)
+        prepared = [self.prepare(image.to(device)) for image in images]
+        sizes = [self._target_size(image) for image in prepared]
+        orig = [(image.shape[-2], image.shape[-1]) for image in prepared]
         if torch.jit.is_tracing():
-            if len(resized) != 1:
+            if len(prepared) != 1:
                 raise ValueError("an exported detector takes one image")
+            resized = [self.resize_image(prepared[0], sizes[0])]
             batch = self._pad_one(resized[0])
+        elif self.params.backend == "torch" and all(_same_size(x, s) for x, s in zip(prepared, sizes)):
+            # Nothing to resize: pad the pixels, then normalise the batch at once (elementwise, so
+            # every value equals the per-image path's).
+            resized = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in prepared]
+            batch = (self._pad(resized, pixels=True) - self.pixel_mean) / self.pixel_std
         else:
+            resized = [self.resize_image(x, s) for x, s in zip(prepared, sizes)]
             batch = self._pad(resized)
+        out_targets = []
+        for i, t in enumerate(targets or ()):
+            t = dict(t)
+            boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            (h, w), x = orig[i], resized[i]
+            if (x.shape[-2], x.shape[-1]) != (h, w):
+                sx, sy = x.shape[-1] / w, x.shape[-2] / h
+                boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+            t["boxes"] = boxes
+            t["labels"] = t["labels"].to(device=device, dtype=torch.int64).reshape(-1)
+            out_targets.append(t)
         image_sizes = _sizes_tensor([(x.shape[-2], x.shape[-1]) for x in resized], device)
         orig_sizes = _sizes_tensor(orig, device)
         scales = (image_sizes.to(torch.float32) / orig_sizes.to(torch.float32)).prod(dim=1).sqrt()
@@ -192,12 +197,19 @@ class ImagePreprocessor(nn.Module):
             return torch.zeros_like(self.pixel_mean)
         return -self.pixel_mean / self.pixel_std
 
-    def _pad(self, images: list[Tensor]) -> Tensor:
+    def _pad(self, images: list[Tensor], pixels: bool = False) -> Tensor:
+        """Stack into ``[N, 3, H, W]`` padded at the bottom/right; ``pixels``: images not yet normalised."""
         d = self.params.size_divisible
         height = max(int(x.shape[-2]) for x in images)
         width = max(int(x.shape[-1]) for x in images)
         height, width = -(-height // d) * d, -(-width // d) * d
-        out = self._pad_value().expand(len(images), 3, height, width).clone()
+        if all((x.shape[-2], x.shape[-1]) == (height, width) for x in images):
+            return torch.stack(images)
+        if pixels:  # float 0..1 pixels: the one whose normalised value is the pad value
+            value = self.pixel_mean if self.params.pad == "mean" else torch.zeros_like(self.pixel_mean)
+        else:
+            value = self._pad_value()
+        out = value.expand(len(images), 3, height, width).clone()
         for i, x in enumerate(images):
             out[i, :, : x.shape[-2], : x.shape[-1]].copy_(x)
         return out
