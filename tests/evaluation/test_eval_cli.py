@@ -39,7 +39,7 @@ def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = registry("detector").build(cfg["model"], num_classes=2)
     with torch.no_grad():  # every RoI a confident "square": detections to count
-        model.head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+        model.roi_head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
     return save_checkpoint(tmp_path / "run" / "last.pt", model=model.state_dict(), config=cfg,
                            classes=["circle", "square"])
 

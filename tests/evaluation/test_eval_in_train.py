@@ -15,8 +15,10 @@ CONFIG = {
         "backbone": {"type": "tiny", "channels": [8, 16, 16, 32], "tail_features": 32},
         "rpn": {"type": "rpn", "mid_channels": 16, "anchor": {"scales": [1, 2, 4], "offset": 0.5},
                 "proposal": {"train_pre_nms": 200, "train_post_nms": 32, "test_pre_nms": 200,
-                             "test_post_nms": 16, "min_size": 2}},
-        "roi_head": {"type": "roi_head", "pool": "roi_pool"},
+                             "test_post_nms": 16, "min_size": 2},
+                "anchor_target": {"type": "anchor_target", "n_sample": 32}},
+        "roi_head": {"type": "roi_head", "pooler": {"type": "roi_pool"},
+                     "proposal_target": {"type": "proposal_target", "n_sample": 16}},
         "preprocess": {"min_size": 64, "max_size": 64},
     },
     "data": {
@@ -27,8 +29,6 @@ CONFIG = {
     },
     "train": {
         "epochs": 3,
-        "trainer": {"type": "faster_rcnn_trainer", "anchor_target": {"type": "anchor_target", "n_sample": 32},
-                    "proposal_target": {"type": "proposal_target", "n_sample": 16}},
         "optimizer": {"type": "sgd", "lr": 0.01},
         "log_interval": 1,
     },
