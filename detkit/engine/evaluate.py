@@ -287,7 +287,7 @@ def write_report(
     results: list[ImageResult] = result["results"]
     preds = [r.prediction for r in results]
     targets = [r.target for r in results]
-    voc = VOCEvaluator(classes, iou_thresh=cfg.iou_thresh, use_07_metric=cfg.use_07_metric)
+    voc = VOCEvaluator(VOCEvaluator.Params(iou_thresh=cfg.iou_thresh, use_07_metric=cfg.use_07_metric), classes=classes)
     voc.update(preds, targets)
     curves = voc.pr_curves()
     aps = voc.compute()["per_class"]
