@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detkit.data.config import DataConfig
-from detkit.engine.config import EvalConfig, TrainConfig
+from detkit.sections import EvalConfig, TrainConfig
 from detkit.errors import ConfigError
 from detkit.registry import ComponentValidationError, DetectorSpec, flatten_validation_error, format_loc
 

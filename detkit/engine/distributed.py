@@ -43,7 +43,7 @@ from detkit.errors import ConfigError, DetkitError
 from detkit.interfaces import Hook
 
 if TYPE_CHECKING:
-    from detkit.engine.config import EvalConfig
+    from detkit.sections import EvalConfig
     from detkit.engine.evaluate import ImageResult
 
 

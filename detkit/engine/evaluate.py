@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor, nn
 
-from detkit.engine.config import EvalConfig
+from detkit.sections import EvalConfig
 from detkit.errors import CheckpointError, ConfigError, DataError
 
 ProgressFn = Callable[[int, int], None]

@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 import torch
 
-from detkit.engine.config import EMAConfig, LossGuardConfig
+from detkit.sections import EMAConfig, LossGuardConfig
 from detkit.engine.evaluate import evaluate, metrics_table
 from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
 from detkit.errors import ConfigError, DetkitError

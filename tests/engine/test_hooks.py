@@ -16,7 +16,7 @@ from torch import nn
 from detkit.config import load_config
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.distributed import DistInfo
-from detkit.engine.config import EMAConfig, LossGuardConfig
+from detkit.sections import EMAConfig, LossGuardConfig
 from detkit.engine.hooks import EMAHook
 from detkit.engine.train import TrainLoop, train
 from detkit.errors import ConfigError, DetkitError

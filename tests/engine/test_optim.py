@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from detkit.engine.config import TrainConfig
+from detkit.sections import TrainConfig
 from detkit.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from detkit.registry import registry
 

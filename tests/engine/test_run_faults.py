@@ -190,6 +190,6 @@ def test_a_diverging_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoin
 
 
 def test_the_divergence_guard_is_on_by_default():
-    from detkit.engine.config import TrainConfig
+    from detkit.sections import TrainConfig
 
     assert TrainConfig().loss_guard.max_ratio == 1000

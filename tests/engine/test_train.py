@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,42 +14,6 @@ import torch
 from detkit.config import load_config
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.train import train
-
-TINY = """
-name: tiny
-model:
-  type: faster_rcnn
-  backbone: {type: tiny, channels: [8, 16, 16, 32], tail_features: 32}
-  rpn:
-    type: rpn
-    mid_channels: 16
-    anchor: {scales: [1, 2, 4], offset: 0.5}
-    proposal: {train_pre_nms: 200, train_post_nms: 32, test_pre_nms: 200, test_post_nms: 16, min_size: 2}
-  roi_head: {type: roi_head, pool: roi_pool}
-  preprocess: {min_size: 64, max_size: 64}
-data:
-  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
-  val: {type: synthetic, num_images: 4, image_size: [64, 64], object_size: [16, 32], split: val}
-  batch_size: 4
-  transforms: {min_size: 64, max_size: 64}
-train:
-  epochs: 2
-  trainer:
-    type: faster_rcnn_trainer
-    anchor_target: {type: anchor_target, n_sample: 32}
-    proposal_target: {type: proposal_target, n_sample: 16}
-  optimizer: {type: sgd, lr: 0.01}
-  log_interval: 1
-eval: {interval: 1, score_thresh: 0.0}
-"""
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
-
 
 def records(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -60,7 +25,7 @@ def test_train_writes_checkpoints_metrics_and_plot(tiny_config, tmp_path):
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "losses.png"}
     last = load_checkpoint(run_dir / "last.pt")
     assert last["epoch"] == 2 and last["step"] == 4  # 8 images / batch 4 = 2 iterations per epoch
-    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "config", "classes", "versions"}
+    assert set(last) >= {"model", "optimizer", "scheduler", "trainer_state", "config", "classes", "versions"}
     assert last["classes"] == ["circle", "square", "triangle", "cross"]
     train_records = records(run_dir, "train")
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
@@ -135,8 +100,8 @@ def test_frozen_backbone_phase_then_unfrozen(tiny_config, tmp_path):
     from detkit.registry import registry
 
     fresh = registry("detector").build(cfg.model, num_classes=4)
-    trunk = [k for k in after_frozen["model"] if k.startswith("extractor.stages.") and k.endswith(".weight")]
-    head = [k for k in after_frozen["model"] if k.startswith("head.score")]
+    trunk = [k for k in after_frozen["model"] if k.startswith("backbone.stages.") and k.endswith(".weight")]
+    head = [k for k in after_frozen["model"] if k.startswith("roi_head.score")]
     assert trunk and head
     assert all(torch.equal(after_frozen["model"][k], fresh.state_dict()[k]) for k in trunk)
     assert not all(torch.equal(after_frozen["model"][k], fresh.state_dict()[k]) for k in head)
@@ -201,7 +166,7 @@ def test_cudnn_benchmark_auto_turns_off_when_batch_shapes_keep_changing(monkeypa
     import torch
     from rich.console import Console
 
-    from detkit.engine.config import TrainConfig
+    from detkit.sections import TrainConfig
     from detkit.engine.train import CUDNN_AUTO_MAX_SHAPES, TrainLoop
 
     assert TrainConfig().cudnn_benchmark == "auto"
@@ -210,9 +175,13 @@ def test_cudnn_benchmark_auto_turns_off_when_batch_shapes_keep_changing(monkeypa
     loop = TrainLoop.__new__(TrainLoop)
     loop.console = Console(quiet=True)
     loop._cudnn_shapes = set()
+
+    def preprocessed(*shape):  # what the detector's preprocess module returns: (ImageBatch, targets)
+        return (SimpleNamespace(tensor=torch.zeros(shape)), None)
+
     for _ in range(3):  # the same few shapes again and again: keep tuning them
         for h in range(CUDNN_AUTO_MAX_SHAPES):
-            loop._watch_batch_shapes((2, 3, 320 + 32 * h, 480))
+            loop._watch_batch_shapes(None, (), preprocessed(2, 3, 320 + 32 * h, 480))
     assert torch.backends.cudnn.benchmark is True
-    loop._watch_batch_shapes((2, 3, 1024, 480))  # one shape too many
+    loop._watch_batch_shapes(None, (), preprocessed(2, 3, 1024, 480))  # one shape too many
     assert torch.backends.cudnn.benchmark is False and loop._cudnn_shapes is None

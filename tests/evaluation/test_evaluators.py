@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detkit.engine.config import EvalConfig
+from detkit.sections import EvalConfig
 from detkit.engine.evaluate import build_evaluators, compute_metrics, evaluate, best_key, ImageResult
 from detkit.errors import ConfigError
 from detkit.evaluation.coco import COCOEvaluator, coco_results, stat_names

@@ -1,4 +1,4 @@
-"""The ``train`` and ``eval`` sections of a config."""
+"""The ``train`` and ``eval`` sections of a config (core: the engine reads them, they import nothing of it)."""
 
 from __future__ import annotations
 
