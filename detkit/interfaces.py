@@ -514,35 +514,26 @@ class Trainer(ABC):
 
 
 class Transform(ABC):
-    """One step of the data pipeline (``data.transforms``), run per sample in the loader's workers.
+    """One augmentation step of the data pipeline (``data.transforms``), run per sample in the loader's workers.
 
     ``__call__(image, target, rand) -> (image, target)``: ``image`` float32
-    ``[3, H, W]`` in 0..1; ``target`` a dict whose ``"boxes"`` (float32 ``[G, 4]``
-    xyxy in the current image's pixels) the step moves with the pixels; it may
-    change other keys but not ``labels`` order.  ``rand`` holds ``random_draws``
-    uniform numbers in [0, 1) in train mode (drawn from the sample's seeded
-    generator, the same count whatever the step's options, so that one step
-    never shifts another's draws), ``None`` in eval mode.  ``train_only`` steps
-    (augmentations) are skipped in eval mode.  A step that changes the size in
-    eval mode also implements :meth:`output_size` and :meth:`eval_boxes`, so
-    annotations can be transformed without decoding the image.
+    ``[3, H, W]`` in 0..1 at the image's own size; ``target`` a dict whose
+    ``"boxes"`` (float32 ``[G, 4]`` xyxy in the current image's pixels) the
+    step moves with the pixels; it may change other keys but not ``labels``
+    order.  ``rand`` holds ``random_draws`` uniform numbers in [0, 1) (drawn
+    from the sample's seeded generator, the same count whatever the step's
+    options, so that one step never shifts another's draws).  Steps run in
+    training only: evaluation and ``predict`` see the images as read, and the
+    detector's own preprocessing sets the input size.
     """
 
     random_draws: int = 0
-    train_only: bool = False
+    train_only: bool = True
 
     @abstractmethod
     def __call__(
         self, image: Tensor, target: dict[str, Any], rand: Tensor | None
     ) -> tuple[Tensor, dict[str, Any]]: ...
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The eval-mode output ``(height, width)`` of a ``height x width`` image (default: unchanged)."""
-        return height, width
-
-    def eval_boxes(self, boxes: Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
-        """Eval-mode boxes for an image going from ``size`` to ``new_size`` (default: unchanged)."""
-        return boxes
 
 
 class Hook:
@@ -563,6 +554,10 @@ class Hook:
 
     priority: int = 50
     loop: Any
+
+    def __init__(self, params: BaseModel | None = None):
+        # Built as every component is: factory(params); a hook without parameters needs no __init__.
+        self.params = params if params is not None else self.Params()
 
     @property
     def name(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from detkit.registry import Component, ComponentSpec, DatasetSpec
@@ -72,11 +72,6 @@ class DataConfig(BaseModel):
         if isinstance(v, int) and v < 0:
             raise ValueError("must be >= 0 or auto")
         return v
-    size_divisor: int = Field(
-        32, ge=0,
-        description="pad batches up to a multiple of this (a multiple of the backbone stride): few batch "
-        "shapes, so cudnn.benchmark tunes each once; 0 = pad to the largest image only",
-    )
     group_by_aspect: bool = Field(
         True, description="batch training images of similar aspect ratio together (less padding)"
     )
@@ -88,6 +83,16 @@ class DataConfig(BaseModel):
         description="training augmentations: the settings mapping, or a list of transform plugins: "
         "[{type: hflip, p: 0.5}, {type: photometric}] (the input size is model.preprocess's)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _padding_moved_to_the_model(cls, value: object) -> object:
+        if isinstance(value, dict) and "size_divisor" in value:
+            msg = ("the padding multiple is set once, in model.preprocess.size_divisible (the detector pads "
+                   "its batches); move it there")
+            raise PydanticCustomError("detkit_component", "{summary}",
+                                      {"summary": msg, "detkit_errors": [(("size_divisor",), msg)]})
+        return value
 
     @field_validator("transforms", mode="before")
     @classmethod
