@@ -87,9 +87,8 @@ class TrainConfig(_Strict):
     amp: bool = Field(False, description="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     cudnn_benchmark: bool | Literal["auto"] = Field(
         "auto", description="CUDA: let cuDNN time its convolution algorithms once per batch shape. auto: on while "
-        "the run has seen at most 8 batch shapes (model.preprocess.size_divisible keeps them few), off from the 9th: scale "
-        "jitter makes dozens of shapes and each new one costs seconds of timing (measured: ResNet50-GN from "
-        "scratch trained at 1-6 instead of ~50 images/s on an H100)"
+        "the run has seen at most 8 batch shapes (model.preprocess.size_divisible keeps them few), off from the 9th: multi-scale "
+        "training makes dozens of shapes and each new one costs seconds of timing (benchmarks/README.md)"
     )
     compile: bool = Field(
         False, description="torch.compile the backbone and the RoI tail in place (CUDA; compiles once per batch "

@@ -100,7 +100,7 @@ class ResNet50Backbone(FreezableBNBackbone):
                 _move_stride_to_1x1(layer)
         net.maxpool = nn.MaxPool2d(3, stride=2, padding=p.maxpool_padding, ceil_mode=p.maxpool_ceil_mode)
         # Eval-mode (frozen) BatchNorms run inside their convs: no separate pass
-        # over the activations, forward or backward (issue 8; keys unchanged).
+        # over the activations, forward or backward (keys unchanged).
         fold_batchnorm(net)
         self.features = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
