@@ -11,11 +11,10 @@ with the same filter weights (Pillow's separable algorithm, which torch's
 antialiased kernels follow).  :func:`resize_uint8` reproduces Pillow's
 8-bit resize exactly (``preprocess.backend: pil``, for pipelines that resize
 8-bit images with PIL): per output pixel a window of filter weights around
-the mapped centre, normalised, turned into fixed-point integers (Pillow
-always uses 22 bits, torch's uint8 kernel the most bits that keep the
-largest weight within int16), one horizontal then one vertical pass, each
-rounded and clamped to 8 bits; every product and partial sum is an integer
-below 2**53, so float64 matrix products are exact.
+the mapped centre, normalised, turned into 22-bit fixed-point integers, one
+horizontal and one vertical pass, each rounded and clamped to 8 bits; every
+product and partial sum is an integer below 2**53, so float64 matrix
+products are exact.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-Backend = Literal["pil", "torch"]
 Filter = Literal["bicubic", "bilinear"]
 
 _PIL_PRECISION = 22  # Pillow's PRECISION_BITS (32 - 8 - 2)
@@ -132,17 +130,9 @@ def filter_weights(in_size: Tensor, out_size: Tensor, kind: Filter) -> Tensor:
     return torch.where(total != 0.0, w / torch.where(total != 0.0, total, torch.ones_like(total)), w)
 
 
-def resample_weights(in_size: Tensor, out_size: Tensor, kind: Filter, backend: Backend) -> tuple[Tensor, Tensor]:
-    """``([out, in] integer weights as float64, precision bits)`` of one 8-bit resampling pass."""
-    w = filter_weights(in_size, out_size, kind)
-    if backend == "pil":
-        bits = torch.full((), _PIL_PRECISION, dtype=torch.float64, device=in_size.device)
-    else:
-        # torch: the most bits (< 22) for which the largest weight, rounded, fits in int16.
-        candidates = torch.arange(_PIL_PRECISION, dtype=torch.float64, device=in_size.device)
-        fits = torch.floor(0.5 + w.max() * torch.pow(2.0, candidates + 1.0)) < 32768.0
-        bits = fits.to(torch.float64).sum()
-    return _round_half_away(w * torch.pow(2.0, bits)), bits
+def pil_weights(in_size: Tensor, out_size: Tensor, kind: Filter) -> Tensor:
+    """``[out, in]`` Pillow's 22-bit integer weights (as float64) of one 8-bit resampling pass."""
+    return _round_half_away(filter_weights(in_size, out_size, kind) * float(2**_PIL_PRECISION))
 
 
 def resize_float(image: Tensor, height: Tensor | int, width: Tensor | int, kind: Filter = "bilinear",
@@ -166,43 +156,36 @@ def _as_size(size: Tensor | int, like: Tensor) -> Tensor:
     return size if isinstance(size, Tensor) else torch.tensor(size, dtype=torch.int64, device=like.device)
 
 
-def _fixed_point_pass(x: Tensor, weights: Tensor, bits: Tensor) -> Tensor:
+def _fixed_point_pass(x: Tensor, weights: Tensor) -> Tensor:
     """``x [..., in]`` float64 integers -> ``[..., out]``: weighted sums, rounded down and clamped to 8 bits."""
-    one = torch.pow(2.0, bits)
+    one = float(2**_PIL_PRECISION)
     acc = torch.matmul(x, weights.transpose(0, 1)) + one / 2.0
     return torch.floor(acc / one).clamp(0.0, 255.0)
 
 
-def resize_uint8(
-    image: Tensor, height: Tensor, width: Tensor, kind: Filter = "bicubic", backend: Backend = "torch"
-) -> Tensor:
-    """Resize a uint8 ``[C, H, W]`` image to ``(height, width)`` (0-d int64 tensors); float32 0..255 out.
+def resize_uint8(image: Tensor, height: Tensor, width: Tensor, kind: Filter = "bicubic") -> Tensor:
+    """Resize a uint8 ``[C, H, W]`` image as Pillow does to ``(height, width)`` (0-d int64 tensors); float32 0..255 out.
 
-    torch's kernel always runs the horizontal pass first.  Pillow runs the
-    vertical pass first when the height shrinks by more than twice as many
-    pixels as the width (read from Pillow 13's ``ImagingResample``, checked
-    against it in the tests); the order changes the intermediate rounding, so
-    for ``pil`` both orders are computed and the right one is selected (a
-    traced graph cannot branch on sizes).  A pass whose size does not change
-    is skipped by both libraries and is the identity here.
+    Pillow runs the vertical pass first when the height shrinks by more than
+    twice as many pixels as the width (read from Pillow 13's
+    ``ImagingResample``, checked against it in the tests); the order changes
+    the intermediate rounding, so both orders are computed and the right one
+    is selected (a traced graph cannot branch on sizes).  A pass whose size
+    does not change is skipped by Pillow and is the identity here.
     """
     in_h, in_w = _size(image, -2), _size(image, -1)
     x = image.to(torch.float64)
-    wx, bx = resample_weights(in_w, width, kind, backend)
-    wy, by = resample_weights(in_h, height, kind, backend)
+    wx, wy = pil_weights(in_w, width, kind), pil_weights(in_h, height, kind)
 
     def horizontal(t: Tensor) -> Tensor:
-        return _fixed_point_pass(t, wx, bx)
+        return _fixed_point_pass(t, wx)
 
     def vertical(t: Tensor) -> Tensor:
-        return _fixed_point_pass(t.transpose(-1, -2), wy, by).transpose(-1, -2)
+        return _fixed_point_pass(t.transpose(-1, -2), wy).transpose(-1, -2)
 
-    out = vertical(horizontal(x))
-    if backend == "pil":
-        shrink_h, shrink_w = in_h - height, in_w - width
-        vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
-        out = torch.where(vertical_first, horizontal(vertical(x)), out)
-    return out.to(torch.float32)
+    shrink_h, shrink_w = in_h - height, in_w - width
+    vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
+    return torch.where(vertical_first, horizontal(vertical(x)), vertical(horizontal(x))).to(torch.float32)
 
 
 def as_f64(size: Tensor) -> Tensor:
