@@ -176,5 +176,8 @@ class MultiScaleRoIAlign(Pooler):
         out = rois.new_zeros((rois.shape[0], maps[0].shape[1], p.output_size, p.output_size))
         for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
-            out[idx] = roi_align(fmap.float(), rois[idx], p.output_size, scale, p.sampling_ratio, p.aligned)
+            pooled = roi_align(fmap.float(), rois[idx], p.output_size, scale, p.sampling_ratio, p.aligned)
+            # index_put_, not out[idx] = ...: traced, the latter strips a leading 1 of the pooled
+            # shape as a fixed view, which fails when the level gets another number of RoIs.
+            out.index_put_((idx,), pooled)
         return out.to(out_dtype)
