@@ -169,7 +169,7 @@ class FasterRCNN(Detector):
         image_idx = roi_indices.unsqueeze(1).expand(r, c)
         keep = probs > self.score_thresh
         if big_enough is not None:
-            keep &= big_enough
+            keep = keep & big_enough  # not &=: ONNX has no in-place and (aten::__iand__)
         boxes, scores, labels, image_idx = boxes[keep], probs[keep], labels[keep], image_idx[keep]
         keep = batched_nms(boxes, scores, image_idx * c + labels, self.nms_iou)  # best first
         keep, _, counts = group_and_cap(keep, image_idx, num_images, self.max_detections)
