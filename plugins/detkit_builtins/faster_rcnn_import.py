@@ -122,6 +122,8 @@ def upgrade_checkpoint(config: dict[str, Any], state: Mapping[str, Tensor]) -> t
         new_head["cls_prior"] = head["cls_prior"]
     model["roi_head"] = new_head
     preprocess = model.setdefault("preprocess", {})
+    # The batch padding is the model's (preprocess.size_divisible), as predict always had it.
+    cfg.get("data", {}).pop("size_divisor", None)
     transforms = cfg.get("data", {}).get("transforms")
     if isinstance(transforms, dict):
         jitter = transforms.get("scale_jitter")
