@@ -65,3 +65,65 @@ def clean_registry():
     yield
     for kind, reg in REGISTRIES.items():
         reg._entries = saved[kind]
+
+
+# ------------------------------------------------------ the tiny training run
+# The one tiny config the end-to-end tests train (engine, data, evaluation, API,
+# torchrun): a 64 px Faster R-CNN on 8 synthetic images, 2 steps per epoch.
+# Variants take --set overrides or edit the parsed dict (tiny_config_dict),
+# never a copy of this text.
+TINY_CONFIG = """
+name: tiny
+model:
+  type: faster_rcnn
+  backbone: {type: tiny, channels: [8, 16, 16, 32], tail_features: 32}
+  rpn:
+    type: rpn
+    mid_channels: 16
+    anchor: {scales: [1, 2, 4], offset: 0.5}
+    proposal: {train_pre_nms: 200, train_post_nms: 32, test_pre_nms: 200, test_post_nms: 16, min_size: 2}
+    anchor_target: {type: anchor_target, n_sample: 32}
+  roi_head:
+    type: roi_head
+    pooler: {type: roi_pool}
+    proposal_target: {type: proposal_target, n_sample: 16}
+  preprocess: {min_size: 64, max_size: 64}
+data:
+  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
+  val: {type: synthetic, num_images: 4, image_size: [64, 64], object_size: [16, 32], split: val}
+  batch_size: 4
+train:
+  epochs: 2
+  trainer: {type: faster_rcnn_trainer}
+  optimizer: {type: sgd, lr: 0.01}
+  log_interval: 1
+eval: {interval: 1, score_thresh: 0.0}
+"""
+
+
+
+@pytest.fixture
+def tiny_dict() -> dict:
+    """A fresh parsed copy of :data:`TINY_CONFIG`, for variants edited as data."""
+    import yaml
+
+    return yaml.safe_load(TINY_CONFIG)
+
+
+@pytest.fixture
+def write_tiny(tmp_path):
+    """``write_tiny(config=None, name="tiny.yaml") -> path``: a config dict (default: the tiny config) as YAML in tmp_path."""
+    import yaml
+
+    def write(config: dict | None = None, name: str = "tiny.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(TINY_CONFIG if config is None else yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_config(write_tiny) -> Path:
+    """:data:`TINY_CONFIG` written to ``tmp_path/tiny.yaml``."""
+    return write_tiny()

@@ -35,15 +35,10 @@ from detkit.engine.distributed import (
     DistributedHook,
     convert_sync_batchnorm,
     evaluate_distributed,
+    gather_results,
     wrap_for_training,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-SRC = (REPO / "tests" / "engine" / "test_train.py").read_text()
-TINY = SRC[SRC.index('TINY = """') + 10 : SRC.index('"""\n\n\n@pytest.fixture')]
-# Frozen BatchNorm: the statistics of a batch of 2 per process would differ from a batch of 4.
-FROZEN = TINY.replace("tail_features: 32}", "tail_features: 32, norm: frozen_bn}")
-assert FROZEN != TINY
 STEPS = 3
 
 
@@ -74,8 +69,8 @@ def _worker_phases(rank: int, port: int, out: str) -> None:
     info = _join(rank, port)
     torch.manual_seed(rank)  # different initial weights per rank, until DDP broadcasts rank 0's
     module = _TwoLayers()
-    loop = types.SimpleNamespace(trainer=module, model=module, dist=info, device=torch.device("cpu"),
-                                 console=Console(quiet=True), trainer_module=module)
+    loop = types.SimpleNamespace(trainer=types.SimpleNamespace(module=module), model=module, dist=info,
+                                 device=torch.device("cpu"), console=Console(quiet=True))
     hook = DistributedHook()
     hook.loop = loop
     hook.before_train()
@@ -86,10 +81,10 @@ def _worker_phases(rank: int, port: int, out: str) -> None:
             p.requires_grad_(not frozen)
         hook.before_step()
         module.zero_grad(set_to_none=True)
-        loop.trainer_module(x).backward()
+        loop.trainer.module(x).backward()
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     torch.save({"weights": {k: v.clone() for k, v in module.state_dict().items()}, "grads": grads,
-                "wrapper": type(loop.trainer_module).__name__}, f"{out}/{rank}.pt")
+                "wrapper": type(loop.trainer.module).__name__}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -150,8 +145,8 @@ def test_sync_bn_on_cpu_processes_is_a_config_error():
 
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     hook = DistributedHook(sync_bn=True)
-    hook.loop = types.SimpleNamespace(trainer=module, model=module, dist=DistInfo(0, 2), device=torch.device("cpu"),
-                                      console=Console(quiet=True), trainer_module=module)
+    hook.loop = types.SimpleNamespace(trainer=types.SimpleNamespace(module=module), model=module, dist=DistInfo(0, 2),
+                                      device=torch.device("cpu"), console=Console(quiet=True))
     with pytest.raises(ConfigError, match="train.sync_bn: SyncBatchNorm needs CUDA"):
         hook.before_train()
     assert type(module[1]) is torch.nn.BatchNorm2d
@@ -171,19 +166,26 @@ def _build(config: str):
 
 
 def _global_batch(cfg):
-    from detkit.data.collate import Collate
     from detkit.data.loader import build_dataset
 
     data = build_dataset(cfg.data, "train", augment=False)
     return [data[i] for i in range(4)]
 
 
-def _step(trainer, samples, module=None, **kw):
+def _micro_batch(samples):
+    """(images, targets) of loader samples, as the loop hands them to ``trainer.run_step``."""
     from detkit.data.collate import Collate
 
-    b = Collate(0)(samples)
-    return trainer.train_step(b.images, b.boxes, b.labels, scale=b.scales, image_sizes=b.image_sizes,
-                              module=module, **kw)
+    b = Collate(uint8=True)(samples)
+    return b.images, b.targets
+
+
+def _seed_each_forward(model, seed: int) -> None:
+    """Reseed torch before every forward of the detector: each micro-batch (one per rank, or one
+    after the other in one process) draws its anchor and RoI samples from the same state."""
+    if hasattr(model, "_seed_hook"):
+        model._seed_hook.remove()
+    model._seed_hook = model.register_forward_pre_hook(lambda module, args: torch.manual_seed(seed))
 
 
 def _freeze(model, frozen: bool) -> None:
@@ -200,7 +202,7 @@ def _worker_detector(rank: int, port: int, config: str, out: str) -> None:
     model.train()
     samples = _global_batch(cfg)[2 * rank : 2 * rank + 2]  # this rank's half of the global batch of 4
     loop = types.SimpleNamespace(trainer=trainer, model=model, dist=info, device=torch.device("cpu"),
-                                 console=Console(quiet=True), trainer_module=trainer)
+                                 console=Console(quiet=True))
     hook = DistributedHook()
     hook.loop = loop
     hook.before_train()
@@ -208,18 +210,19 @@ def _worker_detector(rank: int, port: int, config: str, out: str) -> None:
     for step in range(STEPS):
         _freeze(model, step == 0)  # the first step in the frozen-backbone phase
         hook.before_step()
-        torch.manual_seed(100 + step)  # seeded target sampling, the same state on both ranks
-        losses.append(_step(trainer, samples, loop.trainer_module)["total"])
+        _seed_each_forward(model, 100 + step)  # seeded target sampling, the same state on both ranks
+        losses.append(trainer.run_step([_micro_batch(samples)])["total"])
     torch.save({"weights": {k: v.clone() for k, v in model.state_dict().items()},
-                "wrapper": type(loop.trainer_module).__name__, "losses": losses}, f"{out}/{rank}.pt")
+                "wrapper": type(trainer.module).__name__, "losses": losses}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.fixture
-def frozen_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(FROZEN)
-    return str(path)
+def frozen_config(tiny_dict, write_tiny):
+    """The shared tiny config with frozen BatchNorm: a batch of 2 per process would have other
+    statistics than a batch of 4."""
+    tiny_dict["model"]["backbone"]["norm"] = "frozen_bn"
+    return str(write_tiny(tiny_dict, "frozen.yaml"))
 
 
 @pytest.mark.slow
@@ -237,15 +240,14 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, froz
     samples = _global_batch(cfg)
     for step in range(STEPS):
         _freeze(model, step == 0)
-        for k, half in enumerate((samples[:2], samples[2:])):
-            torch.manual_seed(100 + step)
-            _step(trainer, half, loss_scale=0.5, zero_grad=k == 0, step=k == 1)
+        _seed_each_forward(model, 100 + step)
+        trainer.run_step([_micro_batch(samples[:2]), _micro_batch(samples[2:])])
     moved = 0
     for k, v in model.state_dict().items():
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         moved += not torch.equal(v, start[k])
     assert moved > 10  # the comparison is about trained weights, backbone included
-    trunk = [k for k in start if k.startswith("extractor.")]
+    trunk = [k for k in start if k.startswith("backbone.")]
     assert any(not torch.equal(model.state_dict()[k], start[k]) for k in trunk)
 
 
@@ -258,13 +260,10 @@ def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_search
     _freeze(model, frozen)
     samples = _global_batch(cfg)[:2]
     trainer.optimizer.zero_grad(set_to_none=True)
-    from detkit.data.collate import Collate
-
-    b = Collate(0)(samples)
-    trainer(b.images, b.boxes, b.labels, scale=b.scales, image_sizes=b.image_sizes)["total"].backward()
-    trainable = [n for n, p in trainer.named_parameters() if p.requires_grad]
+    trainer.losses(*_micro_batch(samples))["total"].backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) > 5
-    assert [n for n, p in trainer.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 # ------------------------------------------------------------- evaluation
@@ -273,10 +272,12 @@ def _worker_eval(rank: int, port: int, config: str, out: str) -> None:
     cfg, model, loader = _eval_setup(config)
     results = [evaluate_distributed(model, loader, loader.dataset.classes, c, torch.device("cpu"), info)
                for c in _eval_configs(cfg)]
+    # The gather itself over real processes: rank 0 holds items 0, 2, 4, rank 1 items 1, 3.
+    gathered = gather_results([f"item {i}" for i in range(rank, 5, 2)], info)
     if rank == 0:
-        torch.save(results, f"{out}/result.pt")
+        torch.save({"results": results, "gathered": gathered}, f"{out}/result.pt")
     else:
-        assert results == [None, None]
+        assert results == [None, None] and gathered is None
     dist.destroy_process_group()
 
 
@@ -292,7 +293,16 @@ def _eval_configs(cfg):
     return [cfg.eval, cfg.eval.model_copy(update={"max_images": 4})]
 
 
-def test_shards_cover_each_image_once_in_the_loaders_order(frozen_config):
+def _fake_gather(monkeypatch, shards):
+    """``dist.gather_object`` on rank 0 of ``len(shards)`` processes that hold ``shards``."""
+    def gather_object(obj, parts, dst=0):
+        assert parts is not None and len(parts) == len(shards) and dst == 0
+        parts[:] = [list(s) for s in shards]
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+
+
+def test_shards_cover_each_image_once_and_the_gather_restores_the_loaders_order(frozen_config, monkeypatch):
     from detkit.engine.distributed import shard_loader
 
     _, _, loader = _eval_setup(frozen_config)  # 4 validation images
@@ -302,19 +312,32 @@ def test_shards_cover_each_image_once_in_the_loaders_order(frozen_config):
     for limit in (None, 3):
         shards = [[i for i, _ in shard_loader(loader, DistInfo(r, 3), limit).sampler] for r in range(3)]
         assert [len(s) for s in shards] == ([2, 1, 1] if limit is None else [1, 1, 1])
-        merged = [shards[i % 3][i // 3] for i in range(sum(map(len, shards)))]
-        assert merged == everything[:limit]
+        # The real gather of evaluate_distributed, on rank 0 of 3 processes holding these shards.
+        _fake_gather(monkeypatch, shards)
+        assert gather_results(shards[0], DistInfo(0, 3)) == everything[:limit]
+
+
+def test_gather_results_puts_rank_r_item_j_at_r_plus_j_world_and_none_off_rank0(monkeypatch):
+    # Rank r's j-th result is item r + j * world: 7 items over 3 ranks are 3 + 2 + 2.
+    shards = [["a0", "a3", "a6"], ["b1", "b4"], ["c2", "c5"]]
+    _fake_gather(monkeypatch, shards)
+    assert gather_results(shards[0], DistInfo(0, 3)) == ["a0", "b1", "c2", "a3", "b4", "c5", "a6"]
+    monkeypatch.setattr(dist, "gather_object", lambda obj, parts, dst=0: None)
+    assert gather_results(shards[1], DistInfo(1, 3)) is None
+    assert gather_results(["x", "y"], DistInfo()) == ["x", "y"]  # alone: as they are
 
 
 @pytest.mark.slow
-def test_sharded_evaluation_equals_one_process(tmp_path):
+def test_sharded_evaluation_equals_one_process(tmp_path, tiny_dict, write_tiny):
     # 7 images: the shards are uneven (4 + 3), nothing may be counted twice.
-    text = FROZEN.replace("num_images: 4, image_size", "num_images: 7, image_size")
-    text = text.replace("eval: {interval: 1, score_thresh: 0.0}", "eval: {interval: 1, score_thresh: 0.0, metric: [voc, coco]}")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(text)
+    tiny_dict["model"]["backbone"]["norm"] = "frozen_bn"
+    tiny_dict["data"]["val"]["num_images"] = 7
+    tiny_dict["eval"]["metric"] = ["voc", "coco"]
+    config = write_tiny(tiny_dict)
     mp.spawn(_worker_eval, args=(free_port(), str(config), str(tmp_path)), nprocs=2, join=True)
-    sharded = torch.load(tmp_path / "result.pt", weights_only=False)
+    saved = torch.load(tmp_path / "result.pt", weights_only=False)
+    sharded = saved["results"]
+    assert saved["gathered"] == [f"item {i}" for i in range(5)]
 
     from detkit.engine.evaluate import evaluate
 
@@ -342,9 +365,8 @@ def _torchrun(*args: str, launcher: str = "detkit", timeout: int = 300) -> subpr
 
 
 @pytest.mark.slow
-def test_torchrun_trains_with_two_processes_and_only_rank0_writes(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+def test_torchrun_trains_with_two_processes_and_only_rank0_writes(tmp_path, tiny_config):
+    config = tiny_config
     proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"), launcher="torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -380,24 +402,23 @@ def test_the_launcher_exit_code_and_its_only_line(capsys):
     assert capsys.readouterr().err == "error: the process of rank 1 was killed by SIGKILL\n"
 
 
-def _broken_voc(tmp_path: Path) -> Path:
+def _broken_voc(tmp_path: Path, tiny_dict: dict, write_tiny) -> Path:
     """8 VOC images, one of them not an image: one rank fails on its shard, the other does not."""
     from detkit.data.export import export_synthetic
     from detkit.data.synthetic import SyntheticShapes
 
-    root = export_synthetic(tmp_path / "voc", "voc", SyntheticShapes(num_images=8, image_size=(64, 64), split="train"))
+    synth = SyntheticShapes(SyntheticShapes.Params(num_images=8, image_size=(64, 64), split="train"))
+    root = export_synthetic(tmp_path / "voc", "voc", synth)
     image = sorted((Path(root) / "JPEGImages").iterdir())[3]
     image.write_bytes(b"not an image")
-    config = tmp_path / "broken.yaml"
-    config.write_text(TINY.replace(
-        "train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}",
-        f"train: {{type: voc, root: {root}, split: train, classes: [circle, square, triangle, cross]}}"))
-    return config
+    tiny_dict["data"]["train"] = {"type": "voc", "root": str(root), "split": "train",
+                                  "classes": ["circle", "square", "triangle", "cross"]}
+    return write_tiny(tiny_dict, "broken.yaml")
 
 
 @pytest.mark.slow
-def test_a_failure_on_one_rank_is_one_line(tmp_path):
-    config = _broken_voc(tmp_path)
+def test_a_failure_on_one_rank_is_one_line(tmp_path, tiny_dict, write_tiny):
+    config = _broken_voc(tmp_path, tiny_dict, write_tiny)
     proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -410,11 +431,10 @@ def test_a_failure_on_one_rank_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_on_every_rank_is_reported_once(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.replace(  # every rank fails building its data set, after joining the group
-        "train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}",
-        f"train: {{type: voc, root: {tmp_path / 'missing'}, split: train}}"))
+def test_an_error_on_every_rank_is_reported_once(tmp_path, tiny_dict, write_tiny):
+    # Every rank fails building its data set, after joining the group.
+    tiny_dict["data"]["train"] = {"type": "voc", "root": str(tmp_path / "missing"), "split": "train"}
+    config = write_tiny(tiny_dict)
     proc = _torchrun("train", str(config), "--out", str(tmp_path / "run"))
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

@@ -402,16 +402,14 @@ def test_the_lr_schedule_advances_once_per_optimizer_step(toys, tmp_path):
 
 
 @pytest.mark.slow
-def test_accumulation_under_torchrun_with_ddp(tmp_path):
+def test_accumulation_under_torchrun_with_ddp(tmp_path, tiny_config):
     """Two gloo processes, DistributedDataParallel, 2 micro-batches per step (no_sync on the first)."""
     import os
     import socket
     import subprocess
     import sys
 
-    src = (Path(__file__).parent / "test_train.py").read_text()
-    config = tmp_path / "tiny.yaml"
-    config.write_text(src[src.index('TINY = """') + 10: src.index('"""\n\n\n@pytest.fixture')])
+    config = tiny_config
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -442,10 +440,8 @@ def test_loss_window_averages_each_name_over_the_steps_that_have_it():
 
 
 @pytest.mark.slow
-def test_faster_rcnn_resumed_mid_epoch_equals_an_uninterrupted_run(toys, tmp_path):
-    src = (Path(__file__).parent / "test_train.py").read_text()
-    path = tmp_path / "tiny.yaml"
-    path.write_text(src[src.index('TINY = """') + 10: src.index('"""\n\n\n@pytest.fixture')])
+def test_faster_rcnn_resumed_mid_epoch_equals_an_uninterrupted_run(toys, tmp_path, tiny_config):
+    path = tiny_config
     common = ["eval.interval=0", "data.batch_size=2", "train.trainer.seed=3", "data.transforms.hflip=0.5"]
     straight = train(load_config(path, common), out_dir=tmp_path / "straight")
     split = train(load_config(path, [*common, "train.hooks=[{type: stop_at, step: 5}]"]), out_dir=tmp_path / "split")

@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-SRC = (REPO / "tests" / "engine" / "test_train.py").read_text()
-TINY = SRC[SRC.index('TINY = """') + 10 : SRC.index('"""\n\n\n@pytest.fixture')]
 
 
 def free_port() -> int:
@@ -31,9 +28,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["c10d", "static"])
-def test_two_nodes_train_a_few_steps_together(tmp_path, rendezvous):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+def test_two_nodes_train_a_few_steps_together(tmp_path, tiny_config, rendezvous):
+    config = tiny_config
     endpoint = f"127.0.0.1:{free_port()}"
     run_id = uuid.uuid4().hex[:8]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,39 +12,12 @@ from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.logging import read_metrics, trim_metrics
 from detkit.engine.train import train
 
-TINY = """
-name: tiny
-model:
-  type: faster_rcnn
-  backbone: {type: tiny, channels: [8, 8, 8, 16], tail_features: 16}
-  rpn:
-    type: rpn
-    mid_channels: 8
-    anchor: {scales: [1, 2, 4], offset: 0.5}
-    proposal: {train_pre_nms: 100, train_post_nms: 16, test_pre_nms: 100, test_post_nms: 8, min_size: 2}
-  roi_head: {type: roi_head, pool: roi_pool}
-  preprocess: {min_size: 64, max_size: 64}
-data:
-  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
-  batch_size: 4
-  transforms: {min_size: 64, max_size: 64}
-train:
-  epochs: 1
-  trainer:
-    type: faster_rcnn_trainer
-    anchor_target: {type: anchor_target, n_sample: 16}
-    proposal_target: {type: proposal_target, n_sample: 8}
-  optimizer: {type: sgd, lr: 0.01}
-  log_interval: 1
-eval: {interval: 0}
-"""
-
-
 @pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+def tiny_config(tiny_dict, write_tiny):
+    """The shared tiny config for one epoch (2 steps) without evaluation: these tests are about the run's files."""
+    tiny_dict["train"]["epochs"] = 1
+    tiny_dict["eval"] = {"interval": 0}
+    return write_tiny(tiny_dict)
 
 
 def steps(run_dir: Path, kind: str = "train") -> list[int]:
@@ -168,15 +141,15 @@ def test_a_diverging_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoin
     from detkit.engine.train import TrainLoop
     from detkit.errors import DetkitError
 
-    run_step = TrainLoop.run_step
+    optimizer_step = TrainLoop.optimizer_step
 
     def diverging(self, batches, n):
-        losses = run_step(self, batches, n)
+        losses = optimizer_step(self, batches, n)
         if self.step >= 2:  # from step 3 on: finite but absurd, as with a too-high LR
             losses = {k: v * 0 + 1e25 for k, v in losses.items()}
         return losses
 
-    monkeypatch.setattr(TrainLoop, "run_step", diverging)
+    monkeypatch.setattr(TrainLoop, "optimizer_step", diverging)
     cfg = load_config(tiny_config, ["train.epochs=3", "train.log_interval=2", "train.checkpoint_every_iters=1",
                                     "train.loss_guard={max_ratio: 10, history: 1}"])
     with pytest.raises(DetkitError) as info:
