@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detkit.boxes import encode
+from detkit.interfaces import SampledRoIs
 from detkit.registry import ComponentValidationError, registry
 from detkit_builtins.targets import AnchorTargetCreator, ProposalTargetCreator, rank_within
 
@@ -59,7 +60,7 @@ def test_anchor_labels_by_threshold_and_loc_targets():
         [0, 0, 10, 40],  # IoU 0.25  -> 0
         [50, 50, 60, 60],  # IoU 0   -> 0
     )
-    locs, labels = AnchorTargetCreator(n_sample=100)([gt], anchors, sizes(64, 64), gen())
+    locs, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))([gt], anchors, sizes(64, 64), gen())
     assert labels.tolist() == [[1, 1, -1, 0, 0]]
     assert torch.allclose(locs[0, 0], torch.zeros(4))
     # anchor 1: centre (5, 6), 10x12; gt centre (5, 5), 10x10
@@ -75,7 +76,7 @@ def test_anchor_every_gt_gets_its_best_anchors():
         [0, 0, 10, 40],  # IoU 0.25                       -> 0
         [50, 50, 60, 60],  # IoU 0 with both: gt 1 claims nothing -> 0
     )
-    locs, labels = AnchorTargetCreator(n_sample=100)([gt], anchors, sizes(128, 128), gen())
+    locs, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))([gt], anchors, sizes(128, 128), gen())
     assert labels.tolist() == [[1, 1, 0, 0]]
     # regression target of the best anchors is gt 0
     assert torch.allclose(locs[0, 0], encode(anchors[0], gt[0]))
@@ -85,7 +86,7 @@ def test_anchor_best_anchor_targets_its_argmax_gt():
     # anchor 0 is gt 0's best anchor but overlaps gt 1 more: it regresses onto gt 1.
     gt = boxes([0, 0, 10, 10], [0, 0, 10, 16])
     anchors = boxes([0, 0, 10, 14], [40, 40, 50, 50])
-    locs, labels = AnchorTargetCreator(n_sample=100)([gt], anchors, sizes(64, 64), gen())
+    locs, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))([gt], anchors, sizes(64, 64), gen())
     assert labels[0, 0].item() == 1
     assert torch.allclose(locs[0, 0], encode(anchors[0], gt[1]))
 
@@ -100,7 +101,7 @@ def crowded():
 
 def test_anchor_sampling_caps(crowded):
     gt, anchors = crowded
-    atc = AnchorTargetCreator(n_sample=16, pos_ratio=0.25)
+    atc = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=16, pos_ratio=0.25))
     _, labels = atc([gt, gt], anchors, sizes([96, 96], [96, 96]), gen())
     for lab in labels:
         assert (lab == 1).sum().item() == 4  # 16 * 0.25
@@ -111,17 +112,17 @@ def test_anchor_sampling_caps(crowded):
 def test_anchor_sampling_fills_with_negatives_when_few_positives(crowded):
     gt, anchors = crowded
     anchors = anchors[11:]  # one positive, 20 negatives
-    _, labels = AnchorTargetCreator(n_sample=8, pos_ratio=0.5)([gt], anchors, sizes(96, 96), gen())
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=8, pos_ratio=0.5))([gt], anchors, sizes(96, 96), gen())
     assert (labels == 1).sum().item() == 1
     assert (labels == 0).sum().item() == 7
     # too few negatives: all of them are kept
-    _, labels = AnchorTargetCreator(n_sample=64)([gt], anchors, sizes(96, 96), gen())
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=64))([gt], anchors, sizes(96, 96), gen())
     assert (labels == 1).sum().item() == 1 and (labels == 0).sum().item() == 20
 
 
 def test_anchor_empty_ground_truth(crowded):
     gt, anchors = crowded
-    atc = AnchorTargetCreator(n_sample=10)
+    atc = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=10))
     locs, labels = atc([NO_BOX, gt], anchors, sizes([96, 96], [96, 96]), gen())
     assert (labels[0] == 1).sum().item() == 0 and (labels[0] == 0).sum().item() == 10
     assert torch.equal(locs[0], torch.zeros_like(locs[0]))
@@ -134,14 +135,14 @@ def test_anchor_empty_ground_truth(crowded):
 
 def test_anchor_gt_of_another_image_is_not_matched(crowded):
     gt, anchors = crowded
-    _, labels = AnchorTargetCreator(n_sample=100)([NO_BOX, gt], anchors, sizes([96, 96], [96, 96]))
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))([NO_BOX, gt], anchors, sizes([96, 96], [96, 96]))
     assert (labels[0] == 0).all()
     assert (labels[1][:12] == 1).all()
 
 
 def test_anchor_reproducible_with_seed(crowded):
     gt, anchors = crowded
-    atc = AnchorTargetCreator(n_sample=8, pos_ratio=0.5)
+    atc = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=8, pos_ratio=0.5))
     args = ([gt, gt], anchors, sizes([96, 96], [96, 96]))
     a = atc(*args, generator=gen(3))[1]
     b = atc(*args, generator=gen(3))[1]
@@ -152,7 +153,7 @@ def test_anchor_reproducible_with_seed(crowded):
 
 def test_anchor_batch_independence(crowded):
     gt, anchors = crowded
-    atc = AnchorTargetCreator(n_sample=8, pos_ratio=0.5)
+    atc = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=8, pos_ratio=0.5))
     shifted = gt + 2
     base = atc([gt, gt], anchors, sizes([96, 96], [96, 96]), gen(1))
     changed = atc([gt, torch.cat([shifted, gt + 40])], anchors, sizes([96, 96], [96, 96]), gen(1))
@@ -164,15 +165,15 @@ def test_anchor_batch_independence(crowded):
 def test_anchor_allowed_border_uses_each_image_true_size():
     gt = boxes([0, 0, 30, 30])
     anchors = boxes([0, 0, 30, 30], [0, 0, 10, 10], [-4, -4, 6, 6])
-    atc = AnchorTargetCreator(n_sample=100, allowed_border=0)
+    atc = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100, allowed_border=0))
     _, labels = atc([gt, gt], anchors, sizes([20, 20], [40, 40]), gen())
     # image 0 (20x20): anchor 0 crosses the border -> ignored even with IoU 1;
     # anchor 1 becomes gt's best inside anchor (IoU 1/9) -> positive.
     assert labels[0].tolist() == [-1, 1, -1]
     assert labels[1].tolist() == [1, 0, -1]
-    _, labels = AnchorTargetCreator(n_sample=100, allowed_border=5)([gt], anchors, sizes(40, 40), gen())
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100, allowed_border=5))([gt], anchors, sizes(40, 40), gen())
     assert labels[0].tolist() == [1, 0, 0]
-    _, labels = AnchorTargetCreator(n_sample=100)([gt], anchors, sizes(20, 20), gen())
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))([gt], anchors, sizes(20, 20), gen())
     assert labels[0].tolist() == [1, 0, 0]
 
 
@@ -180,7 +181,7 @@ def test_anchor_target_is_float32_under_autocast():
     gt = boxes([0.0, 0.0, 10.0, 10.0])
     anchors = boxes([0, 0, 10, 12]).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        locs, labels = AnchorTargetCreator(n_sample=4)([gt], anchors, sizes(16, 16))
+        locs, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=4))([gt], anchors, sizes(16, 16))
     assert locs.dtype == torch.float32 and labels.tolist() == [[1]]
 
 
@@ -193,8 +194,10 @@ def test_proposal_hand_case_order_labels_locs():
         [0, 0, 10, 20],  # IoU 0.5   -> fg (>= 0.5)
         [50, 50, 60, 60],  # IoU 0   -> bg
     )
-    ptc = ProposalTargetCreator(n_sample=8, pos_ratio=0.5)
-    out_rois, out_idx, locs, labels = ptc(rois, torch.zeros(4, dtype=torch.int64), [gt], [torch.tensor([1])], STD, gen())
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=8, pos_ratio=0.5))
+    sampled = ptc(rois, torch.zeros(4, dtype=torch.int64), [gt], [torch.tensor([1])], STD, gen())
+    assert isinstance(sampled, SampledRoIs)
+    out_rois, out_idx, locs, labels = sampled.boxes, sampled.image_indices, sampled.loc_targets, sampled.labels
     assert out_rois.shape == (8, 4) and out_idx.tolist() == [0] * 8
     assert labels.tolist() == [2, 2, 2, 0, 0, -1, -1, -1]
     assert as_rows(out_rois[:3]) == as_rows(torch.cat([rois[[0, 2]], gt]))
@@ -210,7 +213,7 @@ def test_proposal_hand_case_order_labels_locs():
 def test_proposal_labels_follow_matched_gt():
     gt = boxes([0, 0, 10, 10], [40, 40, 60, 60])
     rois = boxes([0, 0, 10, 11], [40, 40, 60, 62])
-    _, _, _, labels = ProposalTargetCreator(n_sample=4, pos_ratio=1.0)(
+    _, _, _, labels = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=4, pos_ratio=1.0))(
         rois, torch.zeros(2, dtype=torch.int64), [gt], [torch.tensor([4, 0])], STD
     )
     # two rois + two appended gt boxes: each labelled by its own gt (+1)
@@ -220,7 +223,7 @@ def test_proposal_labels_follow_matched_gt():
 def test_proposal_sampling_caps():
     gt = boxes([10, 10, 30, 30])
     rois = torch.cat([gt.repeat(10, 1), boxes([60, 60, 70, 70]).repeat(10, 1)])
-    ptc = ProposalTargetCreator(n_sample=8, pos_ratio=0.25)
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=8, pos_ratio=0.25))
     _, _, _, labels = ptc(rois, torch.zeros(20, dtype=torch.int64), [gt], [torch.tensor([0])], STD, gen())
     assert labels.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
 
@@ -228,7 +231,7 @@ def test_proposal_sampling_caps():
 def test_proposal_negative_lower_threshold():
     gt = boxes([0, 0, 10, 10])
     rois = boxes([0, 0, 10, 40], [50, 50, 60, 60])  # IoU 0.25 and 0
-    ptc = ProposalTargetCreator(n_sample=4, pos_ratio=0.25, neg_iou_thresh_lo=0.1)
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=4, pos_ratio=0.25, neg_iou_thresh_lo=0.1))
     out, _, _, labels = ptc(rois, torch.zeros(2, dtype=torch.int64), [gt], [torch.tensor([0])], STD)
     assert labels.tolist() == [1, 0, -1, -1]
     assert out[1].tolist() == [0, 0, 10, 40]
@@ -237,7 +240,7 @@ def test_proposal_negative_lower_threshold():
 def test_proposal_empty_ground_truth_gives_background_only():
     rois = boxes([0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40])
     gt = boxes([0, 0, 10, 10])
-    out, idx, locs, labels = ProposalTargetCreator(n_sample=4)(
+    out, idx, locs, labels = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=4))(
         torch.cat([rois, rois]), torch.tensor([0, 0, 0, 1, 1, 1]), [NO_BOX, gt], [NO_LABEL, torch.tensor([2])], STD
     )
     assert idx.tolist() == [0] * 4 + [1] * 4
@@ -246,7 +249,7 @@ def test_proposal_empty_ground_truth_gives_background_only():
     assert not locs[:4].any()
     assert labels[4] == 3  # image 1 still matches its own gt
     # no image has ground truth at all
-    _, _, _, labels = ProposalTargetCreator(n_sample=2)(rois, torch.zeros(3, dtype=torch.int64), [NO_BOX], [NO_LABEL], STD)
+    _, _, _, labels = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=2))(rois, torch.zeros(3, dtype=torch.int64), [NO_BOX], [NO_LABEL], STD)
     assert labels.tolist() == [0, 0]
 
 
@@ -254,7 +257,7 @@ def test_proposal_images_only_see_their_own_rois_and_gt():
     gt0, gt1 = boxes([0, 0, 10, 10]), boxes([40, 40, 50, 50])
     rois = boxes([40, 40, 50, 51], [0, 0, 10, 11], [0, 0, 10, 11], [40, 40, 50, 51])
     idx = torch.tensor([1, 0, 1, 0])
-    ptc = ProposalTargetCreator(n_sample=4, pos_ratio=0.5)
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=4, pos_ratio=0.5))
     out, out_idx, _, labels = ptc(rois, idx, [gt0, gt1], [torch.tensor([0]), torch.tensor([1])], STD, gen())
     # image 0: its fg roi + its gt; bg: its roi that only overlaps image 1's gt
     assert labels.tolist() == [1, 1, 0, -1, 2, 2, 0, -1]
@@ -271,7 +274,7 @@ def test_proposal_batch_independence_without_subsampling():
     rois = torch.rand(30, 2, generator=g) * 40
     rois = torch.cat([rois, rois + 5 + torch.rand(30, 2, generator=g) * 30], dim=1)
     idx = torch.randint(0, 2, (30,), generator=g)
-    ptc = ProposalTargetCreator(n_sample=64, pos_ratio=1.0)
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=64, pos_ratio=1.0))
     both = ptc(rois, idx, gts, labels_in, STD, gen())
     for i in range(2):
         alone = ptc(rois[idx == i], torch.zeros(int((idx == i).sum()), dtype=torch.int64), gts[i : i + 1], labels_in[i : i + 1], STD, gen())
@@ -283,7 +286,7 @@ def test_proposal_batch_independence_without_subsampling():
 def test_proposal_reproducible_with_seed():
     gt = boxes([10, 10, 30, 30])
     rois = torch.cat([gt.repeat(10, 1) + torch.arange(10.0)[:, None], boxes([60, 60, 70, 70]).repeat(10, 1)])
-    ptc = ProposalTargetCreator(n_sample=6, pos_ratio=0.5)
+    ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=6, pos_ratio=0.5))
     args = (rois, torch.zeros(20, dtype=torch.int64), [gt], [torch.tensor([0])], STD)
     a = ptc(*args, generator=gen(5))[0]
     assert torch.equal(a, ptc(*args, generator=gen(5))[0])
@@ -314,8 +317,8 @@ def no_host_reads(monkeypatch):
 def test_target_creators_never_read_tensor_data(crowded, no_host_reads):
     gt, anchors = crowded
     image_sizes = sizes([96, 96], [96, 96])
-    locs, labels = AnchorTargetCreator(n_sample=16, allowed_border=0)([gt, NO_BOX], anchors, image_sizes, gen())
-    out = ProposalTargetCreator(n_sample=8)(
+    locs, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=16, allowed_border=0))([gt, NO_BOX], anchors, image_sizes, gen())
+    out = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=8))(
         anchors, torch.zeros(32, dtype=torch.int64), [gt, NO_BOX], [torch.tensor([1]), NO_LABEL], STD, gen()
     )
     assert labels.shape == (2, 32) and out[3].shape == (16,)
@@ -331,7 +334,7 @@ def test_no_host_reads_fixture_catches_a_read(no_host_reads):
 def test_anchors_in_the_padding_of_a_smaller_image_are_ignored():
     anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], [40.0, 40.0, 56.0, 56.0]])
     gt = [torch.tensor([[30.0, 30.0, 60.0, 60.0]]), torch.zeros(0, 4)]
-    _, labels = AnchorTargetCreator(n_sample=100)(gt, anchors, sizes(64, 64, 32, 32), gen())
+    _, labels = AnchorTargetCreator(AnchorTargetCreator.Params(n_sample=100))(gt, anchors, sizes(64, 64, 32, 32), gen())
     assert labels[0].tolist() == [0, 1]  # image 0 is 64x64: both anchors see it
     assert labels[1].tolist() == [0, -1]  # image 1 is 32x32: the second anchor lies in its padding
 
@@ -344,4 +347,4 @@ def test_constructors_take_their_validated_params():
     ptc = ProposalTargetCreator(ProposalTargetCreator.Params(n_sample=7))
     assert ptc.n_sample == 7 and ptc.pos_ratio == ProposalTargetCreator.Params().pos_ratio
     with pytest.raises(Exception, match="neg_iou_thresh"):
-        AnchorTargetCreator(pos_iou_thresh=0.3, neg_iou_thresh=0.5)  # validated even when built directly
+        AnchorTargetCreator.Params(pos_iou_thresh=0.3, neg_iou_thresh=0.5)  # validated when the Params are made
