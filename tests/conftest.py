@@ -127,3 +127,26 @@ def write_tiny(tmp_path):
 def tiny_config(write_tiny) -> Path:
     """:data:`TINY_CONFIG` written to ``tmp_path/tiny.yaml``."""
     return write_tiny()
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_dict):
+    """``tiny_checkpoint(path, classes, confident=True) -> path``: an untrained detector of the tiny
+    config saved as a detkit checkpoint; ``confident``: every RoI becomes a sure last class with the
+    RoI as its box, so prediction has detections to check."""
+    from detkit.config import validate
+    from detkit.engine.checkpoint import save_checkpoint
+    from detkit.registry import registry
+
+    def make(path: Path, classes: list[str], confident: bool = True) -> Path:
+        cfg = validate(tiny_dict).to_dict()
+        torch.manual_seed(0)
+        model = registry("detector").build(cfg["model"], num_classes=len(classes))
+        if confident:
+            with torch.no_grad():
+                bias = torch.zeros(len(classes) + 1)
+                bias[-1] = 10.0
+                model.roi_head.score.bias.copy_(bias)
+        return save_checkpoint(path, model=model.state_dict(), config=cfg, classes=list(classes))
+
+    return make

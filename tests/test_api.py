@@ -11,37 +11,11 @@ import torch
 from PIL import Image
 
 import detkit
-from detkit.engine.checkpoint import save_checkpoint
 from detkit.errors import DataError
-from detkit.registry import registry
-
-CONFIG = {
-    "model": {
-        "type": "faster_rcnn",
-        "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
-        "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"test_post_nms": 20}},
-        "preprocess": {"min_size": 64, "max_size": 96},
-    },
-    "data": {
-        "train": {"type": "synthetic", "num_images": 4, "image_size": [64, 64], "classes": ["circle", "square"]},
-        "batch_size": 2,
-        "transforms": {"min_size": 64, "max_size": 64},
-    },
-    "train": {"epochs": 1, "max_iters_per_epoch": 1, "optimizer": {"type": "sgd", "lr": 0.001}},
-    "eval": {"interval": 0},
-}
-
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    from detkit.config import validate
-
-    cfg = validate(CONFIG).to_dict()
-    torch.manual_seed(0)
-    model = registry("detector").build(cfg["model"], num_classes=2)
-    with torch.no_grad():  # every RoI a confident "square"
-        model.head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
-    return save_checkpoint(tmp_path / "m.pt", model=model.state_dict(), config=cfg, classes=["circle", "square"])
+def checkpoint(tmp_path, tiny_checkpoint):
+    return tiny_checkpoint(tmp_path / "m.pt", ["circle", "square"])  # every RoI a confident "square"
 
 
 @pytest.fixture
@@ -92,8 +66,11 @@ def test_bad_images_are_one_clear_error(checkpoint, image, message):
         model.predict(image)
 
 
-def test_train_from_a_dict_returns_the_run_directory(tmp_path):
-    run_dir = detkit.train(CONFIG, overrides=["train.seed=3"], out_dir=tmp_path / "run")
+def test_train_from_a_dict_returns_the_run_directory(tmp_path, tiny_dict):
+    tiny_dict["data"]["train"]["classes"] = ["circle", "square"]
+    tiny_dict["data"]["val"] = None
+    tiny_dict["train"].update(epochs=1, max_iters_per_epoch=1)
+    run_dir = detkit.train(tiny_dict, overrides=["train.seed=3"], out_dir=tmp_path / "run")
     assert run_dir == tmp_path / "run" and (run_dir / "last.pt").is_file()
     model = detkit.load(run_dir / "last.pt", device="cpu")
     assert model.classes == ["circle", "square"]

@@ -10,37 +10,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from detkit.cli import app
-from detkit.engine.checkpoint import save_checkpoint
-from detkit.registry import registry
 
 runner = CliRunner()
 
-CONFIG = {
-    "model": {
-        "type": "faster_rcnn",
-        "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
-        "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"test_post_nms": 20}},
-        "preprocess": {"min_size": 64, "max_size": 96},
-    },
-    "data": {"train": {"type": "synthetic", "num_images": 4}},
-}
-
-
-def tiny_checkpoint(path, confident: bool):
-    from detkit.config import validate
-
-    cfg = validate(CONFIG).to_dict()
-    torch.manual_seed(0)
-    model = registry("detector").build(cfg["model"], num_classes=2)
-    if confident:  # every RoI becomes a sure "b" with the RoI as its box
-        with torch.no_grad():
-            model.head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
-    save_checkpoint(path, model=model.state_dict(), config=cfg, classes=["a", "b"])
-    return path
-
-
-def test_predict_writes_one_json_per_image(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+def test_predict_writes_one_json_per_image(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=True)
     img = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(img)
     grey = tmp_path / "sub" / "photo.png"
@@ -59,8 +33,8 @@ def test_predict_writes_one_json_per_image(tmp_path):
         assert 0 <= x1 < x2 <= 80 and 0 <= y1 < y2 <= 48
 
 
-def test_predict_errors_are_one_line(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=False)
+def test_predict_errors_are_one_line(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=False)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     result = runner.invoke(app, ["predict", str(ckpt), str(bad), "--out", str(tmp_path / "o")])
@@ -85,8 +59,8 @@ def test_import_weights_command_errors(tmp_path):
     assert result.exit_code == 2 and "vgg16, resnet50" in result.output
 
 
-def test_predict_draw_writes_an_annotated_png_beside_the_json(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+def test_predict_draw_writes_an_annotated_png_beside_the_json(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=True)
     pixels = np.full((48, 80, 3), 128, dtype=np.uint8)
     img = tmp_path / "photo.png"
     Image.fromarray(pixels).save(img)
@@ -100,8 +74,8 @@ def test_predict_draw_writes_an_annotated_png_beside_the_json(tmp_path):
     assert (drawn != pixels).any(), "boxes were drawn"
 
 
-def test_predict_takes_folders_of_images(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+def test_predict_takes_folders_of_images(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=True)
     folder = tmp_path / "shots"
     folder.mkdir()
     for name in ("b.png", "a.jpg"):
@@ -116,9 +90,9 @@ def test_predict_takes_folders_of_images(tmp_path):
     assert result.exit_code == 1 and "folder holds no images" in result.output
 
 
-def test_predict_skips_an_unreadable_file_and_goes_on(tmp_path):
+def test_predict_skips_an_unreadable_file_and_goes_on(tmp_path, tiny_checkpoint):
     """Issue 9 case 8: one bad file in a folder no longer stops the run half-way."""
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", confident=True)
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=True)
     folder = tmp_path / "shots"
     folder.mkdir()
     for name in ("a.png", "c.png"):
