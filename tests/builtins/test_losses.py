@@ -30,7 +30,7 @@ def test_smooth_l1_sigma_1(deltas):
     pred, target, labels = deltas
     # row 0: 0.5*0.5^2 + (2 - 0.5) = 1.625; row 1: 0.5*0.05^2 + 0.5*0.5^2 = 0.12625
     expected = (1.625 + 0.12625) / 2
-    assert SmoothL1Loss(sigma=1.0)(pred, target, labels).item() == pytest.approx(expected)
+    assert SmoothL1Loss(SmoothL1Loss.Params(sigma=1.0))(pred, target, labels).item() == pytest.approx(expected)
 
 
 def test_smooth_l1_sigma_3(deltas):
@@ -38,7 +38,7 @@ def test_smooth_l1_sigma_3(deltas):
     # sigma^2 = 9, knee at 1/9: |0.5| and |2| and |0.5| are linear, 0.05 quadratic.
     row0 = (0.5 - 0.5 / 9) + (2.0 - 0.5 / 9)
     row1 = 0.5 * 9 * 0.05**2 + (0.5 - 0.5 / 9)
-    assert SmoothL1Loss(sigma=3.0)(pred, target, labels).item() == pytest.approx((row0 + row1) / 2)
+    assert SmoothL1Loss(SmoothL1Loss.Params(sigma=3.0))(pred, target, labels).item() == pytest.approx((row0 + row1) / 2)
 
 
 def test_smooth_l1_uses_target_offset():
@@ -81,7 +81,7 @@ def test_cross_entropy_all_ignored_is_zero():
 
 def test_cross_entropy_custom_ignore_index():
     logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    loss = CrossEntropyLoss(ignore_index=1)(logits, torch.tensor([0, 1]))
+    loss = CrossEntropyLoss(CrossEntropyLoss.Params(ignore_index=1))(logits, torch.tensor([0, 1]))
     assert loss.item() == pytest.approx(math.log(2))
 
 
@@ -129,7 +129,7 @@ def test_giou_against_hand_computed_value():
     predicted = box_ops.decode(ref[:2], pred[:2], std).tolist()
     expected = sum(1 - giou(p, g) for p, g in zip(predicted, gt[:2].tolist())) / 2
     pred.requires_grad_(True)
-    loss = GIoULoss(weight=2.0)(pred, target, labels, boxes=boxes)
+    loss = GIoULoss(GIoULoss.Params(weight=2.0))(pred, target, labels, boxes=boxes)
     assert loss.item() == pytest.approx(2.0 * expected, rel=1e-5)
     loss.backward()
     assert torch.isfinite(pred.grad).all() and torch.equal(pred.grad[2], torch.zeros(4))
@@ -162,12 +162,11 @@ def test_giou_is_a_registered_box_loss():
         registry("loss").validate({"type": "giou"}, role="classification")
 
 
-def test_trainer_gives_box_losses_the_matched_boxes(clean_registry):
-    """A spy box loss sees, for every positive row, the anchor/proposal and a real ground-truth box."""
+def test_stages_give_box_losses_the_matched_boxes(clean_registry, tiny_detector_config, two_images):
+    """A spy box loss in the RPN's slot sees, for every positive row, the anchor and a real ground-truth box."""
     from pydantic import BaseModel, ConfigDict
 
     from detkit.interfaces import Loss
-    from detkit.registry import build_detector
 
     seen = []
 
@@ -177,26 +176,25 @@ def test_trainer_gives_box_losses_the_matched_boxes(clean_registry):
         class Params(BaseModel):
             model_config = ConfigDict(extra="forbid")
 
+        def __init__(self, params=None):
+            super().__init__()
+
         def forward(self, pred, target, labels, boxes=None):
             seen.append((labels, boxes.ref, boxes.gt, boxes.decode(target)))
             return pred.sum() * 0.0
 
     registry("loss").add("spy", Spy)
-    model = build_detector(
-        {
-            "type": "faster_rcnn",
-            "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
-            "rpn": {"type": "rpn", "mid_channels": 8, "anchor": {"scales": [1, 2, 4]}},
-        },
-        num_classes=2,
-    )
-    trainer = registry("trainer").build(
-        {"type": "faster_rcnn_trainer", "rpn_loc_loss": {"type": "spy"}, "roi_loc_loss": {"type": "giou"}},
-        model=model,
-    )
+    cfg = tiny_detector_config()
+    cfg["rpn"]["loc_loss"] = {"type": "spy"}
+    cfg["roi_head"] = {"type": "roi_head", "loc_loss": {"type": "giou"}}
+    cfg["preprocess"] = {"min_size": 112, "max_size": 112}  # square 112 px images: no resize
+    torch.manual_seed(0)
+    model = registry("detector").build(cfg, num_classes=3)
     gt = [torch.tensor([[10.0, 12.0, 50.0, 40.0], [60.0, 60.0, 90.0, 100.0]]), torch.tensor([[5.0, 5.0, 40.0, 60.0]])]
-    losses = trainer(torch.rand(2, 3, 112, 112), gt, [torch.tensor([0, 1]), torch.tensor([1])])
-    roi_loc = losses["roi_loc"] if isinstance(losses, dict) else losses.roi_loc
+    targets = [{"boxes": gt[0], "labels": torch.tensor([0, 1])}, {"boxes": gt[1], "labels": torch.tensor([1])}]
+    model.train()
+    losses = model([torch.rand(3, 112, 112), torch.rand(3, 112, 112)], targets)
+    roi_loc = losses["roi_loc"]
     assert torch.isfinite(roi_loc) and roi_loc > 0  # giou in the RoI slot
     (labels, ref, matched, decoded), = seen
     pos = labels > 0
