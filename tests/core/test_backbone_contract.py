@@ -19,7 +19,7 @@ def make_backbone(channels: int, stride: int, declared_channels: int, declared_s
 
         out_channels = declared_channels
 
-        def __init__(self):
+        def __init__(self, params=None):
             super().__init__()
             self.stride = declared_stride
             # log2(stride) stride-2 convs: the real stride.
