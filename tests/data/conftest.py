@@ -11,7 +11,7 @@ from detkit.data.synthetic import SyntheticShapes
 @pytest.fixture
 def tiny_synth() -> SyntheticShapes:
     """Six 64x80 images with 1-3 objects of 12-28 px."""
-    return SyntheticShapes(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5)
+    return SyntheticShapes(SyntheticShapes.Params(num_images=6, image_size=(64, 80), objects=(1, 3), object_size=(12, 28), seed=5))
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def test_voc_boxes_outside_the_image_are_clipped_or_dropped(tmp_path):
                OBJ.format(30, 12, 40, 20)]  # wholly outside: dropped
     (tmp_path / "Annotations" / "a1.xml").write_text(VOC_XML.format(objects="".join(objects)))
     Image.new("RGB", (20, 10)).save(tmp_path / "JPEGImages" / "a1.png")
-    ds = VOCDataset(root=str(tmp_path), split="train", classes=["dog"])
+    ds = VOCDataset(VOCDataset.Params(root=str(tmp_path), split="train", classes=["dog"]))
     _, t = ds.annotation(0)
     assert t["boxes"].tolist() == [[0, 1, 10, 8], [14, 4, 20, 10], [0, 0, 4, 4]]
     assert t["labels"].tolist() == [0, 0, 0] and t["difficult"].tolist() == [False] * 3
@@ -59,7 +59,7 @@ def _coco(tmp_path, sized=True):
             "annotations": [{"id": k, "image_id": 1, "category_id": 1, "bbox": b} for k, b in enumerate(anns)]}
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
-    return COCODataset(root=str(tmp_path), annotations=str(path))
+    return COCODataset(COCODataset.Params(root=str(tmp_path), annotations=str(path)))
 
 
 def test_coco_boxes_are_clipped_and_zero_size_ones_counted(tmp_path):
@@ -77,9 +77,9 @@ def test_data_stats_prints_the_summary_and_ignores_degenerate_boxes(tmp_path):
             "type": "faster_rcnn",
             "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
             "rpn": {"type": "rpn", "mid_channels": 8, "anchor": {"scales": [1.0, 2.0], "ratios": [1.0]}},
+            "preprocess": {"min_size": 64, "max_size": 128},
         },
-        "data": {"train": {"type": "coco", "root": str(tmp_path), "annotations": str(tmp_path / "instances.json")},
-                 "transforms": {"min_size": 64, "max_size": 128}},
+        "data": {"train": {"type": "coco", "root": str(tmp_path), "annotations": str(tmp_path / "instances.json")}},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -120,25 +120,16 @@ def test_degenerate_boxes_never_reach_the_anchor_suggestion():
     assert suggest_anchors(clean.boxes, 2, 1)[0] == [2.0]  # 32 px / 16, not 6e-05
 
 
-def test_training_prints_the_summary_and_keeps_it_in_the_run_directory(tmp_path, capsys):
+def test_training_prints_the_summary_and_keeps_it_in_the_run_directory(tmp_path, capsys, tiny_dict, write_tiny):
     from detkit.config import load_config
     from detkit.engine.train import train
 
     _coco(tmp_path)
-    ann = str(tmp_path / "instances.json")
-    cfg = {
-        "model": {"type": "faster_rcnn", "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
-                  "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"train_post_nms": 16, "test_post_nms": 8}},
-                  "preprocess": {"min_size": 64, "max_size": 128}},
-        "data": {"train": {"type": "coco", "root": str(tmp_path), "annotations": ann},
-                 "val": {"type": "coco", "root": str(tmp_path), "annotations": ann},
-                 "batch_size": 1, "transforms": {"min_size": 64, "max_size": 128}},
-        "train": {"epochs": 1, "trainer": {"type": "faster_rcnn_trainer", "anchor_target": {"type": "anchor_target", "n_sample": 16},
-                                           "proposal_target": {"type": "proposal_target", "n_sample": 8}}},
-        "eval": {"interval": 0},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    coco = {"type": "coco", "root": str(tmp_path), "annotations": str(tmp_path / "instances.json")}
+    tiny_dict["data"].update(train=coco, val=coco, batch_size=1)
+    tiny_dict["train"]["epochs"] = 1
+    tiny_dict["eval"] = {"interval": 0}
+    path = write_tiny(tiny_dict)
     run_dir = train(load_config(path), out_dir=tmp_path / "run")
     line = "data.train: 3 boxes kept; 2 clipped to their image, 1 dropped (wholly outside their image), " \
            "2 dropped (zero or negative width or height)"

@@ -12,6 +12,7 @@ MODEL = {
     "type": "faster_rcnn",
     "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
     "rpn": {"type": "rpn", "mid_channels": 8, "anchor": {"scales": [1.0, 2.0], "ratios": [1.0]}},
+    "preprocess": {"min_size": 64, "max_size": 64},
 }
 
 
@@ -20,8 +21,7 @@ def _voc(tmp_path):
     res = runner.invoke(app, ["data", "synth", str(root), "-n", "3", "--image-size", "64", "--classes", "circle,square"])
     assert res.exit_code == 0, res.output
     cfg = {"model": MODEL,
-           "data": {"train": {"type": "voc", "root": str(root), "split": "train", "classes": ["circle", "square"]},
-                    "transforms": {"min_size": 64, "max_size": 64}}}
+           "data": {"train": {"type": "voc", "root": str(root), "split": "train", "classes": ["circle", "square"]}}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return root, path

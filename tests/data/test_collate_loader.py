@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkit.data.collate import Collate, pad_images
+from detkit.data.collate import Collate
 from detkit.data.config import DataConfig
 from detkit.data.loader import EpochSampler, TransformedDataset, build_dataset, build_loader
 from detkit.errors import ConfigError
@@ -15,37 +15,23 @@ def _target(g: int) -> dict:
         "labels": torch.arange(g),
         "difficult": torch.zeros(g, dtype=torch.bool),
         "image_id": f"im{g}",
-        "scale": 0.5 * (g + 1),
-        "orig_size": torch.tensor([10 * g + 1, 20]),
     }
 
 
-def test_pad_images_zero_pads_and_rounds_up():
-    a, b = torch.ones(3, 5, 7), torch.full((3, 9, 4), 0.5)
-    images, sizes = pad_images([a, b], size_divisor=4)
-    assert images.shape == (2, 3, 12, 8)
-    assert sizes.tolist() == [[5, 7], [9, 4]] and sizes.dtype == torch.int64
-    assert images[0, :, :5, :7].eq(1).all() and images[0, :, 5:].eq(0).all() and images[0, :, :, 7:].eq(0).all()
-    assert images[1, :, :9, :4].eq(0.5).all() and images[1, :, :, 4:].eq(0).all()
-    assert pad_images([a, b])[0].shape == (2, 3, 9, 7)
-
-
-def test_collate_builds_batch():
+def test_collate_keeps_each_image_at_its_own_size():
+    # No resizing and no padding here: the detector's preprocessing does both, on its device.
     samples = [(torch.rand(3, 6, 8), _target(0)), (torch.rand(3, 10, 5), _target(2))]
-    batch = Collate(size_divisor=16)(samples)
-    assert batch.images.shape == (2, 3, 16, 16) and len(batch) == 2
-    assert batch.image_sizes.tolist() == [[6, 8], [10, 5]]
+    batch = Collate()(samples)
+    assert len(batch) == 2 and [tuple(im.shape) for im in batch.images] == [(3, 6, 8), (3, 10, 5)]
+    assert all(torch.equal(im, s[0]) for im, s in zip(batch.images, samples))
     assert [b.shape[0] for b in batch.boxes] == [0, 2]
     assert batch.labels[1].tolist() == [0, 1] and batch.labels[1].dtype == torch.int64
-    assert batch.scales.tolist() == [0.5, 1.5]
-    assert batch.orig_sizes.tolist() == [[1, 20], [21, 20]]
     assert batch.image_ids == ["im0", "im2"]
-    assert batch.targets[1]["boxes"] is batch.boxes[1]
+    assert batch.targets[1]["boxes"] is batch.boxes[1] and set(batch.targets[1]) == {"boxes", "labels", "difficult"}
     moved = batch.to("cpu")
-    assert torch.equal(moved.images, batch.images) and moved.image_ids == batch.image_ids
-    # to_original undoes the resize: image 1 is 10x5 now, was 21x20.
-    back = batch.to_original(torch.tensor([[1.0, 1.0, 5.0, 10.0]]), 1)
-    assert torch.allclose(back, torch.tensor([[4.0, 2.1, 20.0, 21.0]]))
+    assert all(torch.equal(a, b) for a, b in zip(moved.images, batch.images)) and moved.image_ids == batch.image_ids
+    with pytest.raises(ValueError, match="empty batch"):
+        Collate()([])
 
 
 def test_epoch_sampler_reshuffles_and_is_reproducible():
@@ -65,9 +51,8 @@ def test_epoch_sampler_reshuffles_and_is_reproducible():
 def data_cfg() -> DataConfig:
     return DataConfig.model_validate({
         "train": {"type": "synthetic", "num_images": 6, "image_size": [64, 64], "object_size": [12, 24]},
-        "val": {"type": "synthetic", "num_images": 4, "image_size": [64, 64], "object_size": [12, 24], "split": "val"},
-        "transforms": {"min_size": 80, "max_size": 200, "hflip": 0.5, "photometric": True},
-        "size_divisor": 16,
+        "val": {"type": "synthetic", "num_images": 4, "image_size": [64, 48], "object_size": [12, 24], "split": "val"},
+        "transforms": {"hflip": 0.5, "photometric": True},
     })  # fmt: skip
 
 
@@ -77,7 +62,10 @@ def test_build_dataset_applies_split_transforms(data_cfg):
     assert train.transform.train and not val.transform.train
     assert train.classes == ["circle", "square", "triangle", "cross"]
     img, t = val[0]
-    assert img.shape == (3, 80, 80) and t["scale"] == pytest.approx(1.25) and t["image_id"] == "val_000000"
+    # Validation images as read (their own 64x48 size), what predict is given.
+    assert img.shape == (3, 64, 48) and t["image_id"] == "val_000000"
+    raw_img, raw_t = val.dataset[0]
+    assert torch.equal(img, raw_img) and torch.equal(t["boxes"], raw_t["boxes"])
     assert torch.equal(val[0][0], img)
     no_val = data_cfg.model_copy(update={"val": None})
     with pytest.raises(ConfigError, match="data.val"):
@@ -90,14 +78,14 @@ def test_loader_is_independent_of_worker_count(data_cfg):
     for workers in (0, 2):
         loader = build_loader(ds, batch_size=3, shuffle=True, num_workers=workers, seed=4)
         assert loader.persistent_workers == (workers > 0)
-        epochs = [[(b.image_ids, b.images.clone(), b.boxes) for b in loader] for _ in range(2)]
+        epochs = [[(b.image_ids, [im.clone() for im in b.images], b.boxes) for b in loader] for _ in range(2)]
         runs.append(epochs)
     for e in range(2):
         for (ids0, im0, bx0), (ids1, im1, bx1) in zip(runs[0][e], runs[1][e]):
-            assert ids0 == ids1 and torch.equal(im0, im1)
+            assert ids0 == ids1 and all(torch.equal(a, b) for a, b in zip(im0, im1))
             assert all(torch.equal(a, b) for a, b in zip(bx0, bx1))
-    batch = runs[0][0][0]
-    assert batch[1].shape == (3, 3, 80, 80)  # padded to a multiple of 16
+    images = runs[0][0][0][1]
+    assert len(images) == 3 and all(im.shape == (3, 64, 64) and im.dtype == torch.uint8 for im in images)
     assert runs[0][0][0][0] != runs[0][1][0][0]  # reshuffled between epochs
 
 
@@ -105,7 +93,7 @@ def test_plain_dataset_loader(tiny_synth):
     loader = build_loader(tiny_synth, batch_size=4, shuffle=False, drop_last=True)
     batches = list(loader)
     assert len(batches) == 1 and batches[0].image_ids[0] == "train_000000"
-    assert batches[0].scales.tolist() == [1.0] * 4 and batches[0].orig_sizes[0].tolist() == [64, 80]
+    assert [tuple(im.shape) for im in batches[0].images] == [(3, 64, 80)] * 4
 
 
 # ------------------------------------------------------------ throughput (issue 8)
@@ -147,12 +135,16 @@ def _shaped_loader(group_by_aspect: bool, **kw):
     from detkit.data.config import TransformConfig
     from detkit.data.transforms import build_transform
 
-    ds = TransformedDataset(_Shaped(12), build_transform(TransformConfig(min_size=16, max_size=32, hflip=0.0), True),
-                            seed=1, size_divisor=32)
+    ds = TransformedDataset(_Shaped(12), build_transform(TransformConfig(hflip=0.0), True), seed=1)
     return build_loader(ds, batch_size=2, shuffle=True, seed=3, group_by_aspect=group_by_aspect, **kw)
 
 
+def _shapes(batch) -> set[tuple[int, ...]]:
+    return {tuple(im.shape) for im in batch.images}
+
+
 def test_grouped_batches_share_an_aspect_ratio_and_pad_less():
+    # The detector pads a batch to its largest image: one shape per batch pads nothing.
     grouped, plain = _shaped_loader(True), _shaped_loader(False)
     for epoch in range(2):
         grouped.sampler.set_epoch(epoch)
@@ -160,26 +152,24 @@ def test_grouped_batches_share_an_aspect_ratio_and_pad_less():
         g_batches, p_batches = list(grouped), list(plain)
         assert len(g_batches) == len(p_batches) == len(grouped) == 6
         assert sorted(i for b in g_batches for i in b.image_ids) == sorted(i for b in p_batches for i in b.image_ids)
-        assert all(len({tuple(s) for s in b.image_sizes.tolist()}) == 1 for b in g_batches)
-        assert all(tuple(b.images.shape[-2:]) in ((32, 32),) for b in g_batches)  # divisor 32 rounds 16 up
-        mixed = [b for b in p_batches if len({tuple(s) for s in b.image_sizes.tolist()}) > 1]
+        assert all(len(_shapes(b)) == 1 for b in g_batches)
+        mixed = [b for b in p_batches if len(_shapes(b)) > 1]
         assert mixed, "the ungrouped control should mix shapes (seeded)"
 
 
-def test_default_size_divisor_pads_to_32():
-    assert DataConfig.model_validate({"train": {"type": "synthetic"}}).size_divisor == 32
-    images, _ = pad_images([torch.rand(3, 33, 40)], size_divisor=32)
-    assert images.shape == (1, 3, 64, 64)
+def test_uint8_batches_stay_uint8_in_transit_and_give_the_detector_the_float_input():
+    from detkit.preprocess import ImagePreprocessor, PreprocessParams
 
-
-def test_uint8_batches_become_float_on_the_device():
     samples = [(torch.rand(3, 6, 8), _target(1)), (torch.rand(3, 5, 8), _target(2))]
-    as_float = Collate(size_divisor=8)(samples)
-    as_uint8 = Collate(size_divisor=8, uint8=True)(samples)
-    assert as_uint8.images.dtype == torch.uint8 and as_uint8.images.shape == as_float.images.shape
-    moved = as_uint8.to("cpu")
-    assert moved.images.dtype == torch.float32
-    assert (moved.images - as_float.images).abs().max() <= 0.5 / 255 + 1e-6  # rounded, not truncated
+    as_float = Collate()(samples)
+    as_uint8 = Collate(uint8=True)(samples)
+    assert all(im.dtype == torch.uint8 for im in as_uint8.to("cpu").images)  # a quarter of the bytes to the device
+    assert all((a.float() / 255 - b).abs().max() <= 0.5 / 255 + 1e-6  # rounded, not truncated
+               for a, b in zip(as_uint8.images, as_float.images))
+    prep = ImagePreprocessor(PreprocessParams(min_size=12, max_size=16))
+    x8, xf = prep(as_uint8.images)[0].tensor, prep(as_float.images)[0].tensor
+    assert x8.shape == xf.shape == (2, 3, 12, 16)
+    assert (x8 - xf).abs().max() <= (0.5 / 255) / min(prep.params.std) + 1e-5
 
 
 def test_device_prefetcher_yields_every_batch_on_the_device(data_cfg):
@@ -189,7 +179,7 @@ def test_device_prefetcher_yields_every_batch_on_the_device(data_cfg):
     expected = [b.image_ids for b in loader]
     got = list(DevicePrefetcher(loader, "cpu"))
     assert [b.image_ids for b in got] == expected
-    assert all(b.images.dtype == torch.float32 for b in got)
+    assert all(im.dtype == torch.uint8 and im.device.type == "cpu" for b in got for im in b.images)
 
 
 def test_auto_workers_none_on_cpu_some_on_gpu_and_one_thread_each(monkeypatch):
@@ -211,13 +201,13 @@ class _Threads(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                  "scale": torch.get_num_threads()}
+                  "image_id": torch.get_num_threads()}
         return torch.zeros(3, 4, 4), target
 
 
 def test_each_worker_runs_one_torch_thread():
     loader = build_loader(_Threads(), batch_size=2, shuffle=False, num_workers=1)
-    assert next(iter(loader)).scales.tolist() == [1.0, 1.0]
+    assert next(iter(loader)).image_ids == ["1", "1"]
 
 
 def test_leftover_buckets_end_the_epoch_in_group_order():

@@ -65,8 +65,7 @@ def test_limit_setting_is_read_at_each_call(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_training_on_a_huge_image_fails_with_one_line(tmp_path, monkeypatch):
-    import yaml
+def test_training_on_a_huge_image_fails_with_one_line(tmp_path, monkeypatch, tiny_dict, write_tiny):
     from typer.testing import CliRunner
 
     from detkit.cli import app
@@ -78,16 +77,10 @@ def test_training_on_a_huge_image_fails_with_one_line(tmp_path, monkeypatch):
     assert made.exit_code == 0, made.output
     huge = sorted((root / "JPEGImages").iterdir())[1]
     _png_claiming(huge, 20000, 10000)
-    cfg = {
-        "model": {"type": "faster_rcnn", "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
-                  "rpn": {"type": "rpn", "mid_channels": 8}, "preprocess": {"min_size": 64, "max_size": 64}},
-        "data": {"train": {"type": "voc", "root": str(root), "split": "train", "classes": ["circle", "square"]},
-                 "batch_size": 2, "num_workers": 1, "transforms": {"min_size": 64, "max_size": 64}},
-        "train": {"epochs": 1, "optimizer": {"type": "sgd", "lr": 0.01}},
-        "eval": {"interval": 0},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    tiny_dict["data"].update(train={"type": "voc", "root": str(root), "split": "train", "classes": ["circle", "square"]},
+                             val=None, batch_size=2, num_workers=1)
+    tiny_dict["eval"] = {"interval": 0}
+    path = write_tiny(tiny_dict)
     res = runner.invoke(app, ["train", str(path), "--out", str(tmp_path / "run")])
     assert res.exit_code == 1, res.output
     line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]

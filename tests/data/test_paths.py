@@ -14,24 +14,21 @@ from detkit.registry import registry
 
 runner = CliRunner()
 
-CONFIG = {
-    "model": {"type": "faster_rcnn", "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
-              "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"train_post_nms": 16, "test_post_nms": 8}},
-              "preprocess": {"min_size": 64, "max_size": 64}},
-    "data": {"train": {"type": "voc", "root": "data/voc", "split": "train", "classes": ["circle", "square"]},
-             "val": {"type": "voc", "root": "data/voc", "split": "train", "classes": ["circle", "square"]},
-             "batch_size": 2, "transforms": {"min_size": 64, "max_size": 64}},
-    "train": {"epochs": 1, "log_interval": 1,
-              "trainer": {"type": "faster_rcnn_trainer", "anchor_target": {"type": "anchor_target", "n_sample": 16},
-                          "proposal_target": {"type": "proposal_target", "n_sample": 8}}},
-    "eval": {"interval": 1},
-}
+VOC = {"type": "voc", "root": "data/voc", "split": "train", "classes": ["circle", "square"]}
 
 
-def test_relative_data_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
+@pytest.fixture
+def config(tiny_dict) -> dict:
+    """The shared tiny config on a VOC set at the relative path data/voc, for one epoch."""
+    tiny_dict["data"].update(train=dict(VOC), val=dict(VOC), batch_size=2)
+    tiny_dict["train"]["epochs"] = 1
+    return tiny_dict
+
+
+def test_relative_data_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
+    path.write_text(yaml.safe_dump(config))
     cfg = absolute_data_paths(load_config(path, ["data.val=null"]))
     assert cfg.to_dict()["data"]["train"]["root"] == str(tmp_path / "data" / "voc")
     assert cfg.to_dict()["data"]["train"]["split"] == "train"  # only path fields change
@@ -51,14 +48,14 @@ def test_a_missing_path_says_what_it_was_resolved_against(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_eval_and_resume_work_from_another_directory(tmp_path, monkeypatch):
+def test_eval_and_resume_work_from_another_directory(tmp_path, monkeypatch, config):
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
     res = runner.invoke(app, ["data", "synth", "data/voc", "-n", "4", "--image-size", "64",
                               "--classes", "circle,square"])
     assert res.exit_code == 0, res.output
-    (project / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
+    (project / "cfg.yaml").write_text(yaml.safe_dump(config))
     res = runner.invoke(app, ["train", "cfg.yaml", "--out", "runs/x"])
     assert res.exit_code == 0, res.output
     stored = yaml.safe_load((project / "runs" / "x" / "config.yaml").read_text())

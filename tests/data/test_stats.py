@@ -86,11 +86,9 @@ def _config(tmp_path, scales):
             "type": "faster_rcnn",
             "backbone": {"type": "tiny", "channels": [8, 8, 8, 8], "tail_features": 16},
             "rpn": {"type": "rpn", "mid_channels": 8, "anchor": {"scales": scales, "ratios": [0.5, 1.0, 2.0]}},
+            "preprocess": {"min_size": 128, "max_size": 128},
         },
-        "data": {
-            "train": {"type": "synthetic", "num_images": 12, "image_size": [128, 128]},
-            "transforms": {"min_size": 128, "max_size": 128},
-        },
+        "data": {"train": {"type": "synthetic", "num_images": 12, "image_size": [128, 128]}},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -105,7 +103,7 @@ def test_dataset_stats_uses_the_detectors_anchors(tmp_path):
 
     cfg = load_config(_config(tmp_path, [16.0, 32.0]), [])  # anchors of 256-512 px for 16-64 px boxes
     report = dataset_stats(cfg, max_images=10)
-    synth = SyntheticShapes(num_images=12, image_size=(128, 128))
+    synth = SyntheticShapes(SyntheticShapes.Params(num_images=12, image_size=(128, 128)))
     boxes = torch.cat([synth.annotation(i)[1]["boxes"] for i in range(10)])
     labels = torch.cat([synth.annotation(i)[1]["labels"] for i in range(10)])
     assert report.num_images == 10
@@ -151,9 +149,11 @@ def test_dataset_stats_on_a_pyramid_asks_the_rpn_and_suggests_sizes(tmp_path):
         "neck": {"type": "fpn", "out_channels": 16},
         # Huge anchors for 16-64 px boxes: the suggestion must do better.
         "rpn": {"type": "rpn", "mid_channels": None, "anchor": {"sizes": [[256], [300], [400], [512], [600]]}},
-        "roi_head": {"type": "multiscale_roi_head", "representation_size": 16},
+        "roi_head": {"type": "roi_head",
+                     "pooler": {"type": "multiscale_roi_align", "in_features": ["P2", "P3", "P4", "P5"], "output_size": 7},
+                     "box_head": {"type": "two_mlp", "representation_size": 16}},
+        "preprocess": {"min_size": 128, "max_size": 128, "size_divisible": 32},
     }
-    cfg["data"]["size_divisor"] = 32
     path.write_text(yaml.safe_dump(cfg))
     loaded = load_config(path, [])
     report = dataset_stats(loaded, max_images=6)
