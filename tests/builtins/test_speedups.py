@@ -81,13 +81,16 @@ def test_resnet_detector_detections_unchanged_by_folding():
     g = torch.Generator().manual_seed(1)
     model = registry("detector").build(
         {"type": "faster_rcnn", "backbone": {"type": "resnet50"},
-         "rpn": {"type": "rpn", "proposal": {"test_post_nms": 16, "train_post_nms": 32}}},
+         "rpn": {"type": "rpn", "proposal": {"test_post_nms": 16, "train_post_nms": 32}},
+         "preprocess": {"min_size": 96, "max_size": 112}},
         num_classes=3,
     )
     randomise_bn(model, g)
     ref = unfold(model)
     image = torch.rand(3, 96, 112, generator=g)
-    out, out_ref = model.predict([image], score_thresh=0.0), ref.predict([image], score_thresh=0.0)
+    model.eval(), ref.eval()
+    with torch.no_grad(), model.detection_settings(score_thresh=0.0), ref.detection_settings(score_thresh=0.0):
+        out, out_ref = model([image]), ref([image])
     assert out[0]["boxes"].shape[0] > 0
     assert torch.equal(out[0]["labels"], out_ref[0]["labels"])
     # float32 rounding through 50 layers with far-from-identity BatchNorms: ~1e-4
@@ -143,7 +146,7 @@ def test_nms_first_keeps_the_full_runs_best(spread, sides, passes, monkeypatch):
 
 def test_proposals_of_one_map_equal_the_plain_nms_path(monkeypatch):
     """The RPN's early-stopping NMS (one map) gives the proposals of one full NMS per image."""
-    from detkit_builtins.rpn import ProposalCreator
+    from detkit_builtins.rpn import ProposalCreator, ProposalParams
 
     g = torch.Generator().manual_seed(2)
     n, a = 2, 2000
@@ -153,8 +156,8 @@ def test_proposals_of_one_map_equal_the_plain_nms_path(monkeypatch):
     scores = torch.rand(n, a, generator=g)
     sizes = torch.tensor([[320, 320], [300, 260]])
     for before_topk in (True, False):
-        creator = ProposalCreator(train_pre_nms=1500, train_post_nms=100, min_size=20.0,
-                                  min_size_before_topk=before_topk).train()
+        creator = ProposalCreator(ProposalParams(train_pre_nms=1500, train_post_nms=100, min_size=20.0,
+                                                 min_size_before_topk=before_topk)).train()
         fast = creator(locs, scores, anchors, sizes)
         monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # export's plain path
         plain = creator(locs, scores, anchors, sizes)
