@@ -5,12 +5,13 @@ torchvision import config's layout, so any difference is code, not weights)
 and get the same input: ``--batch`` images of ``--size`` x ``--size`` (min_size =
 max_size = size on both sides, so neither resizes), 5 boxes each for training.
 
-* inference: ``model.predict(images)`` (detkit) vs ``model.eval()(images)``
-  (torchvision): normalisation, padding, backbone + FPN, RPN with 1000
-  proposals per image, RoI head, post-processing;
-* train step: ``FasterRCNNTrainer.train_step`` vs torchvision's
+* inference: ``model.eval()(images)`` on both (detkit's forward includes its
+  preprocessing, as torchvision's does): normalisation, padding, backbone +
+  FPN, RPN with 1000 proposals per image, RoI head, post-processing;
+* train step: ``FasterRCNNTrainer.train_step(images, targets)`` vs torchvision's
   ``sum(model(images, targets).values()).backward(); optimizer.step()``, SGD,
-  torchvision's sampling (RPN 256 at 0.5 positive, RoI 512 at 0.25).
+  torchvision's sampling (RPN 256 at 0.5 positive, RoI 512 at 0.25: the
+  detector's ``roi_head.proposal_target``).
 
 Prints best and median wall seconds of ``--reps`` runs after a warm-up, the
 runs of the two interleaved so both see the same machine load, the median
@@ -93,7 +94,10 @@ def build_pair(size: int, device: torch.device, num_classes: int = 90):
             p.requires_grad_(False)
     overrides = [f"model.preprocess.min_size={size}", f"model.preprocess.max_size={size}"]
     cfg = load_config(REPO / "configs" / "import" / "torchvision_fasterrcnn_resnet50_fpn.yaml", overrides)
-    dk = build_detector(cfg.to_dict()["model"], num_classes)
+    model = cfg.to_dict()["model"]
+    # torchvision's RoI sampling (512 per image, a quarter positive); the RPN's default is already its 256 at 0.5.
+    model["roi_head"]["proposal_target"] = {"type": "proposal_target", "n_sample": 512, "pos_ratio": 0.25}
+    dk = build_detector(model, num_classes)
     dk.import_state_dict(tv.state_dict(), source="torchvision")
     return dk.to(device), tv.to(device)
 
@@ -115,7 +119,7 @@ def inference(size: int, batch: int, reps: int, device: torch.device) -> dict:
     dk.eval(), tv.eval()
     images, _, _ = images_and_targets(batch, size, device)
     with torch.inference_mode():
-        return _paired({"detkit": lambda: dk.predict(images), "torchvision": lambda: tv(images)}, device, reps)
+        return _paired({"detkit": lambda: dk(images), "torchvision": lambda: tv(images)}, device, reps)
 
 
 def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict:
@@ -123,17 +127,15 @@ def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict:
 
     dk, tv = build_pair(size, device)
     images, boxes, labels = images_and_targets(batch, size, device)
-    x = torch.stack(images)
-
     params = [p for p in dk.parameters() if p.requires_grad]
     trainer = registry("trainer").build(
-        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 512, "pos_ratio": 0.25}},
-        model=dk, optimizer=torch.optim.SGD(params, lr=1e-4, momentum=0.9),
+        {"type": "faster_rcnn_trainer"}, model=dk, optimizer=torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     )
     dk.train()
     tv.train()
     opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    targets = [{"boxes": b, "labels": l + 1} for b, l in zip(boxes, labels)]
+    targets = [{"boxes": b, "labels": l + 1} for b, l in zip(boxes, labels)]  # torchvision: 0 is background
+    dk_targets = [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
 
     def tv_step():
         opt.zero_grad(set_to_none=True)
@@ -141,7 +143,7 @@ def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict:
         sum(losses.values()).backward()
         opt.step()
 
-    return _paired({"detkit": lambda: trainer.train_step(x, boxes, labels), "torchvision": tv_step}, device, reps)
+    return _paired({"detkit": lambda: trainer.train_step(images, dk_targets), "torchvision": tv_step}, device, reps)
 
 
 def report(title: str, times: dict, batch: int) -> list[str]:
