@@ -18,39 +18,22 @@ import torch
 from detkit.config import load_config
 from detkit.engine import train as train_module
 
-CONFIG = """
-name: nosync
-model:
-  type: faster_rcnn
-  backbone: {type: tiny, channels: [8, 16, 16, 32], tail_features: 32}
-  rpn:
-    type: rpn
-    mid_channels: 16
-    anchor: {scales: [1, 2, 4], offset: 0.5}
-    proposal: {train_pre_nms: 200, train_post_nms: 32, test_pre_nms: 200, test_post_nms: 16, min_size: 2}
-  roi_head: {type: roi_head, pool: roi_align, sampling_ratio: 1}
-  preprocess: {min_size: 64, max_size: 64}
-data:
-  train: {type: synthetic, num_images: 12, image_size: [64, 64], object_size: [16, 32], split: train}
-  batch_size: 2
-  transforms: {min_size: 64, max_size: 64}
-train:
-  epochs: 1
-  trainer:
-    type: faster_rcnn_trainer
-    seed: 0
-    anchor_target: {type: anchor_target, n_sample: 32}
-    proposal_target: {type: proposal_target, n_sample: 16}
-  optimizer: {type: sgd, lr: 0.01, momentum: 0.9}
-  log_interval: 4
-eval: {interval: 0}
-"""
-
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-def run_checked(tmp_path, monkeypatch, inject_read: bool = False) -> dict:
-    """Train CONFIG with host reads recorded in the steady state; returns what was recorded."""
+@pytest.fixture
+def config(tiny_dict, write_tiny):
+    """The shared tiny config, 6 steps of 2 images, RoI align, a seeded trainer, logging every 4 steps."""
+    tiny_dict["model"]["roi_head"]["pooler"] = {"type": "roi_align", "sampling_ratio": 1}
+    tiny_dict["data"].update(train={**tiny_dict["data"]["train"], "num_images": 12}, val=None, batch_size=2)
+    tiny_dict["train"].update(epochs=1, log_interval=4, optimizer={"type": "sgd", "lr": 0.01, "momentum": 0.9},
+                              trainer={"type": "faster_rcnn_trainer", "seed": 0})
+    tiny_dict["eval"] = {"interval": 0}
+    return write_tiny(tiny_dict)
+
+
+def run_checked(path, tmp_path, monkeypatch, inject_read: bool = False) -> dict:
+    """Train the config at ``path`` with host reads recorded in the steady state; returns what was recorded."""
     state = {"on": False, "reads": [], "checked_steps": 0}
 
     def recording(name, original):
@@ -65,7 +48,7 @@ def run_checked(tmp_path, monkeypatch, inject_read: bool = False) -> dict:
         monkeypatch.setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
 
     Loop = train_module.TrainLoop
-    run_step, call = Loop.run_step, Loop.call
+    optimizer_step, call = Loop.optimizer_step, Loop.call
 
     class Fetched:
         """The batch iterator with checks off: the loader builds host tensors itself."""
@@ -80,11 +63,11 @@ def run_checked(tmp_path, monkeypatch, inject_read: bool = False) -> dict:
             finally:
                 state["on"] = was
 
-    def checked_run_step(self, batches, micro_batches):
+    def checked_optimizer_step(self, batches, micro_batches):
         state["on"] = self.step >= 1  # the first step sets things up once
         state["checked_steps"] += state["on"]
         try:
-            return run_step(self, Fetched(batches), micro_batches)
+            return optimizer_step(self, Fetched(batches), micro_batches)
         finally:
             state["on"] = False
 
@@ -95,25 +78,31 @@ def run_checked(tmp_path, monkeypatch, inject_read: bool = False) -> dict:
         finally:
             state["on"] = False
 
-    monkeypatch.setattr(Loop, "run_step", checked_run_step)
+    monkeypatch.setattr(Loop, "optimizer_step", checked_optimizer_step)
     monkeypatch.setattr(Loop, "call", checked_call)
     if inject_read:  # the control: a loss read each step, as a naive loss guard would do
-        to_device = Loop.to_device
-        monkeypatch.setattr(Loop, "to_device", lambda self, b: (float(b.images.sum()), to_device(self, b))[1])
-    path = tmp_path / "cfg.yaml"
-    path.write_text(CONFIG)
+        from detkit_builtins.trainer import FasterRCNNTrainer
+
+        run_step = FasterRCNNTrainer.run_step
+
+        def reading_run_step(self, micro_batches):
+            losses = run_step(self, micro_batches)
+            float(losses["total"])
+            return losses
+
+        monkeypatch.setattr(FasterRCNNTrainer, "run_step", reading_run_step)
     train_module.train(load_config(path), config_path=path, out_dir=tmp_path / "run")
     return state
 
 
 @pytest.mark.slow
-def test_steady_state_loop_reads_no_tensor_data(tmp_path, monkeypatch):
-    state = run_checked(tmp_path, monkeypatch)
+def test_steady_state_loop_reads_no_tensor_data(config, tmp_path, monkeypatch):
+    state = run_checked(config, tmp_path, monkeypatch)
     assert state["checked_steps"] == 5  # 6 steps, the first not checked
     assert not state["reads"], "host reads in the steady-state loop:\n" + "\n".join(state["reads"][:3])
 
 
 @pytest.mark.slow
-def test_a_read_in_the_step_is_caught(tmp_path, monkeypatch):
-    state = run_checked(tmp_path, monkeypatch, inject_read=True)
+def test_a_read_in_the_step_is_caught(config, tmp_path, monkeypatch):
+    state = run_checked(config, tmp_path, monkeypatch, inject_read=True)
     assert len(state["reads"]) == 5 and "__float__" in state["reads"][0]

@@ -9,36 +9,11 @@ import pytest
 from detkit.api import train
 from detkit.engine.checkpoint import load_checkpoint
 
-CONFIG = {
-    "model": {
-        "type": "faster_rcnn",
-        "backbone": {"type": "tiny", "channels": [8, 16, 16, 32], "tail_features": 32},
-        "rpn": {"type": "rpn", "mid_channels": 16, "anchor": {"scales": [1, 2, 4], "offset": 0.5},
-                "proposal": {"train_pre_nms": 200, "train_post_nms": 32, "test_pre_nms": 200,
-                             "test_post_nms": 16, "min_size": 2},
-                "anchor_target": {"type": "anchor_target", "n_sample": 32}},
-        "roi_head": {"type": "roi_head", "pooler": {"type": "roi_pool"},
-                     "proposal_target": {"type": "proposal_target", "n_sample": 16}},
-        "preprocess": {"min_size": 64, "max_size": 64},
-    },
-    "data": {
-        "train": {"type": "synthetic", "num_images": 8, "image_size": [64, 64], "object_size": [16, 32]},
-        "val": {"type": "synthetic", "num_images": 4, "image_size": [64, 64], "object_size": [16, 32],
-                "split": "val"},
-        "batch_size": 4,
-    },
-    "train": {
-        "epochs": 3,
-        "optimizer": {"type": "sgd", "lr": 0.01},
-        "log_interval": 1,
-    },
-    "eval": {"interval": 1, "score_thresh": 0.0, "metric": ["voc", "coco"], "best": "coco/AP50"},
-}
-
-
 @pytest.mark.slow
-def test_train_evaluates_every_metric_and_best_follows_eval_best(tmp_path):
-    run_dir = train(CONFIG, out_dir=tmp_path / "run")
+def test_train_evaluates_every_metric_and_best_follows_eval_best(tmp_path, tiny_dict):
+    tiny_dict["train"]["epochs"] = 3
+    tiny_dict["eval"].update(metric=["voc", "coco"], best="coco/AP50")
+    run_dir = train(tiny_dict, out_dir=tmp_path / "run")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     evals = [r for r in map(json.loads, lines) if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [0, 1, 2]
