@@ -112,11 +112,25 @@ def test_frozen_backbone_phase_then_unfrozen(tiny_config, tmp_path):
     assert not all(torch.equal(after["model"][k], after_frozen["model"][k]) for k in trunk)
 
 
-def test_amp_flag_trains_on_cpu(tiny_config, tmp_path):
-    run_dir = train(load_config(tiny_config, ["train.epochs=1", "eval.interval=0", "train.amp=true"]),
-                    out_dir=tmp_path / "amp")
-    steps = records(run_dir, "train")
-    assert len(steps) == 2 and all(r["total"] > 0 for r in steps)
+@pytest.mark.parametrize("amp", [True, False])
+def test_train_amp_runs_the_loops_forward_under_autocast(tiny_config, tmp_path, amp):
+    """train.amp reaches the trainer the loop steps with: on the CPU the network then computes in
+    bfloat16 (a conv's output), and in float32 without it."""
+    from rich.console import Console
+
+    from detkit.engine.distributed import DistInfo
+    from detkit.engine.train import TrainLoop
+
+    cfg = load_config(tiny_config, ["train.epochs=1", "eval.interval=0", f"train.amp={str(amp).lower()}"])
+    loop = TrainLoop(cfg, tmp_path / "run", Console(quiet=True), torch.device("cpu"), DistInfo())
+    assert loop.trainer.amp.enabled is amp and loop.amp is loop.trainer.amp
+    conv = next(m for m in loop.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    loop.model.train()
+    losses = loop.optimizer_step(loop.batches(0), 1)
+    assert seen and set(seen) == {torch.bfloat16 if amp else torch.float32}
+    assert torch.isfinite(losses["total"]) and losses["total"] > 0
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tiny_config, tmp_path, monkeypatch):
