@@ -1,8 +1,9 @@
 """Time the plain Faster R-CNN training step, then see where its time goes.
 
 For each backbone (random weights, 20 classes, the default configs) and each
-precision: ``FasterRCNNTrainer.train_step`` on a batch of ``--batch`` images of
-``--size`` x ``--size`` with 5 random boxes each.
+precision: ``FasterRCNNTrainer.train_step(images, targets)`` (mixed precision:
+the trainer's own ``Amp``) on a batch of ``--batch`` images of ``--size`` x
+``--size`` with 5 random boxes each.
 
 1. **Plain step**: the step with nothing attached (no hooks, no FLOP
    counter, no profiler), ``--warmup`` untimed steps on the full batch, then
@@ -12,8 +13,8 @@ precision: ``FasterRCNNTrainer.train_step`` on a batch of ``--batch`` images of
 2. **Instrumented reps** (``--split``, separate from the plain ones): one
    step under ``FlopCounterMode`` for the FLOPs, then ``--split-reps`` steps
    with module hooks that synchronise the device at each boundary, for the
-   per-part split (backbone, RoI head, RPN convs, targets, proposals, losses,
-   optimiser).  The hooks slow the step (full backward hooks disable some
+   per-part split (backbone, neck, RoI head network, RPN convs, the stages'
+   target creators and losses, proposals, optimiser).  The hooks slow the step (full backward hooks disable some
    fusion, the syncs stall the GPU), so the split's own total is printed next
    to the plain step and the parts are shown as shares of that total.
 
@@ -35,7 +36,6 @@ with the defaults.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import statistics
@@ -61,55 +61,56 @@ def random_boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
 
 
-def make_step(trainer: Any, amp: bool, device: torch.device) -> Callable[..., Any]:
-    """``step(imgs, boxes, labels)``: the trainer's train_step with mixed precision on or off.
-
-    Works with both trainer APIs (``amp=Amp`` object, or the older ``fp16``/``scaler``).
-    """
-    params = inspect.signature(trainer.train_step).parameters
-    if "amp" in params:
-        from detkit.amp import Amp
-
-        a = Amp(device, enabled=amp)
-        return lambda imgs, boxes, labels: trainer.train_step(imgs, boxes, labels, amp=a)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
-    return lambda imgs, boxes, labels: trainer.train_step(
-        imgs, boxes, labels, fp16=amp, scaler=scaler if scaler.is_enabled() else None
-    )
+def make_step(trainer: Any) -> Callable[..., Any]:
+    """``step(images, targets)``: the trainer's train_step (its own Amp: mixed precision set when built)."""
+    return lambda images, targets: trainer.train_step(images, targets)
 
 
 class StepTimeline:
-    """Wall-clock time of the pieces of a training step, from hooks that synchronise the device.
+    """Wall-clock time of the pieces of a training step, from hooks on the detector's modules that sync the device.
 
-    Forward of a module: forward pre-hook -> forward hook.  Backward of the
-    head: backward pre-hook -> backward hook.  Backward of the backbone: its
-    backward pre-hook -> the optimiser's step pre-hook.  Used only in the
-    separate instrumented reps: the hooks change what they measure.
+    Forward of a module: forward pre-hook -> forward hook; a part made of
+    several modules (the RoI head's network: pooler, box head, predictors;
+    the RPN's convs) adds theirs up.  The target creators and losses are the
+    stages' own (``rpn.anchor_target``, ``roi_head.proposal_target``,
+    ``rpn.loc_loss`` ...).  Backward of the RoI head: the first backward
+    pre-hook of its predictors -> the pooler's backward hook.  Backward of the
+    backbone (and neck): its backward pre-hook -> the optimiser's step
+    pre-hook.  Used only in the separate instrumented reps: the hooks change
+    what they measure.  (Modules whose outputs are dicts of levels, e.g. an
+    FPN, get no backward hook call: their backward parts stay empty.)
     """
 
-    def __init__(self, trainer: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, trainer: Any, device: torch.device):
         self.device = device
         self.times: dict[str, float] = defaultdict(float)
         self._start: dict[str, float] = {}
         self.handles = []
-        model = trainer.model
-        timed_forward = {"backbone_fwd": model.extractor, "head_fwd": model.head}
-        for name in ("anchor_target", "proposal_target", "rpn_loc_loss", "rpn_cls_loss", "roi_loc_loss", "roi_cls_loss"):
-            if isinstance(getattr(trainer, name, None), nn.Module):
-                timed_forward[name] = getattr(trainer, name)
-        creator = getattr(model.rpn, "proposal_creator", None)
-        if isinstance(creator, nn.Module):
-            timed_forward["proposal_creator"] = creator
-        for name, module in timed_forward.items():
-            self.handles.append(module.register_forward_pre_hook(self._begin(name)))
-            self.handles.append(module.register_forward_hook(self._end(name)))
-        self.handles.append(model.head.register_full_backward_pre_hook(self._begin("head_bwd")))
-        self.handles.append(model.head.register_full_backward_hook(self._end("head_bwd")))
-        for conv in (getattr(model.rpn, n, None) for n in ("conv1", "score", "loc")):
-            if isinstance(conv, nn.Module):
-                self.handles.append(conv.register_forward_pre_hook(self._begin("rpn_net_fwd")))
-                self.handles.append(conv.register_forward_hook(self._end("rpn_net_fwd")))
-        self.handles.append(model.extractor.register_full_backward_pre_hook(self._begin("backbone_bwd")))
+        rpn, head = model.rpn, model.roi_head
+        timed_forward: dict[str, list[nn.Module]] = {
+            "backbone_fwd": [model.backbone],
+            "head_fwd": [head.pooler, head.box_head, head.cls_loc, head.score],
+            "rpn_net_fwd": [rpn.conv1, rpn.score, rpn.loc],
+            "proposal_creator": [rpn.proposal_creator],
+            "anchor_target": [rpn.anchor_target],
+            "proposal_target": [head.proposal_target],
+            "rpn_loc_loss": [rpn.loc_loss],
+            "rpn_cls_loss": [rpn.cls_loss],
+            "roi_loc_loss": [head.loc_loss],
+            "roi_cls_loss": [head.cls_loss],
+        }
+        if model.neck is not None:
+            timed_forward["neck_fwd"] = [model.neck]
+        for name, modules in timed_forward.items():
+            for module in modules:
+                if isinstance(module, nn.Module):
+                    self.handles.append(module.register_forward_pre_hook(self._begin(name)))
+                    self.handles.append(module.register_forward_hook(self._end(name)))
+        for predictor in (head.cls_loc, head.score):  # whichever gets its gradient first starts the head's backward
+            self.handles.append(predictor.register_full_backward_pre_hook(self._begin("head_bwd", first=True)))
+        self.handles.append(head.pooler.register_full_backward_hook(self._end("head_bwd")))
+        trunk = model.neck if model.neck is not None else model.backbone
+        self.handles.append(trunk.register_full_backward_pre_hook(self._begin("backbone_bwd")))
         opt = trainer.optimizer
         self.handles.append(opt.register_step_pre_hook(self._end("backbone_bwd")))
         self.handles.append(opt.register_step_pre_hook(self._begin("optimizer_step")))
@@ -119,9 +120,10 @@ class StepTimeline:
         sync(self.device)
         return time.perf_counter()
 
-    def _begin(self, name: str) -> Callable:
+    def _begin(self, name: str, first: bool = False) -> Callable:
         def hook(*args):
-            self._start[name] = self._now()
+            if not (first and name in self._start):
+                self._start[name] = self._now()
 
         return hook
 
@@ -151,7 +153,9 @@ def unfold_batchnorm(model: nn.Module) -> None:
             m.__class__ = nn.BatchNorm2d
 
 
-def build(name: str, device: torch.device, channels_last: bool, compile_: bool, fold_bn: bool = True) -> tuple[nn.Module, Any]:
+def build(
+    name: str, device: torch.device, channels_last: bool, compile_: bool, fold_bn: bool = True, amp: bool = False
+) -> tuple[nn.Module, Any]:
     torch.manual_seed(0)
     model = registry("detector").build(
         {"type": "faster_rcnn", "backbone": {"type": name}, "channels_last": channels_last}, num_classes=20
@@ -159,11 +163,13 @@ def build(name: str, device: torch.device, channels_last: bool, compile_: bool, 
     if not fold_bn:
         unfold_batchnorm(model)
     model.to(device).train()
-    if compile_:  # in place, as train.compile does
-        model.extractor.compile()
-        model.head.classifier.compile()
+    if compile_:  # in place, as train.compile does: backbone (neck) and the RoI box head
+        for module in model.compile_modules():
+            module.compile()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    trainer = registry("trainer").build({"type": "faster_rcnn_trainer", "seed": 0}, model=model, optimizer=opt)
+    trainer = registry("trainer").build(
+        {"type": "faster_rcnn_trainer", "seed": 0}, model=model, optimizer=opt, amp=amp
+    )
     return model, trainer
 
 
@@ -188,43 +194,45 @@ def setup(name: str, args: argparse.Namespace, amp: bool, device: torch.device) 
     backbone, _, variant = name.partition("/")
     if variant not in ("", "full-nms"):
         raise SystemExit(f"--backbones {name}: the only variant is NAME/full-nms")
-    model, trainer = build(backbone, device, args.channels_last, args.compile, args.fold_bn)
+    model, trainer = build(backbone, device, args.channels_last, args.compile, args.fold_bn, amp)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
-    boxes = [random_boxes(5, args.size, g).to(device) for _ in range(args.batch)]
-    labels = [torch.randint(0, 20, (5,), generator=g).to(device) for _ in range(args.batch)]
-    step = make_step(trainer, amp, device)
-    return trainer, full_nms(step) if variant else step, imgs, boxes, labels
+    images = [torch.rand(3, args.size, args.size, generator=g).to(device) for _ in range(args.batch)]
+    targets = [
+        {"boxes": random_boxes(5, args.size, g).to(device), "labels": torch.randint(0, 20, (5,), generator=g).to(device)}
+        for _ in range(args.batch)
+    ]
+    step = make_step(trainer)
+    return model, trainer, full_nms(step) if variant else step, images, targets
 
 
 def interleaved(args: argparse.Namespace, amp: bool, device: torch.device) -> dict[str, list[float]]:
     """Plain steps of all backbones in turn (A B A B ...): drift in a shared machine's load hits each alike."""
     runs = {name: setup(name, args, amp, device) for name in args.backbones}
     for _ in range(args.warmup):
-        for _, step, imgs, boxes, labels in runs.values():
-            step(imgs, boxes, labels)
+        for _, _, step, images, targets in runs.values():
+            step(images, targets)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.reps):
-        for name, (_, step, imgs, boxes, labels) in runs.items():
+        for name, (_, _, step, images, targets) in runs.items():
             sync(device)
             t = time.perf_counter()
-            step(imgs, boxes, labels)
+            step(images, targets)
             sync(device)
             times[name].append(time.perf_counter() - t)
     return times
 
 
 def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) -> dict:
-    trainer, step, imgs, boxes, labels = setup(name, args, amp, device)
+    model, trainer, step, images, targets = setup(name, args, amp, device)
 
     for _ in range(args.warmup):  # allocator, cudnn autotuning, lazy init, compilation
-        step(imgs, boxes, labels)
+        step(images, targets)
     sync(device)
     plain = []
     for _ in range(args.reps):
         sync(device)
         t = time.perf_counter()
-        step(imgs, boxes, labels)
+        step(images, targets)
         sync(device)
         plain.append(time.perf_counter() - t)
     out: dict[str, Any] = {"plain": plain}
@@ -233,7 +241,7 @@ def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) 
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            step(imgs, boxes, labels)
+            step(images, targets)
             sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"--- profile of one {name} step ({'amp' if amp else 'fp32'}), top ops by {key}")
@@ -243,15 +251,15 @@ def bench(name: str, args: argparse.Namespace, amp: bool, device: torch.device) 
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step(imgs, boxes, labels)
+        step(images, targets)
     out["flops"] = counter.get_total_flops()
-    timeline = StepTimeline(trainer, device)
+    timeline = StepTimeline(model, trainer, device)
     split_steps, parts = [], []
     for _ in range(args.split_reps):
         timeline.reset()
         sync(device)
         t = time.perf_counter()
-        step(imgs, boxes, labels)
+        step(images, targets)
         sync(device)
         split_steps.append(time.perf_counter() - t)
         parts.append(dict(timeline.times))
@@ -327,8 +335,8 @@ def main() -> None:
                 f"  FLOPs {r['flops'] / 1e12:.3f} TFLOP -> {r['flops'] / med / 1e9:.1f} GFLOP/s at the plain step"
             )
             print(f"  instrumented rep (separate; hooks sync the device): {total:.3f} s = {total / med:.2f}x the plain step")
-            network = sum(p.get(k, 0.0) for k in ("backbone_fwd", "backbone_bwd", "head_fwd", "head_bwd"))
-            for key in ("backbone_fwd", "backbone_bwd", "head_fwd", "head_bwd", "rpn_net_fwd", "proposal_creator",
+            network = sum(p.get(k, 0.0) for k in ("backbone_fwd", "neck_fwd", "backbone_bwd", "head_fwd", "head_bwd"))
+            for key in ("backbone_fwd", "neck_fwd", "backbone_bwd", "head_fwd", "head_bwd", "rpn_net_fwd", "proposal_creator",
                         "anchor_target", "proposal_target", "optimizer_step"):
                 if key in p:
                     print(f"    {key:17s} {p[key]:8.3f} s  {100 * p[key] / total:5.1f}%")
