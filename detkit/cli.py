@@ -422,6 +422,12 @@ def export_cmd(
     path, compared = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
     note = f"; checked against predict ({compared} detections)" if compared is not None else ""
     console.print(f"{format} -> {path}{note}", markup=False, highlight=False, soft_wrap=True)
+    if compared == 0:  # a check that compared nothing is no pass
+        err_console.print(
+            f"warning: {path}: the check compared nothing (the model detects nothing above its score_thresh "
+            "on the two test images); run the file on your own images before relying on it",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
 
 def main() -> None:
