@@ -1,9 +1,9 @@
 """Inference time of Faster R-CNN per 600x600 image, against this machine's conv speed.
 
 For each backbone (random weights, 20 classes, eval mode, ``torch.inference_mode``):
-``model.predict([image], resize=False)`` on one 600x600 image (the whole
-pipeline: backbone, RPN + proposals, RoI head on the test-time 300 RoIs,
-decoding, per-class NMS).  Prints
+``model([image])`` on one 600x600 image, ``model.preprocess`` set to that size
+so nothing is resized (the whole pipeline: normalisation, backbone, RPN +
+proposals, RoI head on the test-time 300 RoIs, decoding, per-class NMS).  Prints
 
 * seconds per image (best of ``--reps`` after a warm-up; the model's default
   channels-last layout),
@@ -12,11 +12,17 @@ decoding, per-class NMS).  Prints
   ``[1, 512, 64, 64]`` input, best of NCHW and channels-last, re-timed beside
   each model: the machine's practical peak for these layers),
 * achieved / peak FLOP/s and time / compute floor (floor = FLOPs / peak),
-* a per-stage split (backbone, RPN incl. proposals, RoI head, post-processing).
+* a per-stage split, timed apart from the plain figure, each stage called on
+  its own as the forward chains them: ``model.preprocess([image])`` (pre),
+  ``model.features(batch.tensor)`` (backbone, with the neck if any),
+  ``model.rpn(features, batch)`` (RPN incl. proposals),
+  ``model.roi_head(features, proposals, batch)`` (RoI head) and
+  ``model.postprocess(predictions, batch)`` (post).
 
 Random weights make every RoI a weak detection below the 0.5 threshold, so
 the post-processing here is the cheap path; it is timed separately with a
-threshold of 0 in the "post (thr 0)" column to show its worst case.
+threshold of 0 (``model.detection_settings(score_thresh=0.0)``) in the
+"post (thr 0)" column to show its worst case.
 
 Then the R50-FPN rows: detkit's R50-FPN against torchvision's own
 ``fasterrcnn_resnet50_fpn`` on the same input in the same run (see
@@ -93,29 +99,27 @@ def cpu_name() -> str:
 
 @torch.inference_mode()
 def stage_times(model, image: torch.Tensor, device: torch.device, reps: int) -> dict[str, float]:
-    """Seconds of each stage of one inference, each timed on its own."""
-    x = image.unsqueeze(0)
-    size = (x.shape[-2], x.shape[-1])
-    sizes = torch.tensor([size], device=device)
-    orig = sizes.float()
-    feats = model(x, mode="extractor")
-    out = model(feats, mode="rpn", image_sizes=sizes, scale=1.0)
-    locs, scores = model(feats, mode="head", rois=out.rois, roi_indices=out.roi_indices, input_size=size)
+    """Seconds of each stage of one inference, each timed on its own (the forward's stages, called one by one)."""
+    batch, _ = model.preprocess([image])
+    feats = model.features(batch.tensor)
+    proposals, _ = model.rpn(feats, batch)
+    preds, _ = model.roi_head(feats, proposals, batch)
 
     def post(thresh: float):
-        return lambda: model.postprocess(locs, scores, out.rois, out.roi_indices, sizes, orig, 1, thresh, model.nms_iou)
+        def run():
+            with model.detection_settings(score_thresh=thresh):
+                return model.postprocess(preds, batch)
+
+        return run
 
     return {
-        "backbone": best_time(lambda: model(x, mode="extractor"), device, reps),
-        "rpn": best_time(lambda: model(feats, mode="rpn", image_sizes=sizes, scale=1.0), device, reps),
-        "head": best_time(
-            lambda: model(feats, mode="head", rois=out.rois, roi_indices=out.roi_indices, input_size=size),
-            device,
-            reps,
-        ),
+        "pre": best_time(lambda: model.preprocess([image]), device, reps),
+        "backbone": best_time(lambda: model.features(batch.tensor), device, reps),
+        "rpn": best_time(lambda: model.rpn(feats, batch), device, reps),
+        "head": best_time(lambda: model.roi_head(feats, proposals, batch), device, reps),
         "post": best_time(post(model.score_thresh), device, reps),
         "post0": best_time(post(0.0), device, reps),
-        "rois": float(out.rois.shape[0]),
+        "rois": float(proposals.boxes.shape[0]),
     }
 
 
@@ -141,16 +145,21 @@ def main() -> None:
     peak = conv_throughput(device, args.reps)
 
     header = (f"{'backbone':<10}{'s/img':>8}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'t/floor':>9}"
-              f"{'backbone':>10}{'rpn':>7}{'head':>7}{'post':>7}{'post(thr 0)':>12}{'RoIs':>6}")
+              f"{'pre':>7}{'backbone':>10}{'rpn':>7}{'head':>7}{'post':>7}{'post(thr 0)':>12}{'RoIs':>6}")
     results = []
     for name in args.backbones:
         torch.manual_seed(0)  # same random weights (hence RoI count) whatever ran before
-        model = registry("detector").build({"type": "faster_rcnn", "backbone": {"type": name}}, num_classes=20)
+        # The input size set in model.preprocess (the one place it lives), so a --size image is not resized.
+        model = registry("detector").build(
+            {"type": "faster_rcnn", "backbone": {"type": name},
+             "preprocess": {"min_size": args.size, "max_size": args.size}},
+            num_classes=20,
+        )
         model.to(device).eval()
         image = torch.rand(3, args.size, args.size, device=device)
 
         def infer():
-            return model.predict([image], resize=False)
+            return model([image])
 
         with torch.inference_mode():
             seconds = best_time(infer, device, args.reps)
@@ -166,7 +175,7 @@ def main() -> None:
         floor = flops / peak
         rows.append(
             f"{name:<10}{seconds:>8.3f}{flops / 1e9:>8.1f}{achieved / 1e9:>9.1f}{achieved / peak:>9.2f}"
-            f"{seconds / floor:>9.2f}{stages['backbone']:>10.3f}{stages['rpn']:>7.3f}{stages['head']:>7.3f}"
+            f"{seconds / floor:>9.2f}{stages['pre']:>7.3f}{stages['backbone']:>10.3f}{stages['rpn']:>7.3f}{stages['head']:>7.3f}"
             f"{stages['post']:>7.3f}{stages['post0']:>12.3f}{int(stages['rois']):>6}"
         )
     print(header)
@@ -178,7 +187,7 @@ def main() -> None:
         from fpn_vs_torchvision import inference as fpn_inference, report
 
         times = fpn_inference(args.fpn_size, args.fpn_batch, max(args.reps, 2), device)
-        print(f"\nR50-FPN, {args.fpn_batch} images {args.fpn_size}x{args.fpn_size} per call (predict vs model.eval()(images)):")
+        print(f"\nR50-FPN, {args.fpn_batch} images {args.fpn_size}x{args.fpn_size} per call (model.eval()(images) on both):")
         print("\n".join(report("inference", times, args.fpn_batch)))
 
 
