@@ -79,8 +79,8 @@ def predict_dataset(
 ) -> list[ImageResult]:
     """Run the detector's forward, in eval mode, over ``loader`` (up to ``cfg.max_images``); per image, in loader order.
 
-    The same forward as ``detkit predict`` on the same images: the detector
-    resizes them itself and returns boxes in their own pixels.
+    The same forward as ``detkit predict`` on the same images, one at a time:
+    the detector resizes them itself and returns boxes in their own pixels.
     """
     was_training = model.training
     model.eval()
@@ -92,7 +92,9 @@ def predict_dataset(
         with model.detection_settings(score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou):
             for batch in loader:
                 batch = batch.to(device)
-                preds = model(batch.images)
+                # One image per forward, as predict runs it: padding images of other sizes into
+                # one batch changes the features near their borders, and so the detections.
+                preds = [model([image])[0] for image in batch.images]
                 for i, (pred, tgt) in enumerate(zip(preds, batch.targets)):
                     results.append(ImageResult(
                         image_id=batch.image_ids[i],
