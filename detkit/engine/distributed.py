@@ -6,12 +6,13 @@ starts one process per GPU, or per CPU worker with the gloo backend.  Each
 process trains on its own shard of every epoch (the epoch sampler splits one
 permutation by rank).
 
-Training: the module that computes the losses (the trainer, which calls the
-detector in its extractor, rpn and head modes) is wrapped in
-:class:`~torch.nn.parallel.DistributedDataParallel` (:func:`wrap_for_training`).
-The trainer's step runs its forward pass through the wrapper, so each step is
+Training: the detector, whose train-mode forward returns its losses, is wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel` (:func:`wrap_for_training`)
+and the wrapper becomes ``trainer.module`` (:class:`DistributedHook`).
+The trainer's step runs its forward pass through the wrapper, so each micro-batch is
 one DDP forward and one backward, and DDP all-reduces the gradients in buckets
-while the backward pass is still running.  ``train.sync_bn`` turns trainable
+while the backward pass is still running (skipped by ``no_sync`` on all but the
+last micro-batch of an accumulated step).  ``train.sync_bn`` turns trainable
 BatchNorm layers into :class:`~torch.nn.SyncBatchNorm` (:func:`convert_sync_batchnorm`).
 
 Evaluation: each rank predicts on every ``world_size``-th image of the

@@ -14,8 +14,8 @@ Built-in hooks, in order::
        0      ProgressHook          rich progress bar (plain lines off a terminal); shows records
        1      MetricsFileHook       metrics.jsonl (+ TensorBoard), rank 0 only
        5      FrozenBackboneHook    before_epoch: freeze/unfreeze Detector.backbone_parameters()
-       6      DistributedHook       under torchrun: the DDP wrapper of the trainer, rebuilt when
-                                    requires_grad changes (detkit.engine.distributed)
+       6      DistributedHook       under torchrun: the DDP wrapper of the detector (trainer.module),
+                                    rebuilt when requires_grad changes (detkit.engine.distributed)
       10      LRScheduleHook        after_step: advance the per-iteration LR schedule
       20      EMAHook               after_step: update the weights' moving average (train.ema)
       30      NonFiniteLossHook     at each log point: stop on inf/NaN or a diverging loss
