@@ -11,7 +11,7 @@ does for 16-bit RGB and RGBA PNGs).  Other 32-bit integer and float images
 Palette, LA, RGBA (alpha dropped, not composited), CMYK and YCbCr files are
 converted by PIL's ``convert("RGB")``.
 
-JPEG files are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo
+JPEG files (and MPO, whose first picture is one) are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo
 straight into a ``[3, H, W]`` uint8 tensor, no PIL image and no numpy copy in
 between) and turned by their EXIF orientation in torch; other formats, and
 JPEGs that decoder refuses (CMYK, damaged files), go through PIL.  Both give
@@ -150,7 +150,8 @@ def read_image_uint8(path: str | Path) -> Tensor:
     try:
         with _open(path) as im:
             _check_size(path, *im.size)
-            if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            # MPO (phone cameras' multi-picture JPEGs): the file opens with its first picture, a JPEG.
+            if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L"):
                 image = _decode_jpeg(path.read_bytes())
                 if image is not None:  # a JPEG's EXIF is in its header: nothing more is read
                     return apply_orientation(image, orientation(im))

@@ -137,6 +137,22 @@ def test_exif_orientation_is_applied_as_pil_does(tmp_path, suffix, orientation):
     assert image_size(path) == tuple(out.shape[1:])  # the header agrees with the pixels
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".mpo"])
+def test_rotated_jpeg_and_mpo_take_the_fast_path(tmp_path, monkeypatch, suffix):
+    """EXIF orientation is turned in torch, not by decoding through PIL; an MPO (phone cameras'
+    multi-picture JPEG) gives its first picture, as PIL does."""
+    import detkit.data.image as image_module
+
+    path = tmp_path / f"phone{suffix}"
+    more = {"save_all": True, "append_images": [Image.fromarray(_photo(seed=3))]} if suffix == ".mpo" else {}
+    Image.fromarray(_photo()).save(path, exif=_exif(6), **more)
+    calls = []
+    fast = image_module._decode_jpeg
+    monkeypatch.setattr(image_module, "_decode_jpeg", lambda data: calls.append(1) or fast(data))
+    out = read_image_uint8(path)
+    assert calls == [1] and out.shape == (3, 56, 40) and torch.equal(out, _as_pil_shows(path))
+
+
 def _save_mode(path, mode: str) -> None:
     rgb = Image.fromarray(_photo())
     if mode == "P":
