@@ -178,7 +178,7 @@ def _escape(text: str) -> str:
 # --------------------------------------------------------------------- config
 @config_app.command("validate")
 def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Check a config (and that the backbone's real output matches what it declares); prints 'ok' or the invalid fields with their paths."""
+    """Check a config and its backbone's real output; prints 'ok' or the invalid fields with their paths."""
     from detkit.config import check_backbone, load_config
 
     check_backbone(load_config(path, overrides or []))
