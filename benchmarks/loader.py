@@ -2,7 +2,7 @@
 
 1. **Decoding** (one thread): ``detkit.data.image.read_image_uint8`` (libjpeg-turbo
    through ``torchvision.io.decode_jpeg``) against the plain PIL path it
-   replaced (``Image.open().convert("RGB")`` -> numpy -> tensor), ms per image
+   replaced (``Image.open()``, ``exif_transpose``, ``convert("RGB")`` -> numpy -> tensor), ms per image
    and whether the pixels are identical, on the generated photo-like JPEGs
    and on every real photograph given with ``--real`` (by default the ones
    found on the machine: matplotlib's ``grace_hopper.jpg``).
@@ -44,8 +44,10 @@ from detkit.data.loader import build_dataset, build_loader  # noqa: E402
 
 
 def pil_read(path: str) -> torch.Tensor:
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    from PIL import ImageOps
+
+    with Image.open(path) as im:  # as detkit reads it: EXIF orientation applied
+        return torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def time_decoder(fn, files: list[str], reps: int) -> float:

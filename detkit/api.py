@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 ImageLike = Union[str, os.PathLike, "PILImage.Image", "np.ndarray", Tensor]
 """One image: a file path, a PIL image, a numpy ``[H, W, 3]`` uint8 array, or a
-``[3, H, W]`` tensor (uint8 0..255 or float 0..1)."""
+``[3, H, W]`` tensor (uint8 0..255 or float 0..1).  Files and PIL images are read
+as they look (EXIF orientation applied, 16-bit scaled to 8: see
+:mod:`detkit.data.image`); arrays and tensors are taken as they are."""
 
 __all__ = ["Detections", "ImageLike", "Predictor", "evaluate", "load", "predict_files", "to_image_tensor", "train"]
 
@@ -126,7 +128,9 @@ def to_image_tensor(image: Any, where: str = "image") -> Tensor:
     except ImportError:  # pragma: no cover
         Image = None  # type: ignore[assignment]
     if Image is not None and isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        from detkit.data.image import pil_to_uint8
+
+        return pil_to_uint8(image, where)  # as a file is read: EXIF orientation, 16-bit scaled
     raise DataError(
         f"{where}: expected a file path, PIL.Image, numpy uint8 [H, W, 3] array or [3, H, W] tensor, "
         f"got {_describe(image)}"

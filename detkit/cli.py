@@ -178,10 +178,10 @@ def _escape(text: str) -> str:
 # --------------------------------------------------------------------- config
 @config_app.command("validate")
 def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Check a config; prints 'ok' or the invalid fields with their paths."""
-    from detkit.config import load_config
+    """Check a config and its backbone's real output; prints 'ok' or the invalid fields with their paths."""
+    from detkit.config import check_backbone, load_config
 
-    load_config(path, overrides or [])
+    check_backbone(load_config(path, overrides or []))
     console.print(f"{path}: ok", markup=False, highlight=False)
 
 

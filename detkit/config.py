@@ -264,6 +264,43 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     return validate(data, str(path), overrides)
 
 
+def check_backbone(cfg: Config) -> None:
+    """Build ``model.backbone`` and check that its real output matches what it declares.
+
+    Without pretrained weights and with parameters on the meta device (no
+    memory, no FLOPs; a plugin that cannot be built there is built on the
+    CPU), then :func:`detkit.interfaces.check_backbone_output`, the check the
+    detector makes when built: a mismatch, or a backbone that cannot be built,
+    raises a one-line ConfigError naming the plugin.  A detector without a
+    ``backbone`` component is not checked.
+    """
+    import torch
+
+    from detkit.errors import DetkitError
+    from detkit.interfaces import check_backbone_output
+    from detkit.registry import registry, without_pretrained
+
+    spec = cfg.model.to_dict().get("backbone")
+    if not (isinstance(spec, dict) and isinstance(spec.get("type"), str)):
+        return
+    spec = without_pretrained(spec)
+    backbones = registry("backbone")
+    label = f"model.backbone '{spec['type']}' ({backbones.get(spec['type']).provider})"
+    try:
+        try:
+            with torch.device("meta"):
+                backbone = backbones.build(spec)
+        except DetkitError:
+            raise
+        except Exception:  # noqa: BLE001 - some constructors need real tensors: build it for real
+            backbone = backbones.build(spec)
+    except DetkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's failure is reported as its own
+        raise ConfigError(f"{label}: cannot be built: {type(exc).__name__}: {exc}") from exc
+    check_backbone_output(backbone, label)
+
+
 def json_schema() -> dict[str, Any]:
     """JSON Schema of a config with every installed plugin's parameters."""
     from detkit.registry import load_all

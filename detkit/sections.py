@@ -62,7 +62,14 @@ class EMAConfig(_Strict):
 class LossGuardConfig(_Strict):
     """``train.loss_guard``: stop a diverging run early (an inf/NaN loss always stops it)."""
 
-    max_loss: float | None = Field(None, gt=0, description="stop when the logged total loss exceeds this")
+    # On by default, from the first log point: a healthy Faster R-CNN total is about
+    # 0.5-5 (under 10 at initialisation), and the ratio below needs `history` log
+    # points, so a short run at a wild lr (1e6) would train to 1e17 and save best.pt.
+    max_loss: float | None = Field(
+        1000.0, gt=0, allow_inf_nan=False,
+        description="stop when the logged total loss exceeds this (null: off; a trainer whose losses are "
+        "on another scale sets its own)",
+    )
     # On by default: a loss 1000x its recent median is divergence, not noise, and
     # training on would overwrite last.pt/best.pt with a ruined model.
     max_ratio: float | None = Field(

@@ -7,11 +7,15 @@ the wholly-outside ones become zero-area ground truth (and once made
 to its image, drop the ones with nothing left, and count both per data set;
 training prints :meth:`BoxReport.line` at its start and keeps it in the run
 directory, and ``detkit data stats`` prints it too.
+
+The image file wins over its annotation: boxes are clipped to the size read
+from the image's header (EXIF orientation applied, as the pixels are read),
+and files whose annotated size differs are counted, the first one named.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,10 +29,27 @@ class BoxReport:
     clipped: int = 0  # reached past the image; kept, clipped to it
     outside: int = 0  # nothing left after clipping: dropped
     empty: int = 0  # zero or negative width or height as written (COCO w <= 0 or h <= 0): dropped
+    size_mismatch: int = 0  # files whose annotated size differs from the image's (the image's is used)
+    first_mismatch: str = field(default="", compare=False)  # "<file>: annotated WxH, image WxH"
 
     @property
     def dropped(self) -> int:
         return self.outside + self.empty
+
+    def real_size(
+        self, name: str, annotated: tuple[int, int] | None, real: tuple[int, int] | None
+    ) -> tuple[int, int] | None:
+        """The ``(height, width)`` boxes are clipped to: the image's own (``real``, from its header)
+        where it could be read, else the annotated one; a difference is counted, ``name`` the file."""
+        if real is None:
+            return annotated
+        if annotated is not None and tuple(annotated) != tuple(real):
+            self.size_mismatch += 1
+            if not self.first_mismatch:
+                (ah, aw), (rh, rw) = annotated, real
+                turned = " (sides swapped: EXIF orientation?)" if (ah, aw) == (rw, rh) else ""
+                self.first_mismatch = f"{name}: annotated {aw}x{ah}, image {rw}x{rh}{turned}"
+        return tuple(real)
 
     def clip(self, boxes: np.ndarray, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
         """``(boxes clipped to (height, width), keep mask)`` for ``[G, 4]`` xyxy boxes; counts them.
@@ -53,8 +74,13 @@ class BoxReport:
     def line(self, name: str) -> str:
         """One line for a person: ``data.train: 1200 boxes; 14 clipped to their image, 3 dropped ...``."""
         head = f"{name}: {self.kept} boxes"
+        sizes = ""
+        if self.size_mismatch:
+            files = "file's" if self.size_mismatch == 1 else "files'"
+            sizes = (f"; {self.size_mismatch} {files} annotated size differs from the image, whose size "
+                     f"is used (first: {self.first_mismatch})")
         if not (self.clipped or self.dropped):
-            return head + ", all inside their images"
+            return head + ", all inside their images" + sizes
         parts = []
         if self.clipped:
             parts.append(f"{self.clipped} clipped to their image")
@@ -62,10 +88,11 @@ class BoxReport:
             parts.append(f"{self.outside} dropped (wholly outside their image)")
         if self.empty:
             parts.append(f"{self.empty} dropped (zero or negative width or height)")
-        return f"{head} kept; " + ", ".join(parts)
+        return f"{head} kept; " + ", ".join(parts) + sizes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "dropped": self.dropped}
+        return {"kept": self.kept, "clipped": self.clipped, "outside": self.outside, "empty": self.empty,
+                "dropped": self.dropped, "size_mismatch": self.size_mismatch}
 
 
 def find_box_report(dataset: Any) -> BoxReport | None:

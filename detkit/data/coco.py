@@ -6,12 +6,16 @@ Crowd annotations are kept only with ``use_crowd`` and are then flagged
 ``difficult`` (evaluation ignores them).  Images without annotations stay.
 Boxes are clipped to their image; boxes with nothing left, and boxes written
 with ``w <= 0`` or ``h <= 0``, are dropped; all are counted in
-``dataset.box_report`` (see :mod:`detkit.data.box_report`).
+``dataset.box_report`` (see :mod:`detkit.data.box_report`).  The image's size
+is read from its header (the JSON's ``height``/``width`` may be wrong); images
+where the two differ are counted there too.  A box with a non-finite number
+(``NaN``, ``Infinity``: Python's JSON reader accepts both) is refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +104,11 @@ class COCODataset(DetectionDataset):
                 isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox),
                 path, f"{where}.bbox", f"expected [x, y, w, h] numbers, got {bbox!r}",
             )
+            _require(
+                all(math.isfinite(v) for v in bbox), path, f"{where}.bbox",
+                f"not finite: {bbox!r} (image {a['image_id']!r}, "
+                f"{self.images[row_of[a['image_id']]]['file_name']!r})",
+            )
             crowd = bool(a.get("iscrowd", 0))
             if crowd and not p.use_crowd:
                 continue
@@ -110,10 +119,11 @@ class COCODataset(DetectionDataset):
             per_image[row_of[a["image_id"]]].append(([x, y, x + w, y + h], label_of[a["category_id"]], crowd))
 
         self.box_report = BoxReport(empty=empty)
+        self.sizes = [self._size(row, path) for row in range(len(self.images))]
         self.targets = []
         for row, objs in enumerate(per_image):
             boxes = np.asarray([o[0] for o in objs], dtype=np.float32).reshape(-1, 4)
-            boxes, keep = self.box_report.clip(boxes, self._size(row) if objs else None)
+            boxes, keep = self.box_report.clip(boxes, self.sizes[row] if objs else None)
             # numpy, not tensors: cheap to pickle to spawned workers.
             self.targets.append({
                 "boxes": boxes[keep],
@@ -121,15 +131,18 @@ class COCODataset(DetectionDataset):
                 "difficult": np.asarray([o[2] for o in objs], dtype=bool).reshape(-1)[keep],
             })  # fmt: skip
 
-    def _size(self, index: int) -> tuple[int, int] | None:
-        """``(height, width)`` from the JSON, else the image header; None if neither is readable."""
+    def _size(self, index: int, json_path: Path) -> tuple[int, int] | None:
+        """``(height, width)`` from the image header (the pixels will have it), else the JSON's;
+        None if neither is known.  A difference is counted in the box report."""
         im = self.images[index]
+        written = None
         if isinstance(im.get("height"), int) and isinstance(im.get("width"), int):
-            return im["height"], im["width"]
-        try:
-            return image_size(self.root / im["file_name"])
+            written = im["height"], im["width"]
+        try:  # the header only: cheap
+            real = image_size(self.root / im["file_name"])
         except DataError:
-            return None  # reported with its file name when the image is loaded
+            real = None  # reported with its file name when the image is loaded
+        return self.box_report.real_size(f"{json_path}: images id {im['id']!r} ({im['file_name']})", written, real)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -139,12 +152,10 @@ class COCODataset(DetectionDataset):
         return {**{k: torch.tensor(v) for k, v in t.items()}, "image_id": str(self.images[index]["id"])}
 
     def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
-        """``((height, width), target)`` from the JSON (the image header if sizes are missing)."""
-        im = self.images[index]
-        if isinstance(im.get("height"), int) and isinstance(im.get("width"), int):
-            size = (im["height"], im["width"])
-        else:
-            size = image_size(self.root / im["file_name"])
+        """``((height, width), target)``: the size from the image header (the JSON's if unreadable)."""
+        size = self.sizes[index]
+        if size is None:
+            size = image_size(self.root / self.images[index]["file_name"])
         return size, self._target(index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:

@@ -5,11 +5,15 @@ Layout: ``<root>/Annotations/<id>.xml``, ``<root>/JPEGImages/<file>``,
 pixel indices; they become 0-based continuous corners by ``x1 - 1, y1 - 1``
 (``x2, y2`` unchanged), so a box covering pixels 1..10 is ``[0, 10]``.
 Boxes are clipped to the image and those with nothing left are dropped,
-counted in ``dataset.box_report`` (see :mod:`detkit.data.box_report`).
+counted in ``dataset.box_report`` (see :mod:`detkit.data.box_report`); the
+image's size is read from its header (the XML's ``size`` may be wrong) and
+files where the two differ are counted there too.  Non-finite coordinates
+(``inf``, ``nan``) are refused, naming the file and the object.
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -62,9 +66,12 @@ def _text(node: ET.Element, tag: str, xml: Path, where: str) -> str:
 def _number(node: ET.Element, tag: str, xml: Path, where: str) -> float:
     text = _text(node, tag, xml, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DataError(f"{xml}: {where}{tag}: not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{xml}: {where}{tag}: not a finite number: {text!r}")
+    return value
 
 
 def parse_voc_xml(
@@ -166,12 +173,12 @@ class VOCDataset(DetectionDataset):
         ]
         self.box_report = BoxReport()
         for k, a in enumerate(self.annotations):
-            size = a["size"]
-            if size is None and len(a["boxes"]):
-                try:  # the XML has no size: the image header has
-                    size = a["size"] = image_size(self.image_path(k))
-                except DataError:
-                    size = None  # reported with its file name when the image is loaded
+            try:  # the header only: cheap, and the pixels will have this size
+                real = image_size(self.image_path(k))
+            except DataError:
+                real = None  # reported with its file name when the image is loaded
+            xml = self.root / "Annotations" / f"{self.ids[k]}.xml"
+            size = a["size"] = self.box_report.real_size(str(xml), a["size"], real)
             boxes, keep = self.box_report.clip(a["boxes"], size)
             a["boxes"], a["labels"], a["difficult"] = boxes[keep], a["labels"][keep], a["difficult"][keep]
         if not p.use_difficult:
@@ -200,11 +207,9 @@ class VOCDataset(DetectionDataset):
         }
 
     def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
-        """``((height, width), target)`` from the XML (the image header if the XML has no size)."""
+        """``((height, width), target)``: the size from the image header (the XML's if unreadable)."""
         size = self.annotations[index]["size"]
         if size is None:
-            from detkit.data.image import image_size
-
             size = image_size(self.image_path(index))
         return size, self._target(index)
 

@@ -255,7 +255,8 @@ class NonFiniteLossHook(Hook):
     Checked at each log point on the window's mean losses (one host sync per
     window, shared with :class:`LoggingHook`), and before every iteration
     checkpoint, so a diverged model never replaces the last good ``last.pt``.
-    ``max_loss`` stops when the total exceeds it; ``max_ratio`` stops when it
+    ``max_loss`` stops when the total exceeds it, from the first log point (so
+    also in runs shorter than ``history``); ``max_ratio`` stops when it
     exceeds that many times the median of the previous ``history`` log points
     (after ``history`` of them): ``train.loss_guard``.
     """
@@ -290,13 +291,14 @@ class NonFiniteLossHook(Hook):
         total = values.get("total")
         if total is None:
             return
-        if self.max_loss is not None and total > self.max_loss:
-            self._fail(f"loss {total:.4g} exceeded train.loss_guard.max_loss {self.max_loss:g}")
+        # The ratio first: where both trip, the jump from the recent losses says more.
         if self.max_ratio is not None and len(self.totals) >= self.history:
             median = statistics.median(self.totals[-self.history:])
             if median > 0 and total > self.max_ratio * median:
                 self._fail(f"loss {total:.4g} is over {self.max_ratio:g}x the recent median {median:.4g} "
                            "(train.loss_guard.max_ratio)")
+        if self.max_loss is not None and total > self.max_loss:  # from the first log point
+            self._fail(f"loss {total:.4g} exceeded train.loss_guard.max_loss {self.max_loss:g}")
         if log_point:
             self.totals = (self.totals + [total])[-self.history:]
 

@@ -31,7 +31,9 @@ from torch import nn
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf/NaN in any rate or factor: `lr: .inf` passes `gt=0` and would train on
+    # NaN weights from the first step.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------ optimizers

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from detkit.cli import app
@@ -165,3 +166,84 @@ def test_list_plugins_load_exits_1_on_a_broken_plugin_and_stays_readable_at_80_c
     assert any("FAILED" in line and "broken_loss" in line for line in lines)
     assert any("not loaded" in line and "resnet50" in line for line in lines)
     assert not any("ResNet50Backbone" in line for line in lines if "resnet50" in line)  # the target wrapped
+
+
+def _write_config(tmp_path, backbone: dict) -> Path:
+    import yaml
+
+    cfg = {"model": {"type": "faster_rcnn", "backbone": backbone, "rpn": {"type": "rpn", "mid_channels": 8}},
+           "data": {"train": {"type": "synthetic", "num_images": 2}},
+           "train": {"optimizer": {"type": "sgd", "lr": 0.01}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_config_validate_checks_the_backbones_real_channels(tmp_path, clean_registry):
+    from pydantic import BaseModel, ConfigDict
+    from torch import nn
+
+    from detkit.interfaces import Backbone
+    from detkit.plugins import Provider
+    from detkit.registry import registry
+
+    built = []
+
+    class SaysWide(Backbone):
+        """Declares 256 channels at stride 16; its maps have 64."""
+
+        class Params(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            channels: int = 64
+            pretrained: str | None = None
+
+        out_channels, stride = 256, 16
+
+        def __init__(self, channels: int, pretrained: str | None):
+            super().__init__()
+            built.append((pretrained, torch.empty(1).device.type))  # cleared, and on the meta device
+            self.body = nn.Sequential(*[nn.Conv2d(3 if i == 0 else channels, channels, 3, 2, 1) for i in range(4)])
+
+        def forward(self, x):
+            return self.body(x)
+
+        def roi_tail(self):
+            raise NotImplementedError
+
+    registry("backbone").add("says_wide", SaysWide, provider=Provider("fake-wide", "0.3", "fake_wide:SaysWide"))
+    path = _write_config(tmp_path, {"type": "says_wide", "pretrained": "/no/such/weights.pth"})
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: model.backbone 'says_wide' (fake-wide 0.3 (fake_wide:SaysWide)) "
+                                     "has 64 channels but its out_channels says 256")
+    assert built == [(None, "meta")]
+    ok = runner.invoke(app, ["config", "validate", str(path), "--set", "model.backbone.channels=256"])
+    assert ok.exit_code == 0 and ok.output.strip() == f"{path}: ok", ok.output
+
+
+@pytest.mark.parametrize("lr, why", [(".inf", "a finite number"), (".nan", "a finite number"),
+                                     ("0", "greater than 0"), ("-0.01", "greater than 0")])
+def test_config_validate_refuses_impossible_learning_rates(tmp_path, lr, why):
+    path = _write_config(tmp_path, {"type": "tiny"})
+    result = runner.invoke(app, ["config", "validate", str(path), "--set", f"train.optimizer.lr={lr}"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --set train.optimizer.lr={lr}: train.optimizer.lr: Input should be {why}"
+
+
+def test_config_validate_names_a_backbone_that_cannot_be_built(tmp_path, clean_registry):
+    from pydantic import BaseModel, ConfigDict
+
+    from detkit.plugins import Provider
+    from detkit.registry import registry
+
+    class Offline(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def offline():
+        raise RuntimeError("no network to download the weights")
+
+    registry("backbone").add("offline", offline, Offline, Provider("fake-offline", "1.0", "fake_offline:offline"))
+    result = runner.invoke(app, ["config", "validate", str(_write_config(tmp_path, {"type": "offline"}))])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: model.backbone 'offline' (fake-offline 1.0 (fake_offline:offline)): "
+                                     "cannot be built: RuntimeError: no network to download the weights")

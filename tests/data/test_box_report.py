@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ from detkit.cli import app
 from detkit.data.box_report import BoxReport, find_box_report
 from detkit.data.coco import COCODataset
 from detkit.data.voc import VOCDataset
+from detkit.errors import DataError
 
 VOC_XML = """<annotation><filename>a1.png</filename>
 <size><width>20</width><height>10</height><depth>3</depth></size>{objects}</annotation>"""
@@ -48,7 +50,8 @@ def test_voc_boxes_outside_the_image_are_clipped_or_dropped(tmp_path):
     _, t = ds.annotation(0)
     assert t["boxes"].tolist() == [[0, 1, 10, 8], [14, 4, 20, 10], [0, 0, 4, 4]]
     assert t["labels"].tolist() == [0, 0, 0] and t["difficult"].tolist() == [False] * 3
-    assert ds.box_report.to_dict() == {"kept": 3, "clipped": 2, "outside": 1, "empty": 0, "dropped": 1}
+    assert ds.box_report.to_dict() == {"kept": 3, "clipped": 2, "outside": 1, "empty": 0, "dropped": 1,
+                                       "size_mismatch": 0}
 
 
 def _coco(tmp_path, sized=True):
@@ -66,7 +69,8 @@ def test_coco_boxes_are_clipped_and_zero_size_ones_counted(tmp_path):
     for sized in (True, False):  # the size from the JSON, else from the image header
         ds = _coco(tmp_path, sized)
         assert ds.annotation(0)[1]["boxes"].tolist() == [[1, 1, 5, 5], [15, 5, 20, 10], [0, 0, 2, 4]]
-        assert ds.box_report.to_dict() == {"kept": 3, "clipped": 2, "outside": 1, "empty": 2, "dropped": 3}
+        assert ds.box_report.to_dict() == {"kept": 3, "clipped": 2, "outside": 1, "empty": 2, "dropped": 3,
+                                           "size_mismatch": 0}
         assert "2 dropped (zero or negative width or height)" in ds.box_report.line("data.train")
 
 
@@ -135,3 +139,96 @@ def test_training_prints_the_summary_and_keeps_it_in_the_run_directory(tmp_path,
            "2 dropped (zero or negative width or height)"
     assert line in capsys.readouterr().out
     assert (run_dir / "data_summary.txt").read_text().splitlines()[0] == line
+
+
+# ------------------------------------------------ the file wins over its annotation
+def _voc(root, files: dict[str, tuple[str, str]]):
+    """``files``: id -> (XML objects, image file name); the XML claims 20 x 10."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i, (objects, name) in files.items():
+        xml = VOC_XML.replace("a1.png", name).format(objects=objects)
+        (root / "Annotations" / f"{i}.xml").write_text(xml)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(files) + "\n")
+    return root
+
+
+def test_voc_real_image_size_wins_and_mismatches_are_counted(tmp_path):
+    root = _voc(tmp_path, {
+        "big": (OBJ.format(26, 12, 35, 20) + OBJ.format(30, 25, 50, 45), "big.png"),  # XML says 20x10, image 40x30
+        "ok": (OBJ.format(1, 1, 5, 5), "ok.png"),
+        "turned": (OBJ.format(1, 1, 8, 15), "turned.png"),  # 10x20: the XML's sides swapped
+    })
+    Image.new("RGB", (40, 30)).save(root / "JPEGImages" / "big.png")
+    Image.new("RGB", (20, 10)).save(root / "JPEGImages" / "ok.png")
+    Image.new("RGB", (10, 20)).save(root / "JPEGImages" / "turned.png")
+    ds = VOCDataset(root=str(root), split="train", classes=["dog"])
+    size, t = ds.annotation(0)
+    assert size == (30, 40)
+    # kept (not "wholly outside" the claimed 20 x 10), and clipped to the real 40 x 30
+    assert t["boxes"].tolist() == [[25, 11, 35, 20], [29, 24, 40, 30]]
+    size, t = ds.annotation(2)
+    assert size == (20, 10) and t["boxes"].tolist() == [[0, 0, 8, 15]]  # not clipped to the XML's height 10
+    report = ds.box_report
+    assert (report.kept, report.clipped, report.outside, report.size_mismatch) == (4, 1, 0, 2)
+    line = report.line("data.train")
+    assert "2 files' annotated size differs from the image, whose size is used" in line
+    assert f"first: {root / 'Annotations' / 'big.xml'}: annotated 20x10, image 40x30)" in line
+    assert BoxReport(kept=1, size_mismatch=1, first_mismatch="x").line("d").endswith(
+        "; 1 file's annotated size differs from the image, whose size is used (first: x)")
+    swapped = BoxReport()
+    swapped.real_size("t.xml", (10, 20), (20, 10))
+    assert swapped.first_mismatch == "t.xml: annotated 20x10, image 10x20 (sides swapped: EXIF orientation?)"
+
+
+def test_voc_exif_rotated_image_is_sized_as_shown(tmp_path):
+    root = _voc(tmp_path, {"r": (OBJ.format(1, 1, 8, 18), "r.jpg")})
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 20 x 10, shown 10 x 20
+    Image.new("RGB", (10, 20)).transpose(Image.Transpose.ROTATE_90).save(root / "JPEGImages" / "r.jpg", exif=exif.tobytes())
+    ds = VOCDataset(root=str(root), split="train", classes=["dog"])
+    assert ds.annotation(0)[0] == (20, 10) == tuple(ds[0][0].shape[1:])
+    # the XML claims 20x10 (w x h) for the shown 10x20: counted, the shown size used
+    assert ds.box_report.size_mismatch == 1 and ds.annotation(0)[1]["boxes"].tolist() == [[0, 0, 8, 18]]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_voc_non_finite_coordinates_are_refused_naming_file_and_object(tmp_path, value):
+    root = _voc(tmp_path, {"a1": (OBJ.format(1, 1, 5, 5) + OBJ.format(2, 2, value, 8), "a1.png")})
+    Image.new("RGB", (20, 10)).save(root / "JPEGImages" / "a1.png")
+    with pytest.raises(DataError) as info:
+        VOCDataset(root=str(root), split="train", classes=["dog"])
+    msg = str(info.value)
+    assert msg == f"{root / 'Annotations' / 'a1.xml'}: object[1].bndbox.xmax: not a finite number: {value!r}"
+
+
+def _coco_file(tmp_path, bbox, size=(10, 20)):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    data = {"images": [{"id": 7, "file_name": "a.png", "height": size[0], "width": size[1]}],
+            "categories": [{"id": 1, "name": "dog"}],
+            "annotations": [{"id": 0, "image_id": 7, "category_id": 1, "bbox": [1, 1, 4, 4]},
+                            {"id": 1, "image_id": 7, "category_id": 1, "bbox": bbox}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))  # json writes NaN and Infinity, and reads them back
+    return path
+
+
+def test_coco_real_image_size_wins_and_mismatches_are_counted(tmp_path):
+    path = _coco_file(tmp_path, [25, 12, 20, 30])  # outside the claimed 20 x 10, inside the real 40 x 30
+    ds = COCODataset(root=str(tmp_path), annotations=str(path))
+    size, t = ds.annotation(0)
+    assert size == (30, 40) and t["boxes"].tolist() == [[1, 1, 5, 5], [25, 12, 40, 30]]
+    assert ds.box_report.to_dict() == {"kept": 2, "clipped": 1, "outside": 0, "empty": 0, "dropped": 0,
+                                       "size_mismatch": 1}
+    assert ds.box_report.first_mismatch == f"{path}: images id 7 (a.png): annotated 20x10, image 40x30"
+    same = COCODataset(root=str(tmp_path), annotations=str(_coco_file(tmp_path, [1, 1, 2, 2], size=(30, 40))))
+    assert same.box_report.size_mismatch == 0 and "differs" not in same.box_report.line("data.train")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_coco_non_finite_box_is_refused_naming_file_and_object(tmp_path, bad):
+    path = _coco_file(tmp_path, [2, 2, bad, 3])
+    with pytest.raises(DataError) as info:
+        COCODataset(root=str(tmp_path), annotations=str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: annotations[1].bbox: not finite: ") and "'a.png'" in msg and "\n" not in msg

@@ -103,3 +103,12 @@ def test_a_plugin_optimizer_from_the_registry(clean_registry):
     tc = TrainConfig.model_validate({"optimizer": {"type": "signsgd", "lr": 0.5}})
     opt = build_optimizer(torch.nn.Linear(2, 1), tc.optimizer)
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_learning_rates_must_be_finite_and_positive(kind, lr):
+    message = "finite number" if lr != lr or abs(lr) == float("inf") else "greater than 0"
+    with pytest.raises(Exception, match=rf"optimizer\n\s+lr: Input should be (a )?{message}"):
+        TrainConfig.model_validate({"optimizer": {"type": kind, "lr": lr}})
+    assert TrainConfig.model_validate({"optimizer": {"type": kind, "lr": 1e-6}}).optimizer.to_dict()["lr"] == 1e-6
