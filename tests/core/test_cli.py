@@ -199,10 +199,11 @@ def test_config_validate_checks_the_backbones_real_channels(tmp_path, clean_regi
 
         out_channels, stride = 256, 16
 
-        def __init__(self, channels: int, pretrained: str | None):
+        def __init__(self, params):
             super().__init__()
-            built.append((pretrained, torch.empty(1).device.type))  # cleared, and on the meta device
-            self.body = nn.Sequential(*[nn.Conv2d(3 if i == 0 else channels, channels, 3, 2, 1) for i in range(4)])
+            built.append((params.pretrained, torch.empty(1).device.type))  # cleared, and on the meta device
+            c = params.channels
+            self.body = nn.Sequential(*[nn.Conv2d(3 if i == 0 else c, c, 3, 2, 1) for i in range(4)])
 
         def forward(self, x):
             return self.body(x)
@@ -239,11 +240,11 @@ def test_config_validate_names_a_backbone_that_cannot_be_built(tmp_path, clean_r
     class Offline(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def offline():
+    def offline(params):
         raise RuntimeError("no network to download the weights")
 
     registry("backbone").add("offline", offline, Offline, Provider("fake-offline", "1.0", "fake_offline:offline"))
     result = runner.invoke(app, ["config", "validate", str(_write_config(tmp_path, {"type": "offline"}))])
     assert result.exit_code == 2
-    assert result.output.strip() == ("error: model.backbone 'offline' (fake-offline 1.0 (fake_offline:offline)): "
-                                     "cannot be built: RuntimeError: no network to download the weights")
+    assert result.output.strip() == ("error: backbone 'offline' from fake-offline 1.0 (fake_offline:offline) failed "
+                                     "while being built: RuntimeError: no network to download the weights")

@@ -162,7 +162,7 @@ def test_voc_real_image_size_wins_and_mismatches_are_counted(tmp_path):
     Image.new("RGB", (40, 30)).save(root / "JPEGImages" / "big.png")
     Image.new("RGB", (20, 10)).save(root / "JPEGImages" / "ok.png")
     Image.new("RGB", (10, 20)).save(root / "JPEGImages" / "turned.png")
-    ds = VOCDataset(root=str(root), split="train", classes=["dog"])
+    ds = VOCDataset(VOCDataset.Params(root=str(root), split="train", classes=["dog"]))
     size, t = ds.annotation(0)
     assert size == (30, 40)
     # kept (not "wholly outside" the claimed 20 x 10), and clipped to the real 40 x 30
@@ -186,7 +186,7 @@ def test_voc_exif_rotated_image_is_sized_as_shown(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 20 x 10, shown 10 x 20
     Image.new("RGB", (10, 20)).transpose(Image.Transpose.ROTATE_90).save(root / "JPEGImages" / "r.jpg", exif=exif.tobytes())
-    ds = VOCDataset(root=str(root), split="train", classes=["dog"])
+    ds = VOCDataset(VOCDataset.Params(root=str(root), split="train", classes=["dog"]))
     assert ds.annotation(0)[0] == (20, 10) == tuple(ds[0][0].shape[1:])
     # the XML claims 20x10 (w x h) for the shown 10x20: counted, the shown size used
     assert ds.box_report.size_mismatch == 1 and ds.annotation(0)[1]["boxes"].tolist() == [[0, 0, 8, 18]]
@@ -197,7 +197,7 @@ def test_voc_non_finite_coordinates_are_refused_naming_file_and_object(tmp_path,
     root = _voc(tmp_path, {"a1": (OBJ.format(1, 1, 5, 5) + OBJ.format(2, 2, value, 8), "a1.png")})
     Image.new("RGB", (20, 10)).save(root / "JPEGImages" / "a1.png")
     with pytest.raises(DataError) as info:
-        VOCDataset(root=str(root), split="train", classes=["dog"])
+        VOCDataset(VOCDataset.Params(root=str(root), split="train", classes=["dog"]))
     msg = str(info.value)
     assert msg == f"{root / 'Annotations' / 'a1.xml'}: object[1].bndbox.xmax: not a finite number: {value!r}"
 
@@ -215,13 +215,13 @@ def _coco_file(tmp_path, bbox, size=(10, 20)):
 
 def test_coco_real_image_size_wins_and_mismatches_are_counted(tmp_path):
     path = _coco_file(tmp_path, [25, 12, 20, 30])  # outside the claimed 20 x 10, inside the real 40 x 30
-    ds = COCODataset(root=str(tmp_path), annotations=str(path))
+    ds = COCODataset(COCODataset.Params(root=str(tmp_path), annotations=str(path)))
     size, t = ds.annotation(0)
     assert size == (30, 40) and t["boxes"].tolist() == [[1, 1, 5, 5], [25, 12, 40, 30]]
     assert ds.box_report.to_dict() == {"kept": 2, "clipped": 1, "outside": 0, "empty": 0, "dropped": 0,
                                        "size_mismatch": 1}
     assert ds.box_report.first_mismatch == f"{path}: images id 7 (a.png): annotated 20x10, image 40x30"
-    same = COCODataset(root=str(tmp_path), annotations=str(_coco_file(tmp_path, [1, 1, 2, 2], size=(30, 40))))
+    same = COCODataset(COCODataset.Params(root=str(tmp_path), annotations=str(_coco_file(tmp_path, [1, 1, 2, 2], size=(30, 40)))))
     assert same.box_report.size_mismatch == 0 and "differs" not in same.box_report.line("data.train")
 
 
@@ -229,6 +229,6 @@ def test_coco_real_image_size_wins_and_mismatches_are_counted(tmp_path):
 def test_coco_non_finite_box_is_refused_naming_file_and_object(tmp_path, bad):
     path = _coco_file(tmp_path, [2, 2, bad, 3])
     with pytest.raises(DataError) as info:
-        COCODataset(root=str(tmp_path), annotations=str(path))
+        COCODataset(COCODataset.Params(root=str(tmp_path), annotations=str(path)))
     msg = str(info.value)
     assert msg.startswith(f"{path}: annotations[1].bbox: not finite: ") and "'a.png'" in msg and "\n" not in msg

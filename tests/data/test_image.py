@@ -232,7 +232,7 @@ def test_every_read_path_gives_the_same_pixels(tmp_path):
     path = root / "JPEGImages" / "a.png"
     expected = _as_pil_shows(path, sixteen_bit=True)
     assert expected.shape == (3, 56, 40)
-    image, _ = VOCDataset(root=str(root), split="train", classes=["x"])[0]
+    image, _ = VOCDataset(VOCDataset.Params(root=str(root), split="train", classes=["x"]))[0]
     assert torch.equal((image * 255).round().byte(), expected)
     assert torch.equal(to_image_tensor(str(path)), expected)
     with Image.open(path) as im:
