@@ -3,12 +3,14 @@
 Each run builds the config's detector and trainer (random weights) in every
 process, makes ``--warmup + --steps`` batches of ``data.batch_size`` images per
 process from the config's training set (each process its own images), and
-times the training steps (``Trainer.train_step``: forward, backward, all-reduce,
-optimizer step) after the warm-up.  Runs, all in this invocation:
+times the training steps (``trainer.train_step(images, targets)``: forward,
+backward, all-reduce, optimizer step) after the warm-up.  Runs, all in this
+invocation:
 
 * ``plain``: one process, the trainer itself (the baseline);
 * ``ddp x1``: one process through the DDP wrapper ``detkit train`` uses under
-  torchrun (its overhead: bucketing, the all-reduce of a world of one);
+  torchrun, put at ``trainer.module`` as ``DistributedHook`` does (its
+  overhead: bucketing, the all-reduce of a world of one);
 * ``ddp xN``: N processes (``--procs``), gloo on the CPU, NCCL on CUDA.
 
 Prints, per run: processes, milliseconds per step (the slowest process),
@@ -50,7 +52,7 @@ def free_port() -> int:
 
 def _worker(rank: int, world: int, ddp: bool, args: argparse.Namespace, port: int, out: str) -> None:
     from detkit.config import load_config
-    from detkit.data.collate import Collate
+    from detkit.data.collate import collate
     from detkit.data.loader import build_dataset
     from detkit.engine.distributed import DistInfo, wrap_for_training
     from detkit.engine.optim import build_optimizer
@@ -72,11 +74,11 @@ def _worker(rank: int, world: int, ddp: bool, args: argparse.Namespace, port: in
     data = build_dataset(cfg.data, "train", seed=0)
     model = registry("detector").build(cfg.model, num_classes=len(data.classes)).to(device)
     optimizer = build_optimizer(model, cfg.train.optimizer)
-    trainer = registry("trainer").build(cfg.train.trainer, model=model, optimizer=optimizer).to(device)
+    trainer = registry("trainer").build(cfg.train.trainer, model=model, optimizer=optimizer, amp=cfg.train.amp)
     model.train()
-    module = wrap_for_training(trainer, info, device) if ddp else trainer
+    # The forward runs through trainer.module: the detector, or its DDP wrapper (as DistributedHook sets it).
+    trainer.module = wrap_for_training(model, info, device) if ddp else model
     b = args.batch_size or cfg.data.batch_size
-    collate = Collate(getattr(data, "size_divisor", 0))
     n = args.warmup + args.steps
     batches = []
     for k in range(n):
@@ -87,13 +89,12 @@ def _worker(rank: int, world: int, ddp: bool, args: argparse.Namespace, port: in
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        trainer.train_step(batch.images, batch.boxes, batch.labels, scale=batch.scales,
-                           image_sizes=batch.image_sizes, module=module)
+        trainer.train_step(batch.images, batch.targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if k >= args.warmup:
             times.append(time.perf_counter() - t0)
-    torch.save({"times": times, "batch": b, "wrapped": type(module).__name__}, f"{out}/{rank}.pt")
+    torch.save({"times": times, "batch": b, "wrapped": type(trainer.module).__name__}, f"{out}/{rank}.pt")
     if ddp:
         dist.destroy_process_group()
 

@@ -63,7 +63,7 @@ if has loader; then
     --pin 2>&1 | tee "$OUT/loader.log"
 fi
 if has compile; then
-  echo "=== torch.compile of backbone and RoI tail (amp)"
+  echo "=== torch.compile of the compile_modules: backbone (neck) and RoI box head (amp)"
   timeout 300 $STEP --precision amp --compile --warmup 4 2>&1 | tee "$OUT/step_compile.log" | grep -A20 "^summary"
 fi
 if has quickstart; then

@@ -7,11 +7,16 @@
    and on every real photograph given with ``--real`` (by default the ones
    found on the machine: matplotlib's ``grace_hopper.jpg``).
 2. **Loader**: images/s of ``build_loader`` over the train split (VOC layout,
-   short side ``--size``, hflip, batch ``--batch``, grouped by aspect ratio,
-   padded to 32, uint8 batches) for each ``--workers`` count: one epoch to
-   start the workers and warm up, then ``--epochs`` timed epochs.  Each
-   worker runs one torch thread (``DataLoader`` sets it).  Ratios are
-   against 1 worker.  ``--pin`` adds pinned memory (what CUDA training uses).
+   hflip, batch ``--batch``, grouped by aspect ratio, uint8 batches of images
+   at their own sizes: the loader neither resizes nor pads, the detector's
+   preprocessing does) for each ``--workers`` count: one epoch to start the
+   workers and warm up, then ``--epochs`` timed epochs.  Each worker runs one
+   torch thread (``DataLoader`` sets it).  Ratios are against 1 worker.
+   ``--pin`` adds pinned memory (what CUDA training uses).
+3. **Preprocessing**: images/s of the detector's ``model.preprocess`` (short
+   side ``--size``, long side at most ``--max-size``, padded to 32) on those
+   batches in the main process, all threads: the resize the loader did
+   before, now inside the model on its device (here the CPU).
 
 The machine's load average is printed before and after: on a shared machine
 the worker scaling is only meaningful when it is quiet.
@@ -75,7 +80,7 @@ def loader_rate(root: Path, workers: int, args: argparse.Namespace) -> float:
     cfg = DataConfig.model_validate({
         "train": {"type": "voc", "root": str(root), "split": "train", "classes": CLASSES},
         "batch_size": args.batch, "num_workers": workers,
-        "transforms": {"min_size": args.size, "max_size": args.max_size, "hflip": 0.5},
+        "transforms": {"hflip": 0.5},  # augmentation only: the size is the detector's (preprocess_rate)
     })  # fmt: skip
     ds = build_dataset(cfg, "train", seed=0)
     loader = build_loader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, seed=0, drop_last=True,
@@ -89,6 +94,27 @@ def loader_rate(root: Path, workers: int, args: argparse.Namespace) -> float:
     rate = n / (time.perf_counter() - t)
     del loader
     return rate
+
+
+def preprocess_rate(root: Path, args: argparse.Namespace) -> float:
+    """Images/s of the detector's preprocessing (resize, normalise, pad) on the loader's batches."""
+    from detkit.preprocess import ImagePreprocessor, PreprocessParams
+
+    pre = ImagePreprocessor(PreprocessParams(min_size=args.size, max_size=args.max_size, size_divisible=32)).train()
+    cfg = DataConfig.model_validate({
+        "train": {"type": "voc", "root": str(root), "split": "train", "classes": CLASSES},
+        "batch_size": args.batch, "transforms": {"hflip": 0.5},
+    })  # fmt: skip
+    batches = list(build_loader(build_dataset(cfg, "train", seed=0), batch_size=args.batch, shuffle=True,
+                                num_workers=0, seed=0, drop_last=True))
+    with torch.inference_mode():
+        pre(batches[0].images)  # warm-up
+        n, t = 0, time.perf_counter()
+        for _ in range(args.epochs):
+            for batch in batches:
+                pre(batch.images, batch.targets)
+                n += len(batch)
+    return n / (time.perf_counter() - t)
 
 
 def load() -> str:
@@ -131,13 +157,16 @@ def main() -> None:
     decode_report("real photographs", real, args.decode_reps * 4)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    print(f"loader, batch {args.batch}, short side {args.size}, pin_memory {args.pin}:")
+    print(f"loader, batch {args.batch}, images at their own sizes (no resize), pin_memory {args.pin}:")
     rates = {}
     for w in args.workers:
         rates[w] = loader_rate(root, w, args)
         base = rates.get(1)
         ratio = f", {rates[w] / base:.2f}x 1 worker" if base and w != 1 else ""
         print(f"  {w:2d} workers: {rates[w]:7.1f} images/s{ratio}  (load {load()})", flush=True)
+    rate = preprocess_rate(root, args)
+    print(f"detector preprocessing (model.preprocess, short side {args.size}, max {args.max_size}, main process, "
+          f"{torch.get_num_threads()} threads): {rate:7.1f} images/s  (load {load()})")
 
 
 if __name__ == "__main__":

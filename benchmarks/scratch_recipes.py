@@ -39,7 +39,7 @@ CLASSES = "[circle,square,triangle,cross,diamond,ring]"
 # The untuned recipe of issue 12's table: the quickstart recipe scaled to 480 px, batch 16.
 BASELINE = [
     "model.preprocess.min_size=480", "model.preprocess.max_size=480",
-    "data.transforms.min_size=480", "data.transforms.max_size=480", "data.batch_size=16",
+    "data.batch_size=16",
 ]
 
 

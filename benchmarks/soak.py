@@ -87,6 +87,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="detkit-soak-"))
+    out.parent.mkdir(parents=True, exist_ok=True)  # the log is written beside the run directory
     cmd = [sys.executable, "-m", "detkit.cli", "train", args.config, "--out", str(out), "--overwrite",
            "--set", f"train.epochs={args.epochs}", "--set", "eval.interval=1"]
     for s in args.set:

@@ -5,9 +5,11 @@ On one VOC-layout set of photo-like JPEGs of varied sizes (see
 size, resolution, backbone and precision:
 
 1. **bare step**: batches taken from the same loader settings (grouped by
-   aspect ratio, padded to ``data.size_divisor``), moved to the device before
-   timing; then ``--steps`` calls of ``trainer.train_step`` cycling over them,
-   timed with the device synchronised at the ends.  Images/s.
+   aspect ratio; each image at its own size, resized and padded by the
+   detector's preprocessing), moved to the device before timing; then
+   ``--steps`` calls of ``trainer.train_step(batch.images, batch.targets)``
+   cycling over them (the trainer built as ``detkit train`` builds it, with
+   ``amp``), timed with the device synchronised at the ends.  Images/s.
 2. **loop**: ``detkit train`` (the CLI, in a subprocess) with
    ``data.num_workers = --workers``, evaluation off, checkpoints at the end
    only.  Images/s is the mean of the ``images_per_s`` of the metrics
@@ -50,7 +52,7 @@ def config(args: argparse.Namespace, root: Path) -> dict:
         "data": {
             "train": {"type": "voc", "root": str(root), "split": "train", "classes": CLASSES},
             "batch_size": args.batch, "num_workers": args.workers,
-            "transforms": {"min_size": args.size, "max_size": args.max_size, "hflip": 0.5},
+            "transforms": {"hflip": 0.5},  # augmentation only: the size is model.preprocess's
         },
         # last.pt at the end only: a 1 GB VGG16 checkpoint per tiny epoch would dominate the timing.
         "train": {"epochs": args.epochs, "device": args.device, "amp": args.amp, "log_interval": args.log_interval,
@@ -72,7 +74,6 @@ def sync(device: torch.device) -> None:
 def bare_step(cfg_dict: dict, args: argparse.Namespace) -> float:
     from detkit.config import validate
     from detkit.data.loader import build_dataset, build_loader
-    from detkit.amp import Amp
     from detkit.engine.optim import build_optimizer
     from detkit.registry import registry
 
@@ -90,15 +91,15 @@ def bare_step(cfg_dict: dict, args: argparse.Namespace) -> float:
             break
     torch.manual_seed(0)
     model = registry("detector").build(cfg.model, num_classes=len(CLASSES)).to(device).train()
-    trainer = registry("trainer").build(cfg.train.trainer, model=model, optimizer=build_optimizer(model, cfg.train.optimizer))
-    trainer.to(device)
-    if args.compile:
-        model.extractor.compile()
-        model.head.classifier.compile()
-    amp = Amp(device, enabled=args.amp)
+    if args.compile:  # in place, as train.compile does
+        for module in model.compile_modules():
+            module.compile()
+    trainer = registry("trainer").build(
+        cfg.train.trainer, model=model, optimizer=build_optimizer(model, cfg.train.optimizer), amp=args.amp
+    )
 
     def step(b):
-        return trainer.train_step(b.images, b.boxes, b.labels, scale=b.scales, image_sizes=b.image_sizes, amp=amp)
+        return trainer.train_step(b.images, b.targets)
 
     for b in batches:  # warm-up: every batch shape once (cudnn.benchmark tunes per shape)
         step(b)

@@ -34,7 +34,7 @@ TORCHVISION_MODELS = {
 # ... and those that do not (yet), with the reason.
 TORCHVISION_UNSUPPORTED = {
     "fasterrcnn_resnet50_fpn_v2": "its FPN and box head use normalised convs (FastRCNNConvFCHead: 4 convs "
-    "+ 1 fc with BatchNorm) and its RPN head has 2 convs; detkit's fpn and multiscale_roi_head have neither",
+    "+ 1 fc with BatchNorm) and its RPN head has 2 convs; detkit's fpn and two_mlp box head have neither",
     "fasterrcnn_mobilenet_v3_large_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
     "fasterrcnn_mobilenet_v3_large_320_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
 }

@@ -111,9 +111,9 @@ class AnchorGenerator(nn.Module):
     (feature size, device) since every batch of one size reuses them.
     """
 
-    def __init__(self, stride: int, params: AnchorParams | None = None, **kwargs: Any):
+    def __init__(self, stride: int, params: AnchorParams | None = None):
         super().__init__()
-        p = self.params = params if params is not None else AnchorParams(**kwargs)
+        p = self.params = params if params is not None else AnchorParams()
         self.stride = stride
         self.offset = p.offset
         # Kept as a plain attribute, not a buffer: it is derived from the config
@@ -148,9 +148,9 @@ class MultiLevelAnchorGenerator(nn.Module):
     device).  ``strides`` are the levels' nominal strides.
     """
 
-    def __init__(self, strides: Sequence[int], params: AnchorParams | None = None, **kwargs: Any):
+    def __init__(self, strides: Sequence[int], params: AnchorParams):
         super().__init__()
-        p = self.params = params if params is not None else AnchorParams(**kwargs)
+        p = self.params = params
         if p.sizes is None:
             raise ValueError("multi-level anchors need anchor.sizes (one list per level)")
         if len(p.sizes) != len(strides):

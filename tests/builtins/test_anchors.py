@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from detkit_builtins.anchors import AnchorGenerator, base_anchors
+from detkit_builtins.anchors import AnchorGenerator, AnchorParams, base_anchors
 
 
 def test_base_anchors_reference_order_hand_computed():
@@ -41,7 +41,7 @@ def test_shifted_grid_row_major_cells_contiguous():
 
 
 def test_offset_half_centres_anchors():
-    gen = AnchorGenerator(stride=16, offset=0.5)
+    gen = AnchorGenerator(16, AnchorParams(offset=0.5))
     a = gen(1, 1)
     centres = (a[:, :2] + a[:, 2:]) / 2
     assert torch.allclose(centres, torch.full((9, 2), 8.0))
@@ -53,7 +53,7 @@ def test_reference_counts(feat, count):
 
 
 def test_cache_per_size_and_device():
-    gen = AnchorGenerator(16, ratios=[1.0], scales=[2.0])
+    gen = AnchorGenerator(16, AnchorParams(ratios=[1.0], scales=[2.0]))
     a = gen(4, 5)
     assert gen(4, 5) is a
     assert gen(5, 4) is not a and gen(5, 4).shape == (20, 4)

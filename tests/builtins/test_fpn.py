@@ -13,11 +13,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from detkit.errors import ConfigError
-from detkit.interfaces import ShapeSpec
+from detkit.interfaces import ImageBatch, ShapeSpec
 from detkit.registry import build_detector, registry
-from detkit_builtins.anchors import MultiLevelAnchorGenerator
+from detkit_builtins.anchors import AnchorParams, MultiLevelAnchorGenerator
 from detkit_builtins.necks.fpn import FPN
-from detkit_builtins.roi_head import MultiScaleRoIHead
 from detkit_builtins.rpn import RegionProposalNetwork
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +32,7 @@ def c_features(n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]
 
 def test_fpn_equals_torchvision_feature_pyramid_with_the_same_weights():
     torch.manual_seed(0)
-    ours = FPN(input_shapes=C_SHAPES, out_channels=16)
+    ours = FPN(FPN.Params(out_channels=16), input_shapes=C_SHAPES)
     theirs = FeaturePyramidNetwork([8, 16, 24, 32], 16, extra_blocks=LastLevelMaxPool())
     theirs.load_state_dict(ours.state_dict())  # the same keys: inner_blocks.i.0, layer_blocks.i.0
     feats = c_features(2, 100, 72)  # odd sizes: the top-down path upsamples to each lateral's size
@@ -48,16 +47,18 @@ def test_fpn_equals_torchvision_feature_pyramid_with_the_same_weights():
 
 def test_fpn_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="model.neck.in_features: C6 not produced"):
-        FPN(input_shapes=C_SHAPES, in_features=["C5", "C6"])
+        FPN(FPN.Params(in_features=["C5", "C6"]), input_shapes=C_SHAPES)
     with pytest.raises(ConfigError, match="finest first"):
-        FPN(input_shapes=C_SHAPES, in_features=["C4", "C3"])
+        FPN(FPN.Params(in_features=["C4", "C3"]), input_shapes=C_SHAPES)
     with pytest.raises(ConfigError, match="multi-level backbone"):
         FPN(input_shapes={})
 
 
 @pytest.mark.parametrize("level_stride", ["input_ratio", "nominal"])
 def test_multi_level_anchors_match_torchvision(level_stride):
-    gen = MultiLevelAnchorGenerator([4, 8, 16, 32, 64], sizes=SIZES, ratios=[0.5, 1.0, 2.0], level_stride=level_stride)
+    gen = MultiLevelAnchorGenerator(
+        [4, 8, 16, 32, 64], AnchorParams(sizes=SIZES, ratios=[0.5, 1.0, 2.0], level_stride=level_stride)
+    )
     tv = TVAnchorGenerator(tuple((s[0],) for s in SIZES), ((0.5, 1.0, 2.0),) * 5)
     h, w = 160, 96  # P6 of 160 px is 3 cells: torchvision shifts them by 160 // 3 = 53 px, not 64
     maps = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in (4, 8, 16, 32, 64)]
@@ -73,14 +74,19 @@ def test_multi_level_anchors_match_torchvision(level_stride):
 
 def build_rpn(**proposal) -> RegionProposalNetwork:
     torch.manual_seed(0)
-    rpn = RegionProposalNetwork(
-        in_channels=16, feat_stride=[4, 8, 16, 32, 64], mid_channels=None,
-        anchor={"sizes": SIZES}, proposal={"min_size": 0.001, "nms_iou": 0.7, **proposal},
+    params = RegionProposalNetwork.Params(
+        mid_channels=None, anchor={"sizes": SIZES}, proposal={"min_size": 0.001, "nms_iou": 0.7, **proposal}
     )
+    rpn = RegionProposalNetwork(params, in_channels=16, feat_stride=[4, 8, 16, 32, 64])
     with torch.no_grad():
         rpn.loc.weight.normal_(0, 0.05)
         rpn.score.weight.normal_(0, 0.5)
     return rpn.eval()
+
+
+def image_batch(sizes: torch.Tensor, input_size: tuple[int, int]) -> ImageBatch:
+    n = sizes.shape[0]
+    return ImageBatch(torch.zeros(n, 3, *input_size), sizes, sizes, torch.ones(n))
 
 
 def p_features(n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -92,41 +98,47 @@ def test_rpn_scores_every_level_and_takes_top_k_per_level():
     rpn = build_rpn(test_pre_nms=5, test_post_nms=1000)
     feats = p_features(2, 128, 96)
     sizes = torch.tensor([[128, 96], [100, 80]])
-    out = rpn(feats, sizes, input_size=(128, 96))
+    out, losses = rpn(feats, image_batch(sizes, (128, 96)))
+    assert losses == {}
     counts = [m.shape[-2] * m.shape[-1] * 3 for m in feats.values()]
-    assert out.anchors.shape == (sum(counts), 4)
-    assert out.locs.shape == (2, sum(counts), 4) and out.scores.shape == (2, sum(counts), 2)
+    assert rpn.anchors([m.shape[-2:] for m in feats.values()], (128, 96)).shape == (sum(counts), 4)
     # At most 5 per level per image survive, whatever the NMS does.
     for i in range(2):
-        n_i = int((out.roi_indices == i).sum())
+        n_i = int((out.image_indices == i).sum())
         assert 0 < n_i <= 5 * len(counts)
-    rois = out.rois[out.roi_indices == 1]
+    rois = out.boxes[out.image_indices == 1]
     assert (rois[:, 2] <= 80).all() and (rois[:, 3] <= 100).all()  # clipped to image 1's true size
 
 
 def test_rpn_nms_runs_per_level_and_post_nms_caps_each_image():
     rpn = build_rpn(test_pre_nms=50, test_post_nms=7)
-    out = rpn(p_features(3, 96, 96), torch.tensor([[96, 96]] * 3), input_size=(96, 96))
-    assert torch.equal(torch.bincount(out.roi_indices, minlength=3), torch.tensor([7, 7, 7]))
+    out, _ = rpn(p_features(3, 96, 96), image_batch(torch.tensor([[96, 96]] * 3), (96, 96)))
+    assert torch.equal(torch.bincount(out.image_indices, minlength=3), torch.tensor([7, 7, 7]))
     # One image alone gives the same proposals as in the batch.
-    alone = rpn({k: v[1:2] for k, v in p_features(3, 96, 96).items()}, torch.tensor([[96, 96]]), input_size=(96, 96))
-    torch.testing.assert_close(alone.rois, out.rois[out.roi_indices == 1])
+    one = {k: v[1:2] for k, v in p_features(3, 96, 96).items()}
+    alone, _ = rpn(one, image_batch(torch.tensor([[96, 96]]), (96, 96)))
+    torch.testing.assert_close(alone.boxes, out.boxes[out.image_indices == 1])
 
 
-def test_multiscale_head_pools_like_torchvision_multiscale_roialign():
+def test_multiscale_pooler_pools_like_torchvision_multiscale_roialign():
     torch.manual_seed(0)
-    head = MultiScaleRoIHead(num_classes=3, input_shapes=P_SHAPES, representation_size=32)
+    head = registry("roi_head").build(
+        {"type": "roi_head", "pooler": {"type": "multiscale_roi_align"},
+         "box_head": {"type": "two_mlp", "representation_size": 32}},
+        num_classes=3, input_shapes=P_SHAPES,
+    )
     feats = p_features(2, 256, 224)
     rois = torch.tensor([[0, 0, 20, 20], [10, 10, 200, 240], [5, 5, 100, 60], [0, 0, 220, 250], [3, 4, 40, 90.0]])
     idx = torch.tensor([0, 0, 1, 1, 1])
-    ours = head.pool_rois(feats, rois, idx)
+    ours = head.pooler(feats, rois, idx, (256, 224))
     pooler = MultiScaleRoIAlign(["P2", "P3", "P4", "P5"], 7, 2)
     theirs = pooler(feats, [rois[idx == 0], rois[idx == 1]], [(256, 224)] * 2)
     torch.testing.assert_close(ours, theirs)
     # floor(4 + log2(sqrt(area) / 224)): sqrt(area) 20 -> 0.5 -> P2; 209 -> 3.9 -> P3;
     # 72 -> 2.4 -> P2; 235 -> 4.07 -> P4; 56 -> 2.0 -> P2 (indices into P2..P5).
-    assert head.levels(rois).tolist() == [0, 1, 0, 2, 0]
-    locs, scores = head(feats, rois, idx, (256, 224))
+    assert head.pooler.levels(rois).tolist() == [0, 1, 0, 2, 0]
+    assert head.box_head.fc6.in_features == 16 * 7 * 7
+    locs, scores = head.predict_boxes(feats, rois, idx, (256, 224))
     assert locs.shape == (5, 16) and scores.shape == (5, 4)
 
 
@@ -140,7 +152,9 @@ def fpn_model_cfg(**extra) -> dict:
             "proposal": {"train_pre_nms": 200, "train_post_nms": 64, "test_pre_nms": 100, "test_post_nms": 32,
                          "min_size": 0.001, "min_size_before_topk": False},
         },
-        "roi_head": {"type": "multiscale_roi_head", "representation_size": 64},
+        "roi_head": {"type": "roi_head", "pooler": {"type": "multiscale_roi_align"},
+                     "box_head": {"type": "two_mlp", "representation_size": 64},
+                     "proposal_target": {"type": "proposal_target", "n_sample": 32}},
         "preprocess": {"min_size": 96, "max_size": 128, "size_divisible": 32, "pad": "mean"},
         **extra,
     }
@@ -149,26 +163,27 @@ def fpn_model_cfg(**extra) -> dict:
 def test_fpn_detector_trains_one_step_and_predicts():
     torch.manual_seed(0)
     model = build_detector(fpn_model_cfg(), 3)
-    trainer = registry("trainer").build(
-        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 32}, "seed": 0},
-        model=model,
-    )
     model.train()
-    imgs = torch.rand(2, 3, 96, 128)
-    boxes = [torch.tensor([[10.0, 12, 60, 80]]), torch.tensor([[30.0, 20, 120, 90], [0, 0, 40, 40]])]
-    labels = [torch.tensor([1]), torch.tensor([0, 2])]
-    losses = trainer(imgs, boxes, labels, image_sizes=torch.tensor([[96, 128], [90, 120]]))
-    losses = losses._asdict() if hasattr(losses, "_asdict") else dict(losses)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 90, 120)]  # padded to 96 x 128 (multiple of 32)
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12, 60, 80]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 20, 110, 85], [0, 0, 40, 40]]), "labels": torch.tensor([0, 2])},
+    ]
+    losses = model(images, targets)
+    assert set(losses) == {"rpn_loc", "rpn_cls", "roi_loc", "roi_cls"}
     assert all(torch.isfinite(v) for v in losses.values())
-    losses["total"].backward()
-    for name in ("neck.layer_blocks.0.0.weight", "rpn.conv1.weight", "head.box_head.fc6.weight",
-                 "extractor.layer4.0.conv1.weight"):
+    sum(losses.values()).backward()
+    for name in ("neck.layer_blocks.0.0.weight", "rpn.conv1.weight", "roi_head.box_head.fc6.weight",
+                 "backbone.layer4.0.conv1.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     # Frozen stages stay frozen; anchors come from the RPN, all levels concatenated.
     assert model.anchors((96, 128)).shape[0] == 3 * sum((96 // s) * (128 // s) for s in (4, 8, 16, 32)) + 3 * 2 * 2
-    out = model.eval().predict([torch.rand(3, 70, 90), torch.rand(3, 90, 60)])
+    with torch.no_grad(), model.eval().detection_settings(score_thresh=0.0):
+        out = model([torch.rand(3, 70, 90), torch.rand(3, 90, 60)])
     assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
+    assert all(len(o["scores"]) > 0 for o in out)
+    assert (out[1]["boxes"][:, 2] <= 60 + 1e-3).all() and (out[1]["boxes"][:, 3] <= 90 + 1e-3).all()  # its own pixels
 
 
 def test_c4_backbone_with_multiscale_head_or_fpn_without_levels_fail_at_build():
@@ -179,8 +194,15 @@ def test_c4_backbone_with_multiscale_head_or_fpn_without_levels_fail_at_build():
     cfg = fpn_model_cfg(neck=None)
     with pytest.raises(ConfigError, match="channels"):
         build_detector(cfg, 3)
-    cfg = fpn_model_cfg(roi_head={"type": "roi_head"})
-    with pytest.raises(ConfigError, match="multiscale_roi_head"):
+    cfg = fpn_model_cfg(roi_head={"type": "roi_head"})  # roi_pool on one map
+    with pytest.raises(ConfigError, match="use type multiscale_roi_align"):
+        build_detector(cfg, 3)
+    cfg = fpn_model_cfg(roi_head={"type": "roi_head", "pooler": {"type": "multiscale_roi_align"}})
+    with pytest.raises(ConfigError, match="backbone_tail .* use type two_mlp"):
+        build_detector(cfg, 3)
+    cfg = fpn_model_cfg(neck=None, backbone={"type": "resnet50"}, rpn={"type": "rpn"})
+    cfg["roi_head"]["pooler"] = {"type": "multiscale_roi_align"}
+    with pytest.raises(ConfigError, match="multiscale_roi_align needs multi-level features"):
         build_detector(cfg, 3)
 
 
@@ -201,15 +223,15 @@ def test_tiny_backbone_multi_level_feeds_fpn_and_trains():
     """tiny with out_features returns named stage maps (strides 4..16) for the FPN and has no RoI tail."""
     from detkit_builtins.backbones.tiny import TinyBackbone
 
-    b = TinyBackbone(channels=[8, 16, 24, 32], out_features=["C2", "C3", "C4"])
+    b = TinyBackbone(TinyBackbone.Params(channels=[8, 16, 24, 32], out_features=["C2", "C3", "C4"]))
     assert b.output_shape() == {"C2": (16, 4), "C3": (24, 8), "C4": (32, 16)}
     out = b(torch.rand(1, 3, 64, 96))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         "C2": (1, 16, 16, 24), "C3": (1, 24, 8, 12), "C4": (1, 32, 4, 6)
     }
-    with pytest.raises(ValueError, match="multiscale_roi_head"):
+    with pytest.raises(ValueError, match="multiscale_roi_align"):
         b.roi_tail()
-    assert torch.is_tensor(TinyBackbone(channels=[8, 16, 24, 32])(torch.rand(1, 3, 64, 64)))
+    assert torch.is_tensor(TinyBackbone(TinyBackbone.Params(channels=[8, 16, 24, 32]))(torch.rand(1, 3, 64, 64)))
 
     torch.manual_seed(0)
     cfg = fpn_model_cfg()
@@ -217,13 +239,12 @@ def test_tiny_backbone_multi_level_feeds_fpn_and_trains():
     cfg["rpn"]["anchor"] = {"sizes": [[16], [32], [64], [128]]}
     model = build_detector(cfg, 3).train()
     trainer = registry("trainer").build(
-        {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sample": 32}, "seed": 0},
-        model=model,
+        {"type": "faster_rcnn_trainer", "seed": 0}, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0)
     )
-    losses = trainer(torch.rand(1, 3, 96, 128), [torch.tensor([[10.0, 12, 60, 80]])], [torch.tensor([1])],
-                     image_sizes=torch.tensor([[96, 128]]))
-    losses["total"].backward()
-    for name in ("extractor.stages.0.0.weight", "extractor.stages.2.0.weight", "neck.inner_blocks.0.0.weight"):
+    losses = trainer.train_step([torch.rand(3, 96, 128)],
+                                [{"boxes": torch.tensor([[10.0, 12, 60, 80]]), "labels": torch.tensor([1])}])
+    assert torch.isfinite(losses["total"])
+    for name in ("backbone.stages.0.0.weight", "backbone.stages.2.0.weight", "neck.inner_blocks.0.0.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     # P2..P5 at strides 4, 8, 16, 32 (the FPN's extra level), three ratios per cell.

@@ -1,4 +1,4 @@
-"""Normalisation choices and initialisation for training from scratch (issue 12)."""
+"""Normalisation choices and initialisation for training from scratch."""
 
 from __future__ import annotations
 

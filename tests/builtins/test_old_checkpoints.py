@@ -76,3 +76,16 @@ def test_detkit_eval_runs_on_a_format_1_checkpoint(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "voc/mAP" in metrics["metrics"]
     assert (tmp_path / "pr_curves.png").is_file() and (tmp_path / "detections.json").is_file()
+
+
+def test_training_resumes_from_a_format_1_checkpoint(tmp_path):
+    import detkit
+
+    src = DATA / "c4_roi_align.pt"
+    config = load_checkpoint(src)["config"]  # the stored config, upgraded
+    run = detkit.train(config, ["train.epochs=2", "data.num_workers=0", "data.train.num_images=8"],
+                       resume=src, out_dir=tmp_path / "run")
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    # Resumed after the old run's 8 steps (epoch 1): epoch 2 adds 2 steps of 4 images.
+    assert (last["format_version"], last["epoch"], last["step"]) == (2, 2, 10)
+    assert any(k.startswith("roi_head.box_head.tail.") for k in last["model"])

@@ -1,4 +1,4 @@
-"""Region proposal network and proposal creator."""
+"""Region proposal network (its outputs and its own losses) and proposal creator."""
 
 from __future__ import annotations
 
@@ -6,14 +6,29 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detkit.interfaces import RPNOutput
+from detkit.errors import ConfigError
+from detkit.interfaces import ImageBatch, Proposals
 from detkit.registry import registry
-from detkit_builtins.rpn import ProposalCreator, RegionProposalNetwork
+from detkit_builtins.rpn import ProposalCreator, ProposalParams, RegionProposalNetwork
 
 
 def creator(**kw) -> ProposalCreator:
-    pc = ProposalCreator(**kw)
-    return pc.eval()
+    return ProposalCreator(ProposalParams(**kw)).eval()
+
+
+def image_batch(sizes: torch.Tensor, input_size: tuple[int, int]) -> ImageBatch:
+    """What the preprocessing would hand the RPN: padded ``input_size``, true ``sizes``, scale 1."""
+    n = sizes.shape[0]
+    return ImageBatch(torch.zeros(n, 3, *input_size), sizes, sizes, torch.ones(n))
+
+
+def rpn_outputs(rpn, feats, sizes, input_size):
+    """``(proposals, locs, scores, anchors)`` of an eval-mode RPN."""
+    proposals, losses = rpn(feats, image_batch(sizes, input_size))
+    assert losses == {}
+    locs, scores = rpn._head(feats)
+    anchors = rpn.anchors([tuple(feats.shape[-2:])], input_size)
+    return proposals, locs, scores, anchors
 
 
 def test_hand_computed_decode_clip_min_size_and_order():
@@ -63,7 +78,7 @@ def test_nms_and_topk_limits():
 
 
 def test_train_and_test_counts_follow_module_mode():
-    pc = ProposalCreator(train_post_nms=2, test_post_nms=1)
+    pc = creator(train_post_nms=2, test_post_nms=1)
     anchors = torch.tensor([[0.0, 0, 20, 20], [50.0, 50, 70, 70], [0.0, 50, 20, 70]])
     args = (torch.zeros(1, 3, 4), torch.tensor([[0.3, 0.2, 0.1]]), anchors, torch.tensor([[100, 100]]))
     assert pc.train()(*args)[0].shape[0] == 2
@@ -87,13 +102,13 @@ def rpn() -> RegionProposalNetwork:
 def test_rpn_output_shapes_and_invariants(rpn):
     feats = torch.randn(2, 8, 6, 8)
     sizes = torch.tensor([[96, 128], [70, 90]])
-    out = rpn(feats, sizes)
-    assert isinstance(out, RPNOutput)
-    assert out.locs.shape == (2, 6 * 8 * 9, 4) and out.scores.shape == (2, 6 * 8 * 9, 2)
-    assert out.anchors.shape == (6 * 8 * 9, 4)
-    assert out.rois.shape[0] == out.roi_indices.shape[0] > 0
+    out, locs, scores, anchors = rpn_outputs(rpn, feats, sizes, (96, 128))
+    assert isinstance(out, Proposals)
+    assert locs.shape == (2, 6 * 8 * 9, 4) and scores.shape == (2, 6 * 8 * 9, 2)
+    assert anchors.shape == (6 * 8 * 9, 4)
+    assert out.boxes.shape[0] == out.image_indices.shape[0] > 0
     for i in range(2):
-        r = out.rois[out.roi_indices == i]
+        r = out.boxes[out.image_indices == i]
         h, w = sizes[i].tolist()
         assert 0 < r.shape[0] <= 30
         assert (r[:, 0] >= 0).all() and (r[:, 2] <= w).all() and (r[:, 1] >= 0).all() and (r[:, 3] <= h).all()
@@ -101,35 +116,35 @@ def test_rpn_output_shapes_and_invariants(rpn):
         iou = box_iou(r, r).fill_diagonal_(0)
         assert iou.max() <= 0.7 + 1e-6
     # grouped by image in batch order
-    assert (out.roi_indices.diff() >= 0).all()
+    assert (out.image_indices.diff() >= 0).all()
 
 
 def test_rpn_batch_independence(rpn):
     feats = torch.randn(3, 8, 6, 8)
     sizes = torch.tensor([[96, 128], [70, 90], [96, 100]])
-    batch = rpn(feats, sizes)
+    batch, locs, scores, anchors = rpn_outputs(rpn, feats, sizes, (96, 128))
     for i in range(3):
-        alone = rpn(feats[i : i + 1], sizes[i : i + 1])
+        alone = rpn_outputs(rpn, feats[i : i + 1], sizes[i : i + 1], (96, 128))[0]
         # Convolutions may round differently for a batch of 1: compare closely, not bitwise.
-        mine = batch.rois[batch.roi_indices == i]
-        assert mine.shape == alone.rois.shape
-        assert torch.allclose(mine, alone.rois, atol=1e-3)
+        mine = batch.boxes[batch.image_indices == i]
+        assert mine.shape == alone.boxes.shape and mine.shape[0] > 0
+        assert torch.allclose(mine, alone.boxes, atol=1e-3)
     # The proposal creator itself is exactly independent of the other images.
     pc = rpn.proposal_creator
-    fg = torch.softmax(batch.scores, -1)[..., 1]
-    rois, idx = pc(batch.locs, fg, batch.anchors, sizes)
+    fg = torch.softmax(scores, -1)[..., 1]
+    rois, idx = pc(locs, fg, anchors, sizes)
     for i in range(3):
-        alone, _ = pc(batch.locs[i : i + 1], fg[i : i + 1], batch.anchors, sizes[i : i + 1])
+        alone, _ = pc(locs[i : i + 1], fg[i : i + 1], anchors, sizes[i : i + 1])
         assert torch.equal(rois[idx == i], alone)
 
 
 def test_rpn_layout_matches_reference_reshape(rpn):
     # Channel k*2+j of the score conv at cell (y, x) is anchor (y*W + x)*9 + k, class j.
     feats = torch.randn(1, 8, 3, 4)
-    out = rpn(feats, torch.tensor([[48, 64]]))
+    _, _, scores, _ = rpn_outputs(rpn, feats, torch.tensor([[48, 64]]), (48, 64))
     raw = rpn.score(torch.relu(rpn.conv1(feats)))
     y, x, k = 2, 1, 5
-    assert torch.allclose(out.scores[0, (y * 4 + x) * 9 + k], raw[0, 2 * k : 2 * k + 2, y, x])
+    assert torch.allclose(scores[0, (y * 4 + x) * 9 + k], raw[0, 2 * k : 2 * k + 2, y, x])
 
 
 def test_rpn_parts_take_their_validated_params():
@@ -142,10 +157,11 @@ def test_rpn_parts_take_their_validated_params():
     assert gen.num_per_cell == 3 and gen.offset == AnchorParams().offset
     rpn = RegionProposalNetwork(RegionProposalNetwork.Params(mid_channels=None), in_channels=8, feat_stride=16)
     assert rpn.conv1.out_channels == 8 and rpn.proposal_creator.params == ProposalParams()
-    with pytest.raises(ValueError, match="anchor.sizes"):
-        RegionProposalNetwork(in_channels=8, feat_stride=16, anchor={"sizes": [[32]]})
-    with pytest.raises(ValueError, match="2 levels but the features have 3"):
-        RegionProposalNetwork(in_channels=8, feat_stride=[4, 8, 16], anchor={"sizes": [[32], [64]]})
+    with pytest.raises(ConfigError, match="anchor.sizes"):
+        RegionProposalNetwork(RegionProposalNetwork.Params(anchor={"sizes": [[32]]}), in_channels=8, feat_stride=16)
+    with pytest.raises(ConfigError, match="2 levels, but the features have 3"):
+        RegionProposalNetwork(RegionProposalNetwork.Params(anchor={"sizes": [[32], [64]]}), in_channels=8,
+                              feat_stride=[4, 8, 16])
 
 
 def test_small_boxes_removed_before_or_after_the_top_k():
@@ -174,3 +190,37 @@ def test_levels_take_their_own_top_k_and_nms_separately():
     assert len(rois) == 3  # IoU of the two level-1 boxes is 1024 / 2176 < 0.7: no suppression
     rois, _ = creator(test_pre_nms=5)(locs, scores, anchors, sizes)  # one level: the duplicate goes
     assert len(rois) == 2
+
+
+def test_rpn_trains_with_its_own_anchor_target_and_losses():
+    """Train mode: the RPN labels its anchors with its anchor_target slot and scores them with its losses."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    rpn = registry("proposal_generator").build(
+        {"type": "rpn", "mid_channels": 16, "anchor_target": {"type": "anchor_target", "n_sample": 24},
+         "cls_loss": {"type": "cross_entropy"}, "loc_loss": {"type": "smooth_l1", "sigma": 3.0}},
+        in_channels=8, feat_stride=16,
+    ).train()
+    assert rpn.anchor_target.n_sample == 24 and rpn.loc_loss.sigma == 3.0
+    feats = torch.randn(2, 8, 6, 8, requires_grad=True)
+    sizes = torch.tensor([[96, 128], [80, 100]])
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    rpn.generator = torch.Generator().manual_seed(7)
+    proposals, losses = rpn(feats, image_batch(sizes, (96, 128)), targets)
+    assert set(losses) == {"rpn_loc", "rpn_cls"} and proposals.boxes.shape[0] > 0
+    # The same sampling, by hand: the labels the RPN's own creator draws with the same generator.
+    locs, scores = rpn._head(feats)
+    anchors = rpn.anchors([(6, 8)], (96, 128))
+    gt_locs, labels = rpn.anchor_target([t["boxes"] for t in targets], anchors, sizes,
+                                        generator=torch.Generator().manual_seed(7))
+    assert (labels == 1).any() and int((labels >= 0).sum()) <= 2 * 24
+    expected_cls = F.cross_entropy(scores.reshape(-1, 2), labels.reshape(-1), ignore_index=-1)
+    assert torch.allclose(losses["rpn_cls"], expected_cls, atol=1e-6)
+    expected_loc = rpn.loc_loss(locs.reshape(-1, 4), gt_locs.reshape(-1, 4), labels.reshape(-1))
+    assert torch.allclose(losses["rpn_loc"], expected_loc, atol=1e-6) and losses["rpn_loc"] > 0
+    (losses["rpn_loc"] + losses["rpn_cls"]).backward()
+    assert rpn.score.weight.grad.abs().sum() > 0 and feats.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="targets"):
+        rpn(feats, image_batch(sizes, (96, 128)))

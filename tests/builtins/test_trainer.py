@@ -1,4 +1,4 @@
-"""FasterRCNNTrainer: loss definitions, SGD on a tiny detector, bf16 autocast, clipping."""
+"""The stages' losses on hand-worked cases, and FasterRCNNTrainer: weighted total, SGD, bf16 autocast, clipping."""
 
 from __future__ import annotations
 
@@ -8,52 +8,51 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.interfaces import Detector, RPNOutput
-from detkit.registry import ComponentValidationError, registry
 from detkit.amp import Amp
+from detkit.errors import ConfigError
+from detkit.interfaces import ImageBatch, Proposals, RoITail, ShapeSpec, freeze_batchnorm
+from detkit.registry import ComponentValidationError, registry
 from detkit_builtins.trainer import FasterRCNNTrainer
 
 COLOURS = torch.tensor([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.2, 0.2, 1.0]])
+LOSSES = ["rpn_loc", "rpn_cls", "roi_loc", "roi_cls"]
 
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture
 def shapes_batch():
-    """Two 96x96 images with coloured rectangles on a dark background."""
+    """Two 96x96 images with coloured rectangles on a dark background, and their targets."""
     boxes = [torch.tensor([[8.0, 8, 56, 60], [50, 40, 90, 88]]), torch.tensor([[20.0, 30, 80, 76]])]
     labels = [torch.tensor([0, 2]), torch.tensor([1])]
-    imgs = torch.full((2, 3, 96, 96), 0.1)
-    for i, (b, l) in enumerate(zip(boxes, labels)):
+    images = []
+    for b, l in zip(boxes, labels):
+        img = torch.full((3, 96, 96), 0.1)
         for (x1, y1, x2, y2), c in zip(b.int().tolist(), l.tolist()):
-            imgs[i, :, y1:y2, x1:x2] = COLOURS[c][:, None, None]
-    return imgs, boxes, labels
+            img[:, y1:y2, x1:x2] = COLOURS[c][:, None, None]
+        images.append(img)
+    return images, [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
 
 
-def tiny_detector(seed: int = 0):
-    torch.manual_seed(seed)
-    return registry("detector").build(
-        {
-            "type": "faster_rcnn",
-            "backbone": {"type": "tiny", "channels": [8, 16, 32, 64], "tail_features": 64},
-            "rpn": {
-                "type": "rpn",
-                "mid_channels": 64,
-                "proposal": {"train_pre_nms": 300, "train_post_nms": 64, "test_pre_nms": 300, "test_post_nms": 64},
-            },
-        },
-        num_classes=3,
-    )
+@pytest.fixture
+def tiny_detector(tiny_detector_config):
+    """``tiny_detector(seed=0, n_anchor=64, n_roi=32, pos_ratio=None)``: the tiny config at 96 px, sampling sizes set."""
+
+    def build(seed: int = 0, n_anchor: int = 64, n_roi: int = 32, pos_ratio: float | None = None):
+        cfg = tiny_detector_config(preprocess={"min_size": 96, "max_size": 96})
+        cfg["rpn"]["proposal"].update(train_pre_nms=300, train_post_nms=64)
+        cfg["rpn"]["anchor_target"] = {"type": "anchor_target", "n_sample": n_anchor}
+        cfg["roi_head"]["proposal_target"] = {"type": "proposal_target", "n_sample": n_roi}
+        if pos_ratio is not None:
+            cfg["roi_head"]["proposal_target"]["pos_ratio"] = pos_ratio
+        torch.manual_seed(seed)
+        return registry("detector").build(cfg, num_classes=3).train()
+
+    return build
 
 
-def tiny_trainer(model, optimizer=None, **params):
-    spec = {
-        "type": "faster_rcnn_trainer",
-        "anchor_target": {"type": "anchor_target", "n_sample": 64},
-        "proposal_target": {"type": "proposal_target", "n_sample": 32},
-        "seed": 0,
-        **params,
-    }
-    return registry("trainer").build(spec, model=model, optimizer=optimizer)
+def tiny_trainer(model, optimizer=None, amp=False, **params):
+    return registry("trainer").build({"type": "faster_rcnn_trainer", **params}, model=model, optimizer=optimizer,
+                                     amp=amp)
 
 
 def grad_norm(model: nn.Module) -> float:
@@ -61,132 +60,149 @@ def grad_norm(model: nn.Module) -> float:
     return torch.cat(grads).norm().item()
 
 
-# ------------------------------------------- loss definitions on a stub model
-class StubDetector(Detector):
-    """Fixed RPN/head outputs, so every loss can be worked out by hand.
-
-    RPN: all deltas 1.0 and all logits 0; anchors/RoIs given. Head: logits 0,
-    and every coordinate of class ``k``'s deltas equals ``k``.
-    """
-
-    def __init__(self, anchors, rois, roi_indices, num_classes=2):
-        super().__init__()
-        self.num_classes = num_classes
-        self.loc_normalize_std = (0.1, 0.1, 0.2, 0.2)
-        self.w = nn.Parameter(torch.ones(()))
-        self._anchors, self._rois, self._roi_indices = anchors, rois, roi_indices
-        self.head_rois = None
-
-    def forward(self, x, mode="forward", **kw):
-        if mode == "extractor":
-            return x
-        if mode == "rpn":
-            n, a = x.shape[0], self._anchors.shape[0]
-            locs = self.w * torch.ones(n, a, 4)
-            scores = self.w * torch.zeros(n, a, 2)
-            return RPNOutput(locs, scores, self._rois, self._roi_indices, self._anchors)
-        if mode == "head":
-            r = kw["rois"].shape[0]
-            self.head_rois = (kw["rois"], kw["roi_indices"])
-            per_class = torch.arange(self.num_classes + 1.0).repeat_interleave(4)
-            return self.w * per_class.expand(r, -1), self.w * torch.zeros(r, self.num_classes + 1)
-        raise ValueError(mode)
-
-    def predict(self, images, **kw):
-        raise NotImplementedError
+def image_batch(n: int, h: int = 100, w: int = 100) -> ImageBatch:
+    sizes = torch.tensor([[h, w]] * n)
+    return ImageBatch(torch.zeros(n, 3, h, w), sizes, sizes, torch.ones(n))
 
 
-def test_losses_on_hand_worked_batch():
-    a = torch.tensor([[0.0, 0, 20, 20]])
-    b = torch.tensor([[40.0, 40, 60, 60]])
-    far = torch.tensor([[70.0, 0, 90, 20]])
-    anchors = torch.cat([a, b, far])
-    # image 0: rois a, far; image 1: rois b, b, far (3 foreground incl. its gt)
-    rois = torch.cat([a, far, b, b, far])
-    roi_indices = torch.tensor([0, 0, 1, 1, 1])
-    model = StubDetector(anchors, rois, roi_indices)
-    trainer = FasterRCNNTrainer(
-        model,
-        anchor_target={"type": "anchor_target", "n_sample": 8},
-        proposal_target={"type": "proposal_target", "n_sample": 8, "pos_ratio": 1.0},
-        seed=0,
-    )
-    imgs = torch.zeros(2, 3, 100, 100)
-    losses = trainer(imgs, [a, b], [torch.tensor([0]), torch.tensor([1])])
-    assert list(losses) == ["rpn_loc", "rpn_cls", "roi_loc", "roi_cls", "total"]
-    # RPN: positive anchors match their gt exactly (target 0), predictions 1.0:
+A = torch.tensor([[0.0, 0, 20, 20]])
+B = torch.tensor([[40.0, 40, 60, 60]])
+FAR = torch.tensor([[70.0, 0, 90, 20]])
+TARGETS = [{"boxes": A, "labels": torch.tensor([0])}, {"boxes": B, "labels": torch.tensor([1])}]
+
+
+# --------------------------------------------- the stages' losses by hand
+def test_rpn_losses_on_hand_worked_batch():
+    """All deltas 1 and all logits 0; anchors a, b, far; image 0's gt is a, image 1's is b."""
+    rpn = registry("proposal_generator").build(
+        {"type": "rpn", "mid_channels": 1, "anchor": {"scales": [1], "ratios": [1.0]},
+         "anchor_target": {"type": "anchor_target", "n_sample": 8}},
+        in_channels=1, feat_stride=16,
+    ).train()
+    with torch.no_grad():
+        for layer in (rpn.conv1, rpn.score, rpn.loc):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        rpn.loc.bias.fill_(1.0)
+    anchors = torch.cat([A, B, FAR])
+    rpn.anchors = lambda *args, **kwargs: anchors  # three anchors, one per cell of a 1 x 3 map
+    _, losses = rpn(torch.zeros(2, 1, 1, 3), image_batch(2), TARGETS)
+    assert list(losses) == ["rpn_loc", "rpn_cls"]
+    # Positive anchors match their gt exactly (target 0), predictions 1.0:
     # smooth L1 (sigma 1) = 4 * (1 - 0.5) = 2 per positive; logits 0 -> CE log 2.
     assert losses["rpn_loc"].item() == pytest.approx(2.0)
     assert losses["rpn_cls"].item() == pytest.approx(math.log(2))
-    # Head: foreground RoIs equal their gt (target 0); the prediction picked for
-    # label L is L per coordinate: L=1 -> 2.0 per row, L=2 -> 4 * 1.5 = 6.0.
-    # Pooled over the batch: (2 rows * 2.0 + 3 rows * 6.0) / 5 (a per-image mean would be 4.0).
+    (losses["rpn_loc"] + losses["rpn_cls"]).backward()
+    assert rpn.loc.bias.grad.abs().sum() > 0
+
+
+def test_roi_head_losses_on_hand_worked_batch():
+    """Logits 0; every coordinate of class k's deltas is k; RoIs a, far (image 0) and b, b, far (image 1)."""
+    tail = RoITail(nn.Sequential(nn.Flatten(1), nn.Linear(1, 4)), 1, 4)
+    head = registry("roi_head").build(
+        {"type": "roi_head", "pooler": {"type": "roi_pool"}, "box_head": {"type": "backbone_tail"},
+         "proposal_target": {"type": "proposal_target", "n_sample": 8, "pos_ratio": 1.0}},
+        num_classes=2, input_shapes={"features": ShapeSpec(1, 16)}, tail=tail,
+    ).train()
+    with torch.no_grad():
+        head.score.weight.zero_()
+        head.score.bias.zero_()
+        head.cls_loc.weight.zero_()
+        head.cls_loc.bias.copy_(torch.arange(3.0).repeat_interleave(4))
+    seen = []
+    head.pooler.register_forward_hook(lambda m, args, out: seen.append((args[1], args[2])))
+    proposals = Proposals(torch.cat([A, FAR, B, B, FAR]), torch.tensor([0, 0, 1, 1, 1]))
+    predictions, losses = head(torch.zeros(2, 1, 7, 7), proposals, image_batch(2), TARGETS)
+    assert predictions is None and list(losses) == ["roi_loc", "roi_cls"]
+    # Foreground RoIs equal their gt (target 0); the prediction picked for label L is
+    # L per coordinate: L=1 -> 2.0 per row, L=2 -> 4 * 1.5 = 6.0. Pooled over the
+    # batch: (2 rows * 2.0 + 3 rows * 6.0) / 5 (a per-image mean would be 4.0).
     assert losses["roi_loc"].item() == pytest.approx(22 / 5)
     assert losses["roi_cls"].item() == pytest.approx(math.log(3))
-    assert losses["total"].item() == pytest.approx(2.0 + math.log(2) + 22 / 5 + math.log(3))
-    losses["total"].backward()
-    assert model.w.grad is not None and model.w.grad.item() != 0
-    # The head saw fixed-size samples: 8 rows per image, in image order.
-    sample_rois, sample_indices = model.head_rois
-    assert sample_rois.shape == (16, 4) and sample_indices.tolist() == [0] * 8 + [1] * 8
+    (losses["roi_loc"] + losses["roi_cls"]).backward()
+    assert head.cls_loc.bias.grad.abs().sum() > 0
+    # The head pooled fixed-size samples: 8 rows per image, in image order.
+    (boxes, indices), = seen
+    assert boxes.shape == (16, 4) and indices.tolist() == [0] * 8 + [1] * 8
 
 
-def test_train_step_needs_an_optimizer():
-    model = StubDetector(torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
-    trainer = FasterRCNNTrainer(model)
+# ------------------------------------------------------------- the trainer
+def test_total_is_the_weighted_sum_of_the_models_losses(tiny_detector, shapes_batch):
+    images, targets = shapes_batch
+    model = tiny_detector()
+    model.set_sampling_generator(None)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        plain = tiny_trainer(model).losses(images, targets)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        weighted = tiny_trainer(model, loss_weights={"roi_loc": 2.0, "rpn_cls": 0.0}).losses(images, targets)
+    assert list(plain) == LOSSES + ["total"]
+    assert plain["total"].item() == pytest.approx(sum(plain[k].item() for k in LOSSES), rel=1e-6)
+    for k in LOSSES:
+        assert weighted[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
+    expected = plain["rpn_loc"] + 2.0 * plain["roi_loc"] + plain["roi_cls"]
+    assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="train.trainer.loss_weights: roi_los is not a loss of this model"):
+        tiny_trainer(model, loss_weights={"roi_los": 1.0}).losses(images, targets)
+
+
+def test_train_step_needs_an_optimizer(tiny_detector, shapes_batch):
+    trainer = FasterRCNNTrainer(model=tiny_detector())
     with pytest.raises(RuntimeError, match="optimizer"):
-        trainer.train_step(torch.zeros(1, 3, 16, 16), [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)])
+        trainer.train_step(*shapes_batch)
 
 
 def test_params_defaults_and_validation():
-    spec = registry("trainer").validate({"type": "faster_rcnn_trainer"})
-    dumped = spec.to_dict()
-    assert dumped["anchor_target"]["type"] == "anchor_target"
-    assert dumped["anchor_target"]["n_sample"] == 256
-    assert dumped["proposal_target"]["n_sample"] == 128
-    assert dumped["rpn_loc_loss"] == {"type": "smooth_l1", "sigma": 1.0}
-    assert dumped["roi_cls_loss"] == {"type": "cross_entropy", "ignore_index": -1}
-    assert dumped["grad_clip"] is None and dumped["seed"] is None
-    with pytest.raises(ComponentValidationError, match=r"rpn_loc_loss\.type"):
-        registry("trainer").validate({"type": "faster_rcnn_trainer", "rpn_loc_loss": {"type": "smoth_l1"}})
+    dumped = registry("trainer").validate({"type": "faster_rcnn_trainer"}).to_dict()
+    assert dumped["loss_weights"] == {} and dumped["grad_clip"] is None and dumped["seed"] is None
+    # The target creators and losses live in the stages now, with the reference defaults.
+    rpn = registry("proposal_generator").validate({"type": "rpn"}).to_dict()
+    assert rpn["anchor_target"]["type"] == "anchor_target" and rpn["anchor_target"]["n_sample"] == 256
+    assert rpn["loc_loss"] == {"type": "smooth_l1", "sigma": 1.0} and rpn["cls_loss"]["type"] == "cross_entropy"
+    head = registry("roi_head").validate({"type": "roi_head"}).to_dict()
+    assert head["proposal_target"]["n_sample"] == 128
+    assert head["cls_loss"] == {"type": "cross_entropy", "ignore_index": -1}
+    with pytest.raises(ComponentValidationError, match=r"loc_loss\.type"):
+        registry("roi_head").validate({"type": "roi_head", "loc_loss": {"type": "smoth_l1"}})
     with pytest.raises(ComponentValidationError, match=r"proposal_target\.n_sampel"):
-        registry("trainer").validate(
-            {"type": "faster_rcnn_trainer", "proposal_target": {"type": "proposal_target", "n_sampel": 3}}
+        registry("roi_head").validate(
+            {"type": "roi_head", "proposal_target": {"type": "proposal_target", "n_sampel": 3}}
         )
+    with pytest.raises(ComponentValidationError, match="anchor_target"):  # no longer a trainer field
+        registry("trainer").validate({"type": "faster_rcnn_trainer", "anchor_target": {"type": "anchor_target"}})
+    with pytest.raises(ComponentValidationError, match="loss_weights"):
+        registry("trainer").validate({"type": "faster_rcnn_trainer", "loss_weights": {"roi_loc": -1.0}})
 
 
-# ------------------------------------------------------ the real tiny model
-def test_batch_losses_pool_images(shapes_batch):
+def test_batch_losses_pool_images(tiny_detector, shapes_batch):
     """Two copies of an image give the single image's losses (pooling = mean for equal counts)."""
-    imgs, boxes, labels = shapes_batch
-    model = tiny_detector().eval()  # BN running stats: images do not see each other
+    images, targets = shapes_batch
     # Samples large enough that nothing is subsampled: no randomness left.
-    trainer = tiny_trainer(
-        model,
-        anchor_target={"type": "anchor_target", "n_sample": 10000},
-        proposal_target={"type": "proposal_target", "n_sample": 128, "pos_ratio": 1.0},
-    )
+    model = tiny_detector(n_anchor=10000, n_roi=128, pos_ratio=1.0)
+    freeze_batchnorm(model, freeze_affine=False)  # BN running stats: images do not see each other
     with torch.no_grad():
-        single = trainer(imgs[:1], boxes[:1], labels[:1])
-        double = trainer(imgs[:1].repeat(2, 1, 1, 1), boxes[:1] * 2, labels[:1] * 2)
-    assert single.keys() == double.keys()
+        single = model(images[:1], targets[:1])
+        double = model(images[:1] * 2, targets[:1] * 2)
+    assert single.keys() == double.keys() == set(LOSSES)
     for name in single:
         assert double[name].item() == pytest.approx(single[name].item(), rel=1e-5), name
     assert single["roi_loc"].item() > 0 and single["rpn_loc"].item() > 0
 
 
-def test_sgd_steps_lower_the_loss(shapes_batch):
-    imgs, boxes, labels = shapes_batch
+def test_sgd_steps_lower_the_loss(tiny_detector, shapes_batch):
+    images, targets = shapes_batch
     model = tiny_detector()
-    trainer = tiny_trainer(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)).train()
+    trainer = tiny_trainer(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
 
     def measured():
-        # Same sampling every time (a fresh seeded trainer) so only the weights differ.
-        with torch.no_grad():
-            return tiny_trainer(model, seed=123)(imgs, boxes, labels)
+        # The same sampling every time (torch's RNG, reseeded) so only the weights differ.
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(123)
+            return trainer.losses(images, targets)
 
     before = measured()
-    history = [trainer.train_step(imgs, boxes, labels) for _ in range(20)]
+    history = [trainer.train_step(images, targets) for _ in range(20)]
     after = measured()
     assert all(torch.isfinite(l["total"]) for l in history)
     assert after["total"].item() < 0.8 * before["total"].item()
@@ -197,14 +213,13 @@ def test_sgd_steps_lower_the_loss(shapes_batch):
         assert not l.requires_grad
 
 
-def test_amp_on_cpu_uses_bf16_autocast(shapes_batch):
-    imgs, boxes, labels = shapes_batch
+def test_amp_on_cpu_uses_bf16_autocast(tiny_detector, shapes_batch):
     model = tiny_detector()
-    trainer = tiny_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01)).train()
+    trainer = tiny_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), amp=Amp("cpu", enabled=True))
     seen = []
-    model.extractor.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     before = model.rpn.conv1.weight.detach().clone()
-    losses = trainer.train_step(imgs, boxes, labels, amp=Amp("cpu", enabled=True))
+    losses = trainer.train_step(*shapes_batch)
     assert seen == [torch.bfloat16]
     assert all(l.dtype == torch.float32 and torch.isfinite(l) for l in losses.values())
     assert losses["total"].item() > 0
@@ -213,16 +228,29 @@ def test_amp_on_cpu_uses_bf16_autocast(shapes_batch):
 
 
 @pytest.mark.parametrize("with_scaler", [False, True])
-def test_grad_clip_bounds_the_norm(shapes_batch, with_scaler):
-    imgs, boxes, labels = shapes_batch
+def test_grad_clip_bounds_the_norm(tiny_detector, shapes_batch, with_scaler):
     model = tiny_detector()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: gradients stay inspectable
-    free = tiny_trainer(model, opt).train()
-    free.train_step(imgs, boxes, labels)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tiny_trainer(model, opt).train_step(*shapes_batch)
     unclipped = grad_norm(model)
     clip = unclipped / 10
-    clipped = tiny_trainer(model, opt, grad_clip=clip).train()
     # A CPU GradScaler scales the loss by 2**16: clipping must see unscaled gradients.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if with_scaler else None
-    clipped.train_step(imgs, boxes, labels, amp=Amp("cpu", enabled=False, scaler=scaler))
+    clipped = tiny_trainer(model, opt, amp=Amp("cpu", enabled=False, scaler=scaler), grad_clip=clip)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clipped.train_step(*shapes_batch)
     assert grad_norm(model) == pytest.approx(clip, rel=1e-3)
+
+
+def test_seeded_trainer_repeats_its_sampling(tiny_detector, shapes_batch):
+    """``seed``: the stages draw from the trainer's own generator, so two runs of it take the same steps."""
+    runs = []
+    for _ in range(2):
+        model = tiny_detector()
+        trainer = tiny_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), seed=3)
+        torch.manual_seed(99 + len(runs))  # the global RNG differs between the runs
+        runs.append([trainer.train_step(*shapes_batch)["total"].item() for _ in range(2)])
+    assert runs[0] == runs[1]

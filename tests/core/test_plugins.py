@@ -21,8 +21,8 @@ class GoodLoss:
         model_config = ConfigDict(extra="forbid")
         weight: float = 1.0
 
-    def __init__(self, weight):
-        self.weight = weight
+    def __init__(self, params):
+        self.weight = params.weight
 """
 
 

@@ -21,7 +21,7 @@ from detkit.data.stats import (
     suggest_level_sizes,
     yaml_snippet,
 )
-from detkit_builtins.anchors import AnchorGenerator
+from detkit_builtins.anchors import AnchorGenerator, AnchorParams
 
 
 def test_best_anchor_iou_by_hand():
@@ -51,7 +51,7 @@ def test_anchor_coverage_groups_by_input_size():
 
     def anchors_for(size):  # 16 px squares centred on a 16 px grid: the RPN's own generator
         calls.append(size)
-        return AnchorGenerator(16, scales=[1.0], ratios=[1.0], offset=0.5)(-(-size[0] // 16), -(-size[1] // 16))
+        return AnchorGenerator(16, AnchorParams(scales=[1.0], ratios=[1.0], offset=0.5))(-(-size[0] // 16), -(-size[1] // 16))
 
     best = anchor_coverage(ann, anchors_for)
     assert sorted(calls) == [(16, 16), (32, 32)]  # one anchor set per distinct size

@@ -183,9 +183,12 @@ def _micro_batch(samples):
 def _seed_each_forward(model, seed: int) -> None:
     """Reseed torch before every forward of the detector: each micro-batch (one per rank, or one
     after the other in one process) draws its anchor and RoI samples from the same state."""
+    def reseed(module, args) -> None:  # returns None: the inputs stay as they are
+        torch.manual_seed(seed)
+
     if hasattr(model, "_seed_hook"):
         model._seed_hook.remove()
-    model._seed_hook = model.register_forward_pre_hook(lambda module, args: torch.manual_seed(seed))
+    model._seed_hook = model.register_forward_pre_hook(reseed)
 
 
 def _freeze(model, frozen: bool) -> None:

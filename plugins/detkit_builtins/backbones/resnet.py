@@ -130,7 +130,7 @@ class ResNet50Backbone(FreezableBNBackbone):
         if self._out_features:
             raise ValueError(
                 "model.backbone.out_features: a multi-level resnet50 has no RoI tail (layer4 is in the "
-                "trunk); use roi_head type multiscale_roi_head"
+                "trunk); use roi_head pooler multiscale_roi_align with box_head two_mlp"
             )
         return RoITail(self._tail, 14, 2048)
 

@@ -61,8 +61,8 @@ class TinyBackbone(FreezableBNBackbone):
         out_features: list[Literal["C1", "C2", "C3", "C4"]] | None = Field(
             None,
             description="multi-level output for a neck (FPN): the named stage outputs to return (C1..C4: "
-            "strides 2..16); there is then no RoI tail (roi_head type multiscale_roi_head). null: one "
-            "stride-16 map with a one-layer RoI tail",
+            "strides 2..16); there is then no RoI tail (roi_head pooler multiscale_roi_align, box_head "
+            "two_mlp). null: one stride-16 map with a one-layer RoI tail",
         )
 
         @field_validator("channels")
@@ -126,7 +126,7 @@ class TinyBackbone(FreezableBNBackbone):
         if self._out_features:
             raise ValueError(
                 "model.backbone.out_features: a multi-level tiny backbone has no RoI tail; "
-                "use roi_head type multiscale_roi_head"
+                "use roi_head pooler multiscale_roi_align with box_head two_mlp"
             )
         return RoITail(self._tail, self.roi_size, self.tail_features)
 
