@@ -45,6 +45,7 @@ from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.run_lock import RunLock, check_unlocked
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.io import stale_temporaries
@@ -59,9 +60,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> Path:
+def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None, resume: Path | None = None) -> Path:
+    """``--out``; else the directory of the ``--resume`` checkpoint (the run it continues); else ``train.out_dir``."""
     if out_dir is not None:
         return Path(out_dir)
+    if resume is not None:
+        return Path(resume).parent
     name = cfg.name or (config_path.stem if config_path else "run")
     try:
         return Path(cfg.train.out_dir.format(name=name))
@@ -74,9 +78,16 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml", "val_detections.json")
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
-    """Refuse to train a new run over one that holds checkpoints (unless resuming or overwriting)."""
-    if resume is not None or overwrite or not run_dir.is_dir():
+    """Refuse a directory another training holds (always), and one that holds another run's
+    checkpoints, unless this run continues it (``--resume`` from it) or ``overwrite`` replaces it."""
+    check_unlocked(run_dir)
+    continues = resume is not None and _same_dir(Path(resume).parent, run_dir)
+    if continues or overwrite or not run_dir.is_dir():
         return
     held = sorted(p.name for p in run_dir.glob("*.pt"))
     if held:
@@ -87,12 +98,26 @@ def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
-    """Create the run directory; with ``overwrite`` remove the old run's files; drop stale temporaries."""
+def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> RunLock:
+    """Create the run directory and take its lock (returned, held); then, with ``overwrite``,
+    remove the old run's files, and drop stale temporaries.  The lock comes first: neither
+    ``overwrite`` nor the clean-up touches a directory another training holds."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    lock = RunLock(run_dir).acquire()
+    try:
+        _clean_run_dir(run_dir, overwrite, console)
+    except BaseException:
+        lock.release()
+        raise
+    if lock.took_over:
+        _say(console, f"{run_dir}: took over the lock of a training that no longer runs ({lock.took_over})")
+    return lock
+
+
+def _clean_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
     if overwrite:
         for path in [*run_dir.glob("*.pt"), *(run_dir / n for n in RUN_FILES)]:
             path.unlink(missing_ok=True)
@@ -608,7 +633,7 @@ def _train(
     # The stored config (config.yaml, checkpoints) holds absolute data paths, so
     # eval, predict and --resume work from any directory.
     cfg = absolute_data_paths(cfg)
-    run_dir = run_dir_for(cfg, config_path, out_dir)
+    run_dir = run_dir_for(cfg, config_path, out_dir, resume)
     if dist_info.is_main:
         check_run_dir(run_dir, resume, overwrite)
     # Data, model and checkpoint are checked before anything is written: a failed
@@ -616,8 +641,16 @@ def _train(
     loop = TrainLoop(cfg, run_dir, console, device, dist_info)
     if resume is not None:
         loop.resume(resume)
-    if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-        prepare_run_dir(run_dir, overwrite, console)
+    with ExitStack() as held:
+        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+            held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
+        return _start(loop, cfg, run_dir, console, device, dist_info)
+
+
+def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, device: torch.device,
+           dist_info: DistInfo) -> Path:
+    """Write the run's config, say what it trains, and train."""
+    if dist_info.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tc = cfg.train
     backbone = cfg.model.params.model_dump().get("backbone", {})
