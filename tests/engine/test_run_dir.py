@@ -83,6 +83,8 @@ def test_a_second_training_into_a_held_directory_is_refused_even_with_overwrite(
                 train(load_config(tiny_config), out_dir=run_dir, resume=run_dir / "last.pt", overwrite=overwrite)
             line = str(info.value)
             assert f"PID {os.getpid()}" in line and "another training is running" in line and "\n" not in line
+        with pytest.raises(RunDirectoryError):  # the lock itself, not only the early check
+            RunLock(run_dir).acquire()
         # nothing of the holder's run was touched
         assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != LOCK_NAME} == before
     assert RunDirectoryError.exit_code == 2
