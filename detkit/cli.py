@@ -25,7 +25,11 @@ from detkit.errors import DetkitError, Terminated
 console = Console()
 err_console = Console(stderr=True)
 
-_state = {"debug": os.environ.get("DETKIT_DEBUG", "") not in ("", "0")}
+def _debug_from_env() -> bool:
+    return os.environ.get("DETKIT_DEBUG", "") not in ("", "0")
+
+
+_state = {"debug": _debug_from_env()}
 
 
 class _Group(TyperGroup):
@@ -96,8 +100,8 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    # Set on every invocation: one --debug call (a test, a notebook) must not leave it on for the next.
+    _state["debug"] = debug or _debug_from_env()
 
 
 # --------------------------------------------------------------- list-plugins
