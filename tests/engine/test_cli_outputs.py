@@ -119,6 +119,11 @@ def test_export_out_that_cannot_be_written_is_one_line(checkpoint, tmp_path):
         assert result.exit_code == OutputError.exit_code == 2, (name, line)
         assert line.startswith(f"error: --out {out}: ") and re.search(reason, line), (name, line)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"] and regular.read_text() == "notes"
+    # --out is checked before the checkpoint is read (which can take long for a large one)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(checkpoint.read_bytes()[:20_000])
+    result = runner.invoke(app, ["export", str(cut), "--out", str(existing), "--format", "torchscript"])
+    assert result.exit_code == 2 and one_line(result).startswith(f"error: --out {existing}: is a directory")
 
 
 def test_predict_out_a_regular_file_is_one_line(checkpoint, image, tmp_path):
