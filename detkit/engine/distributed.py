@@ -26,6 +26,7 @@ Only rank 0 writes.  A user error on one rank ends the run with one line
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -86,8 +87,20 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group while the interpreter is fully alive.
+
+    A DistributedDataParallel wrapper keeps the gloo/NCCL process group alive
+    (its reducer holds it), and training objects reference each other (hooks
+    and their loop), so after the run they wait for the cyclic garbage
+    collector.  Left to the interpreter's exit, the process group and its
+    worker threads are torn down during finalisation, which can abort the
+    process (``terminate called without an active exception``, SIGABRT).
+    Collecting first frees the wrappers here, then the group goes.
+    """
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 # ------------------------------------------------------------------ training
@@ -210,6 +223,11 @@ class DistributedHook(HookBase):
         loop.trainer_module = loop.trainer  # drop the old wrapper (and its gradient hooks) first
         loop.trainer_module = wrap_for_training(loop.trainer, loop.dist, loop.device, self.find_unused_parameters)
         self._trainable = tuple(p.requires_grad for p in loop.trainer.parameters())
+
+    def after_train(self) -> None:
+        # The wrapper holds the process group: drop it before shutdown() destroys the group.
+        self.loop.trainer_module = self.loop.trainer
+        self._trainable = None
 
 
 # ---------------------------------------------------------------- evaluation

@@ -35,6 +35,7 @@ from detkit.engine.distributed import (
     DistributedHook,
     convert_sync_batchnorm,
     evaluate_distributed,
+    shutdown,
     wrap_for_training,
 )
 
@@ -90,7 +91,8 @@ def _worker_phases(rank: int, port: int, out: str) -> None:
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     torch.save({"weights": {k: v.clone() for k, v in module.state_dict().items()}, "grads": grads,
                 "wrapper": type(loop.trainer_module).__name__}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    hook.after_train()  # drops the DDP wrapper, which holds the process group
+    shutdown(info)
 
 
 @pytest.mark.slow
@@ -212,7 +214,8 @@ def _worker_detector(rank: int, port: int, config: str, out: str) -> None:
         losses.append(_step(trainer, samples, loop.trainer_module)["total"])
     torch.save({"weights": {k: v.clone() for k, v in model.state_dict().items()},
                 "wrapper": type(loop.trainer_module).__name__, "losses": losses}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    hook.after_train()
+    shutdown(info)
 
 
 @pytest.fixture
@@ -277,7 +280,7 @@ def _worker_eval(rank: int, port: int, config: str, out: str) -> None:
         torch.save(results, f"{out}/result.pt")
     else:
         assert results == [None, None]
-    dist.destroy_process_group()
+    shutdown(info)
 
 
 def _eval_setup(config: str):
