@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 from rich.console import Console
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from detkit.config import Config
 from detkit.data.transforms import build_transform
@@ -45,6 +45,7 @@ from detkit.engine.device import resolve_device
 from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
 from detkit.engine.run_lock import RunLock, check_unlocked
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.data.paths import absolute_data_paths
@@ -161,22 +162,6 @@ def _warn_if_predict_resizes_differently(model: Any, cfg: Config, console: Conso
             return
 
 
-class _SkipSampler(Sampler):
-    """The first epoch after a mid-epoch resume: the epoch's samples minus those already trained on."""
-
-    def __init__(self, sampler: Sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
-
-    def __iter__(self) -> Iterator[Any]:
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it, None)
-        yield from it
-
-
 class LossWindow:
     """The detached losses of the steps since the last log point, averaged with one host sync."""
 
@@ -271,6 +256,10 @@ class TrainLoop:
         self.saved_step: int | None = None
         self.t_start = time.perf_counter()
         self._loaders: dict[int, DataLoader] = {}
+        # A mid-epoch resume: (epoch, its untrained samples, their micro-batches, the saved segments).
+        self._resumed: tuple[int, list[Any], int, list[dict[str, Any]]] | None = None
+        self._epoch_segments: list[dict[str, Any]] = []  # how this epoch was trained before this run
+        self._epoch_samples = 0  # samples this rank took in this epoch, in this run
         self._build()
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks(cfg) if hooks is None else hooks)
@@ -341,7 +330,9 @@ class TrainLoop:
             world = self.dist.world_size
             self._loaders[batch_size] = build_loader(
                 self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
-                seed=tc.seed, drop_last=len(self.train_set) >= batch_size * world,
+                # Every sample each epoch: the last batch may be short, and under torchrun the
+                # sampler pads the ranks' shares by repeating samples (as DistributedSampler).
+                seed=tc.seed, drop_last=False,
                 num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda", device=self.device,
             )
         loader = self._loaders[batch_size]
@@ -349,21 +340,24 @@ class TrainLoop:
         return loader
 
     def _micro_batches(self, epoch: int) -> int:
-        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps)."""
+        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps);
+        for a resumed epoch, those before the resume counted as whole steps."""
+        if self._resumed is not None and self._resumed[0] == epoch:
+            return self.start_epoch_step * self.accumulate + self._resumed[2]
         n = len(self.loader_for(epoch))
         cap = self.cfg.train.max_iters_per_epoch
         return min(n, cap * self.accumulate) if cap else n
 
     def batches(self, epoch: int, skip_steps: int = 0) -> Iterator[Any]:
-        """This epoch's batches, after the first ``skip_steps`` optimizer steps' worth."""
+        """This epoch's batches; for the epoch a mid-epoch resume continues (``skip_steps``), only
+        its untrained samples."""
         from detkit.data.loader import DevicePrefetcher
 
         loader = self.loader_for(epoch)
-        if skip_steps:
-            # Resumed mid-epoch: the same epoch order, minus what was trained on.
-            skip = skip_steps * self.accumulate * loader.batch_size
+        if skip_steps and self._resumed is not None and self._resumed[0] == epoch:
+            # The same epoch order minus what was trained on, counted in samples (resume_plan).
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
-                                sampler=_SkipSampler(loader.sampler, skip), num_workers=loader.num_workers,
+                                sampler=ListSampler(self._resumed[1]), num_workers=loader.num_workers,
                                 collate_fn=loader.collate_fn, drop_last=loader.drop_last,
                                 pin_memory=loader.pin_memory, generator=loader.generator)
         # The next batch is copied to the device (a side stream on CUDA) while this one trains.
@@ -487,6 +481,8 @@ class TrainLoop:
             for self.epoch in range(self.start_epoch, self.epochs):
                 skip = self.start_epoch_step if self.epoch == self.start_epoch else 0
                 self.epoch_step = skip
+                self._epoch_segments = self._resumed[3] if skip and self._resumed else []
+                self._epoch_samples = 0
                 self.model.train()
                 self.call("before_epoch")
                 batches = self.batches(self.epoch, skip)
@@ -495,6 +491,7 @@ class TrainLoop:
                     self.call("before_step")
                     n = min(self.accumulate, micro_total - self.epoch_step * self.accumulate)
                     self.losses = self.run_step(batches, n)
+                    self._epoch_samples += self.step_images // self.dist.world_size
                     self.loss_names += [n for n in self.losses if n not in self.loss_names]
                     self.window.add(self.losses)
                     self.step += 1
@@ -542,12 +539,17 @@ class TrainLoop:
             return
         ends_epoch = self.epoch_step >= self.epoch_steps[self.epoch]
         epoch, epoch_step = (self.epoch + 1, 0) if ends_epoch else (self.epoch, self.epoch_step)
+        progress = [] if ends_epoch else add_samples(self._epoch_segments, self._segment(self.epoch),
+                                                     self._epoch_samples)
         with self.eval_weights():
             hook_state = {self._hook_key(h, i): s for i, h in enumerate(self.hooks) if (s := h.state_dict())}
             save_checkpoint(
                 path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(), scaler=self.amp.state_dict(),
                 epoch=epoch, step=self.step, epoch_step=epoch_step, best_map=self.best_metric,
+                # Samples taken in the unfinished epoch, by whom and in what batches: a resume
+                # continues at the next sample whatever its own batch size (resume_plan).
+                epoch_progress=progress, epoch_samples=sum(p["samples"] * p["world_size"] for p in progress),
                 config=self.cfg.to_dict(), classes=self.classes, metrics=self.eval_result or {},
                 # Target sampling draws from the global generators: restoring them
                 # makes a resumed run continue exactly as an uninterrupted one.
@@ -559,6 +561,39 @@ class TrainLoop:
         if path.name == "last.pt":
             self.saved_step = self.step
 
+    def _segment(self, epoch: int) -> dict[str, Any]:
+        """How this run batches ``epoch``: processes, batch size, aspect grouping."""
+        loader = self.loader_for(epoch)
+        return segment(self.dist.world_size, loader.batch_size, loader.sampler.grouped)
+
+    def _plan_resumed_epoch(self, ckpt: dict[str, Any], path: Path) -> None:
+        """A checkpoint saved inside an epoch: train that epoch's untrained samples, counted in
+        samples, also with another batch size, accumulation or number of processes."""
+        from detkit.data.loader import aspect_ratio_groups
+
+        self._resumed = None
+        if not self.start_epoch_step or self.start_epoch >= self.epochs:
+            return
+        epoch, loader = self.start_epoch, self.loader_for(self.start_epoch)
+        sampler, current = loader.sampler, self._segment(self.start_epoch)
+        segments = saved_segments(ckpt, path, epoch, self.dist.world_size, sampler.grouped)
+        saved_acc = int(((ckpt.get("config") or {}).get("train") or {}).get("accumulate", 1) or 1)
+        cap = self.cfg.train.max_iters_per_epoch
+        refuse_if_steps_capped(path, segments, current, saved_acc, self.accumulate, cap)
+        groups = sampler.group_ids
+        if groups is None and any(s["grouped"] for s in segments):
+            groups = aspect_ratio_groups(self.train_set)
+        items = sampler.remaining(epoch, segments, groups)
+        micro = -(-len(items) // loader.batch_size)
+        if cap:  # the same settings as saved (refused otherwise): the cap's steps still left
+            micro = min(micro, (cap - self.start_epoch_step) * self.accumulate)
+        if micro <= 0:
+            self.start_epoch, self.start_epoch_step = epoch + 1, 0
+            return
+        self._resumed = (epoch, items, micro, segments)
+        self.epoch_steps[epoch] = self.start_epoch_step + -(-micro // self.accumulate)
+        self.total_steps = sum(self.epoch_steps)
+
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
         if list(ckpt["classes"]) != self.classes:
@@ -569,8 +604,7 @@ class TrainLoop:
                 obj.load_state_dict(ckpt[name])
         self.start_epoch, self.step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
         self.start_epoch_step = int(ckpt.get("epoch_step", 0))
-        if self.start_epoch < self.epochs and self.start_epoch_step >= self.epoch_steps[self.start_epoch]:
-            self.start_epoch, self.start_epoch_step = self.start_epoch + 1, 0
+        self._plan_resumed_epoch(ckpt, path)
         if ckpt.get("trainer_state") is not None:
             self.trainer.set_extra_state(ckpt["trainer_state"])
         if ckpt.get("rng_state") is not None:
@@ -659,7 +693,9 @@ def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, devi
          f"on {len(loop.train_set)} images, {len(loop.classes)} classes, device {device}, "
          f"{tc.epochs} epochs x {loop.epoch_steps[-1]} iterations"
          + (f" (x {tc.accumulate} accumulated batches)" if tc.accumulate > 1 else "")
-         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}")
+         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
+         + (f" ({pad} repeated each epoch for equal shares)" if (pad := -len(loop.train_set) % dist_info.world_size)
+            else "") + f" -> {run_dir}")
     boxes = box_summary(loop)
     for line in boxes:
         _say(console, line)
