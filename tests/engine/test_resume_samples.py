@@ -137,3 +137,18 @@ def test_a_resume_with_another_number_of_processes_shares_out_the_rest():
         # each untrained sample once; with 3 ranks the 8 left are padded to 9 by one repeat
         assert set(trained + rest) == set(range(12)) and len(rest) == -(-8 // world) * world, world
         assert sorted(set(rest)) == sorted(set(range(12)) - set(trained))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_grouped_shares_resume_in_the_uninterrupted_order_and_cover_the_epoch_with_another_batch(world):
+    groups = [i % 3 for i in range(24)]  # three aspect-ratio groups
+    make = lambda rank, batch: EpochSampler(24, True, seed=2, num_replicas=world, rank=rank,  # noqa: E731
+                                            group_ids=groups, batch_size=batch)
+    for rank in range(world):
+        full = list(make(rank, 4))
+        saved = [{"world_size": world, "batch_size": 4, "grouped": True, "samples": 4}]
+        assert make(rank, 4).remaining(0, saved) == full[4:]  # unchanged: the same order as straight on
+    trained = [i for r in range(world) for i, _ in list(make(r, 4))[:4]]
+    saved = [{"world_size": world, "batch_size": 4, "grouped": True, "samples": 4}]
+    rest = [i for r in range(world) for i, _ in make(r, 3).remaining(0, saved)]
+    assert sorted(trained + rest) == list(range(24))
