@@ -311,6 +311,36 @@ def evaluate_distributed(
 ERROR_GRACE_S = 3.0
 
 
+@contextmanager
+def agree_on_setup_errors(info: DistInfo) -> Iterator[None]:
+    """Around the start of a run (data, model, checkpoint), under torchrun: one report for the run.
+
+    An error there is often the same on every rank (a missing data
+    directory), or on one rank only.  The ranks exchange whether their setup
+    failed: the lowest failing rank (rank 0 when it failed) raises its error,
+    the others exit quietly with its exit code.  No rank has to guess from a
+    timeout whether another one will report.
+    """
+    if not info.enabled:
+        yield
+        return
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        failure = exc
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, None if failure is None else int(getattr(failure, "exit_code", 1)))
+    failed = [rank for rank, code in enumerate(states) if code is not None]
+    if not failed:
+        return
+    if info.rank == failed[0] and failure is not None:
+        failure.agreed_reporter = True  # type: ignore[attr-defined]  # the CLI need not wait for rank 0
+        raise failure
+    time.sleep(ERROR_GRACE_S)  # the reporter prints first; its exit makes torchrun stop this process
+    raise SystemExit(states[failed[0]])
+
+
 def _launched_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -321,7 +351,7 @@ def defer_error_to_rank0() -> None:
     Called by the CLI just before it prints an error line and exits.
     """
     rank, world = _launched_rank()
-    if world > 1 and rank != 0:
+    if world > 1 and rank != 0 and not getattr(sys.exc_info()[1], "agreed_reporter", False):
         time.sleep(ERROR_GRACE_S)
 
 

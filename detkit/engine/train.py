@@ -42,7 +42,8 @@ from detkit.data.transforms import build_transform
 from detkit.engine.amp import Amp
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
-from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
+from detkit.engine.distributed import (DistInfo, DistributedHook, agree_on_setup_errors, barrier, init_from_env,
+                                      peer_failures_exit_quietly, shutdown)
 from detkit.engine.hooks import HookBase, default_hooks, sort_hooks
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
@@ -668,13 +669,14 @@ def _train(
     # eval, predict and --resume work from any directory.
     cfg = absolute_data_paths(cfg)
     run_dir = run_dir_for(cfg, config_path, out_dir, resume)
-    if dist_info.is_main:
-        check_run_dir(run_dir, resume, overwrite)
     # Data, model and checkpoint are checked before anything is written: a failed
-    # start leaves no empty run directory behind.
-    loop = TrainLoop(cfg, run_dir, console, device, dist_info)
-    if resume is not None:
-        loop.resume(resume)
+    # start leaves no empty run directory behind.  Under torchrun one rank reports.
+    with agree_on_setup_errors(dist_info):
+        if dist_info.is_main:
+            check_run_dir(run_dir, resume, overwrite)
+        loop = TrainLoop(cfg, run_dir, console, device, dist_info)
+        if resume is not None:
+            loop.resume(resume)
     with ExitStack() as held:
         if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
             held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends

@@ -423,3 +423,27 @@ def test_an_error_on_every_rank_is_reported_once(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def _worker_setup_error(rank: int, port: int, out: str) -> None:
+    import time
+
+    from detkit.engine.distributed import agree_on_setup_errors
+    from detkit.errors import DataError
+
+    info = _join(rank, port)
+    try:
+        with agree_on_setup_errors(info):
+            if rank == 0:
+                time.sleep(4)  # rank 0 fails later than the other's grace period would have waited
+            raise DataError(f"missing data (rank {rank})")
+    except BaseException as exc:  # noqa: BLE001  what each rank would hand the CLI
+        Path(out, f"{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    shutdown(info)
+
+
+@pytest.mark.slow
+def test_a_setup_error_on_every_rank_is_raised_by_rank0_alone_however_late(tmp_path):
+    mp.spawn(_worker_setup_error, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "0.txt").read_text() == "DataError: missing data (rank 0)"
+    assert (tmp_path / "1.txt").read_text() == "SystemExit: 1"  # quiet: rank 0 reports
