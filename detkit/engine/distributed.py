@@ -103,6 +103,12 @@ def shutdown(info: DistInfo) -> None:
         gc.collect()
 
 
+def release_process_group() -> None:
+    """:func:`shutdown` for whatever group this process joined (the CLI, after reporting an error)."""
+    if dist.is_available() and dist.is_initialized():
+        shutdown(DistInfo(dist.get_rank(), dist.get_world_size()))
+
+
 # ------------------------------------------------------------------ training
 def _trainable_batchnorms(model: nn.Module) -> list[tuple[nn.Module, str, nn.modules.batchnorm._BatchNorm]]:
     """``(parent, attribute, layer)`` of every plain BatchNorm that trains, i.e. is in training mode.

@@ -647,11 +647,13 @@ def train(
         device = torch.device("cuda", dist_info.local_rank)
     # Only rank 0 talks and writes; the other processes train quietly.
     console = console or Console(quiet=not dist_info.is_main)
-    try:
-        with peer_failures_exit_quietly(dist_info):
-            return _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
-    finally:
-        shutdown(dist_info)
+    with peer_failures_exit_quietly(dist_info):
+        run_dir = _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
+    # Only after a finished run: destroying the group wakes the other ranks' pending
+    # collectives, and after an error torchrun would then stop this process before it
+    # says what went wrong; the CLI releases the group once the error is printed.
+    shutdown(dist_info)
+    return run_dir
 
 
 def _train(
