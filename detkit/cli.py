@@ -25,7 +25,11 @@ from detkit.errors import DetkitError, Terminated
 console = Console()
 err_console = Console(stderr=True)
 
-_state = {"debug": os.environ.get("DETKIT_DEBUG", "") not in ("", "0")}
+def _debug_from_env() -> bool:
+    return os.environ.get("DETKIT_DEBUG", "") not in ("", "0")
+
+
+_state = {"debug": _debug_from_env()}
 
 
 class _Group(TyperGroup):
@@ -35,13 +39,19 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except DetkitError as exc:
-            if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: one line for the run, not per rank
+            distributed = os.environ.get("WORLD_SIZE", "1") != "1"
+            if distributed:  # under torchrun: one line for the run, not per rank
                 from detkit.engine.distributed import defer_error_to_rank0
 
                 defer_error_to_rank0()
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
             err_console.print(f"error: {user_message(exc)}", markup=False, highlight=False, soft_wrap=True)
+            if distributed:
+                from detkit.engine.distributed import release_process_group
+
+                exc.__traceback__ = None  # its frames hold the run (and its DDP wrapper)
+                release_process_group()
             raise typer.Exit(exc.exit_code) from None
         except Terminated:  # SIGTERM: the loop already said where the last checkpoint is
             raise typer.Exit(Terminated.exit_code) from None
@@ -96,8 +106,8 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    # Set on every invocation: one --debug call (a test, a notebook) must not leave it on for the next.
+    _state["debug"] = debug or _debug_from_env()
 
 
 # --------------------------------------------------------------- list-plugins

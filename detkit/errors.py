@@ -54,3 +54,10 @@ class CheckpointError(DetkitError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
     exit_code = 1
+
+
+class OutputError(DetkitError):
+    """An output path (``--out``) that cannot be written: a directory where a file goes, a file where a
+    directory goes, a path under a regular file, or no permission.  A usage error: exit 2."""
+
+    exit_code = 2

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from detkit.errors import CheckpointError
+from detkit.errors import CheckpointError, OutputError
 
 TMP_SUFFIX = ".tmp"
 
@@ -92,6 +92,50 @@ def stale_temporaries(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file())
+
+
+def _creatable(directory: Path, option: str, shown: Path) -> None:
+    """``directory`` exists as a writable directory or can be created (checked, not created)."""
+    ancestor = directory
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{option} {shown}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {shown}: {ancestor} is not writable")
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any slow work, an output file path that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a directory; name the file to write in it")
+    _creatable(path.parent, option, path)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any slow work, an output directory that is a file or cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path}: is a file, not a directory")
+    _creatable(path, option, path)
+    return path
+
+
+def make_output_dir(path: str | Path, option: str = "--out", given: str | Path | None = None) -> Path:
+    """Create an output directory; failing (no permission, a read-only place) is an :class:`OutputError`
+    naming ``given`` (what the user wrote: the file to write in it, by default the directory)."""
+    path = Path(path)
+    given = path if given is None else given
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {given}: {path} is a file, not a directory")
+    _creatable(path, option, Path(given))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{option} {given}: cannot create {path} ({exc.strerror or exc})") from None
+    return path
 
 
 # ------------------------------------------------------------------ reading
@@ -163,7 +207,9 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
             # torch warns about pickle protocols before refusing them; the error says enough.
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, TypeError) as exc:
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    except (OSError, pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, TypeError) as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         match = _GLOBAL_RE.search(text)
         names = [match.group(1)] if match else _unsafe_globals(path)
@@ -179,8 +225,10 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         detail = next((l for l in lines if l.startswith("Unsupported")), None)
         if detail is None:
             detail = "" if not lines or lines[0].startswith("Weights only load failed") else lines[0]
+        # A file cut short (a copy or download that stopped) fails inside torch's zip
+        # reader with an OSError or RuntimeError that names neither cause.
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({detail or type(exc).__name__})"
+            f"{path}: not a readable PyTorch checkpoint: truncated or corrupt ({detail or type(exc).__name__})"
         ) from None
 
 

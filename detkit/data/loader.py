@@ -122,19 +122,83 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.num_replicas)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    @property
+    def grouped(self) -> bool:
+        return self.group_ids is not None and self.batch_size > 1
+
+    def _draw(self, epoch: int) -> tuple[list[int], list[int]]:
+        """The epoch's permutation and one augmentation seed per sample: a function of (seed, epoch)."""
         g = torch.Generator()
-        g.manual_seed(sample_seed(self.seed, "epoch", self.epoch))
-        self.epoch += 1
+        g.manual_seed(sample_seed(self.seed, "epoch", epoch))
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=g)
-        total = len(self) * self.num_replicas
-        if total > self.size and self.size > 0:
-            order = torch.cat((order, order[: total - self.size]))
-        mine = order[self.rank :: self.num_replicas].tolist()
-        if self.group_ids is not None and self.batch_size > 1:
-            mine = group_in_batches(mine, [self.group_ids[i] for i in mine], self.batch_size)
-        return iter(zip(mine, seeds[mine].tolist()))
+        return order.tolist(), seeds.tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = self._draw(self.epoch)
+        self.epoch += 1
+        padded = _wrap_pad(order, self.num_replicas)
+        mine = [padded[p] for p in _rank_positions(padded, self.rank, self.num_replicas,
+                                                   self.group_ids if self.grouped else None, self.batch_size)]
+        return iter([(i, seeds[i]) for i in mine])
+
+    def remaining(
+        self, epoch: int, segments: Sequence[dict[str, Any]], group_ids: Sequence[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """This rank's ``(index, seed)`` pairs of ``epoch`` not yet trained by a run saved mid-epoch.
+
+        ``segments``: how the saved run trained this epoch so far, in order, each
+        ``{"world_size", "batch_size", "grouped", "samples"}`` (``samples``: taken
+        by each rank; a resume with other settings starts a new segment).
+        ``group_ids``: the aspect-ratio groups, for segments that grouped.  With the
+        same number of ranks, each rank continues its own share after the trained
+        samples, batched (and grouped) with this sampler's batch size: with
+        unchanged settings exactly the uninterrupted run's order.  With another
+        number of ranks the untrained samples are shared out anew, padded as at
+        an epoch's start.  Either way each sample of the epoch is trained once
+        (padding aside), counted in samples, whatever batch sizes were used.
+        """
+        order, seeds = self._draw(epoch)
+        shares: list[list[int]] | None = None
+        trained: set[int] = set()
+        for seg in [*segments, {"world_size": self.num_replicas, "batch_size": self.batch_size,
+                                "grouped": self.grouped, "samples": 0}]:
+            world = int(seg["world_size"])
+            if shares is None or len(shares) != world:
+                pool = [i for i in order if i not in trained]
+                padded = _wrap_pad(pool, world)
+                shares = [padded[r::world] for r in range(world)]
+            groups = (group_ids or self.group_ids) if seg["grouped"] else None
+            batch = int(seg["batch_size"])
+            for r, share in enumerate(shares):
+                positions = list(range(len(share)))
+                if groups is not None and batch > 1:
+                    positions = group_in_batches(positions, [groups[share[p]] for p in positions], batch)
+                taken = set(positions[: int(seg["samples"])])
+                trained.update(share[p] for p in taken)
+                if seg["samples"]:
+                    shares[r] = [share[p] for p in range(len(share)) if p not in taken]
+                elif r == self.rank:
+                    return [(share[p], seeds[share[p]]) for p in positions]
+        raise AssertionError("unreachable")
+
+
+def _wrap_pad(order: list[int], replicas: int) -> list[int]:
+    """``order`` padded by wrapping around to a multiple of ``replicas``, so all ranks take equal shares."""
+    if not order:
+        return order
+    total = -(-len(order) // replicas) * replicas
+    return (order * -(-total // len(order)))[:total]
+
+
+def _rank_positions(
+    padded: list[int], rank: int, replicas: int, group_ids: Sequence[int] | None, batch_size: int
+) -> list[int]:
+    """Positions in ``padded`` of rank ``rank``'s samples, in the order it trains them."""
+    positions = list(range(rank, len(padded), replicas))
+    if group_ids is not None and batch_size > 1:
+        positions = group_in_batches(positions, [group_ids[padded[p]] for p in positions], batch_size)
+    return positions
 
 
 def group_in_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[int]:

@@ -27,6 +27,7 @@ Only rank 0 writes.  A user error on one rank ends the run with one line
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -87,8 +88,26 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group while the interpreter is fully alive.
+
+    A DistributedDataParallel wrapper keeps the gloo/NCCL process group alive
+    (its reducer holds it), and training objects reference each other (hooks
+    and their loop), so after the run they wait for the cyclic garbage
+    collector.  Left to the interpreter's exit, the process group and its
+    worker threads are torn down during finalisation, which can abort the
+    process (``terminate called without an active exception``, SIGABRT).
+    Collecting first frees the wrappers here, then the group goes.
+    """
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def release_process_group() -> None:
+    """:func:`shutdown` for whatever group this process joined (the CLI, after reporting an error)."""
+    if dist.is_available() and dist.is_initialized():
+        shutdown(DistInfo(dist.get_rank(), dist.get_world_size()))
 
 
 # ------------------------------------------------------------------ training
@@ -213,6 +232,11 @@ class DistributedHook(Hook):
         loop.trainer.module = wrap_for_training(loop.model, loop.dist, loop.device, self.find_unused_parameters)
         self._trainable = tuple(p.requires_grad for p in loop.model.parameters())
 
+    def after_train(self) -> None:
+        # The wrapper holds the process group: drop it before shutdown() destroys the group.
+        self.loop.trainer.module = self.loop.model
+        self._trainable = None
+
 
 # ---------------------------------------------------------------- evaluation
 def shard_loader(loader: Any, info: DistInfo, max_images: int | None = None) -> Any:
@@ -295,6 +319,36 @@ def evaluate_distributed(
 ERROR_GRACE_S = 3.0
 
 
+@contextmanager
+def agree_on_setup_errors(info: DistInfo) -> Iterator[None]:
+    """Around the start of a run (data, model, checkpoint), under torchrun: one report for the run.
+
+    An error there is often the same on every rank (a missing data
+    directory), or on one rank only.  The ranks exchange whether their setup
+    failed: the lowest failing rank (rank 0 when it failed) raises its error,
+    the others exit quietly with its exit code.  No rank has to guess from a
+    timeout whether another one will report.
+    """
+    if not info.enabled:
+        yield
+        return
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        failure = exc
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, None if failure is None else int(getattr(failure, "exit_code", 1)))
+    failed = [rank for rank, code in enumerate(states) if code is not None]
+    if not failed:
+        return
+    if info.rank == failed[0] and failure is not None:
+        failure.agreed_reporter = True  # type: ignore[attr-defined]  # the CLI need not wait for rank 0
+        raise failure
+    time.sleep(ERROR_GRACE_S)  # the reporter prints first; its exit makes torchrun stop this process
+    raise SystemExit(states[failed[0]])
+
+
 def _launched_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -305,7 +359,7 @@ def defer_error_to_rank0() -> None:
     Called by the CLI just before it prints an error line and exits.
     """
     rank, world = _launched_rank()
-    if world > 1 and rank != 0:
+    if world > 1 and rank != 0 and not getattr(sys.exc_info()[1], "agreed_reporter", False):
         time.sleep(ERROR_GRACE_S)
 
 

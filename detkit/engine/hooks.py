@@ -456,10 +456,14 @@ class SummaryHook(Hook):
         minutes = (time.perf_counter() - loop.t_start) / 60
         if loop.eval_result is not None:
             loop.console.print(metrics_table(loop.eval_result, title=f"val AP ({len(loop.val_set)} images)"))
-        summary = f"done in {minutes:.1f} min: {run_dir / 'last.pt'}"
-        if loop.val_set is not None and loop.best_metric > -math.inf:
+        last = run_dir / "last.pt"
+        summary = f"done in {minutes:.1f} min: " + (str(last) if last.is_file() else "no checkpoint written")
+        # Only files that exist are named: a run resumed into a new directory may have
+        # its best score from the checkpoint and no best.pt of its own.
+        best = run_dir / "best.pt"
+        if loop.val_set is not None and loop.best_metric > -math.inf and best.is_file():
             key = (loop.eval_result or {}).get("best_key") or f"mAP@{loop.cfg.eval.iou_thresh}"
-            summary += f", best val {key} {loop.best_metric:.4f} ({run_dir / 'best.pt'})"
+            summary += f", best val {key} {loop.best_metric:.4f} ({best})"
         if plot:
             summary += f", loss curves {plot}"
         loop.console.print(summary, markup=False, highlight=False, soft_wrap=True)

@@ -85,13 +85,15 @@ def predict_files(
     from detkit.api import load
     from detkit.engine.checkpoint import atomic_write_text
     from detkit.engine.evaluate import progress_bar
+    from detkit.io import check_output_dir, make_output_dir
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     console = console or Console(stderr=True)
     paths = expand_images(images)
+    check_output_dir(out_dir)  # before the checkpoint is loaded
     detector = load(checkpoint, resolve_device(device, "--device"))
-    out_dir = Path(out_dir)
+    out_dir = make_output_dir(check_output_dir(out_dir))
     names = _out_names(paths)
     records = PredictResult()
     with progress_bar("predicting", len(paths), console) as progress:

@@ -37,15 +37,18 @@ from typing import Any, Iterator
 import torch
 import yaml
 from rich.console import Console
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from detkit.config import Config
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
-from detkit.engine.distributed import DistInfo, DistributedHook, barrier, init_from_env, peer_failures_exit_quietly, shutdown
+from detkit.engine.distributed import (DistInfo, DistributedHook, agree_on_setup_errors, barrier, init_from_env,
+                                      peer_failures_exit_quietly, shutdown)
 from detkit.engine.hooks import default_hooks, sort_hooks
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
+from detkit.engine.run_lock import RunLock, check_unlocked
 from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.io import stale_temporaries
@@ -60,9 +63,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> Path:
+def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None, resume: Path | None = None) -> Path:
+    """``--out``; else the directory of the ``--resume`` checkpoint (the run it continues); else ``train.out_dir``."""
     if out_dir is not None:
         return Path(out_dir)
+    if resume is not None:
+        return Path(resume).parent
     name = cfg.name or (config_path.stem if config_path else "run")
     try:
         return Path(cfg.train.out_dir.format(name=name))
@@ -75,9 +81,16 @@ def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None) -> 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml", "val_detections.json")
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
-    """Refuse to train a new run over one that holds checkpoints (unless resuming or overwriting)."""
-    if resume is not None or overwrite or not run_dir.is_dir():
+    """Refuse a directory another training holds (always), and one that holds another run's
+    checkpoints, unless this run continues it (``--resume`` from it) or ``overwrite`` replaces it."""
+    check_unlocked(run_dir)
+    continues = resume is not None and _same_dir(Path(resume).parent, run_dir)
+    if continues or overwrite or not run_dir.is_dir():
         return
     held = sorted(p.name for p in run_dir.glob("*.pt"))
     if held:
@@ -88,12 +101,26 @@ def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
-    """Create the run directory; with ``overwrite`` remove the old run's files; drop stale temporaries."""
+def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> RunLock:
+    """Create the run directory and take its lock (returned, held); then, with ``overwrite``,
+    remove the old run's files, and drop stale temporaries.  The lock comes first: neither
+    ``overwrite`` nor the clean-up touches a directory another training holds."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+    lock = RunLock(run_dir).acquire()
+    try:
+        _clean_run_dir(run_dir, overwrite, console)
+    except BaseException:
+        lock.release()
+        raise
+    if lock.took_over:
+        _say(console, f"{run_dir}: took over the lock of a training that no longer runs ({lock.took_over})")
+    return lock
+
+
+def _clean_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
     if overwrite:
         for path in [*run_dir.glob("*.pt"), *(run_dir / n for n in RUN_FILES)]:
             path.unlink(missing_ok=True)
@@ -108,20 +135,6 @@ def _say(console: Console, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-class _SkipSampler(Sampler):
-    """The first epoch after a mid-epoch resume: the epoch's samples minus those already trained on."""
-
-    def __init__(self, sampler: Sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
-
-    def __iter__(self) -> Iterator[Any]:
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it, None)
-        yield from it
 
 
 class LossWindow:
@@ -217,6 +230,10 @@ class TrainLoop:
         self.saved_step: int | None = None
         self.t_start = time.perf_counter()
         self._loaders: dict[int, DataLoader] = {}
+        # A mid-epoch resume: (epoch, its untrained samples, their micro-batches, the saved segments).
+        self._resumed: tuple[int, list[Any], int, list[dict[str, Any]]] | None = None
+        self._epoch_segments: list[dict[str, Any]] = []  # how this epoch was trained before this run
+        self._epoch_samples = 0  # samples this rank took in this epoch, in this run
         self._build()
         self.hooks: list[Hook] = []
         self.register_hooks(default_hooks(cfg) if hooks is None else hooks)
@@ -286,7 +303,9 @@ class TrainLoop:
             world = self.dist.world_size
             self._loaders[batch_size] = build_loader(
                 self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
-                seed=tc.seed, drop_last=len(self.train_set) >= batch_size * world,
+                # Every sample each epoch: the last batch may be short, and under torchrun the
+                # sampler pads the ranks' shares by repeating samples (as DistributedSampler).
+                seed=tc.seed, drop_last=False,
                 num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda", device=self.device,
             )
         loader = self._loaders[batch_size]
@@ -294,21 +313,24 @@ class TrainLoop:
         return loader
 
     def _micro_batches(self, epoch: int) -> int:
-        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps)."""
+        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps);
+        for a resumed epoch, those before the resume counted as whole steps."""
+        if self._resumed is not None and self._resumed[0] == epoch:
+            return self.start_epoch_step * self.accumulate + self._resumed[2]
         n = len(self.loader_for(epoch))
         cap = self.cfg.train.max_iters_per_epoch
         return min(n, cap * self.accumulate) if cap else n
 
     def batches(self, epoch: int, skip_steps: int = 0) -> Iterator[Any]:
-        """This epoch's batches, after the first ``skip_steps`` optimizer steps' worth."""
+        """This epoch's batches; for the epoch a mid-epoch resume continues (``skip_steps``), only
+        its untrained samples."""
         from detkit.data.loader import DevicePrefetcher
 
         loader = self.loader_for(epoch)
-        if skip_steps:
-            # Resumed mid-epoch: the same epoch order, minus what was trained on.
-            skip = skip_steps * self.accumulate * loader.batch_size
+        if skip_steps and self._resumed is not None and self._resumed[0] == epoch:
+            # The same epoch order minus what was trained on, counted in samples (resume_plan).
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
-                                sampler=_SkipSampler(loader.sampler, skip), num_workers=loader.num_workers,
+                                sampler=ListSampler(self._resumed[1]), num_workers=loader.num_workers,
                                 collate_fn=loader.collate_fn, drop_last=loader.drop_last,
                                 pin_memory=loader.pin_memory, generator=loader.generator)
         # The next batch is copied to the device (a side stream on CUDA) while this one trains.
@@ -416,6 +438,8 @@ class TrainLoop:
             for self.epoch in range(self.start_epoch, self.epochs):
                 skip = self.start_epoch_step if self.epoch == self.start_epoch else 0
                 self.epoch_step = skip
+                self._epoch_segments = self._resumed[3] if skip and self._resumed else []
+                self._epoch_samples = 0
                 self.model.train()
                 self.call("before_epoch")
                 batches = self.batches(self.epoch, skip)
@@ -424,6 +448,7 @@ class TrainLoop:
                     self.call("before_step")
                     n = min(self.accumulate, micro_total - self.epoch_step * self.accumulate)
                     self.losses = self.optimizer_step(batches, n)
+                    self._epoch_samples += self.step_images // self.dist.world_size
                     self.loss_names += [n for n in self.losses if n not in self.loss_names]
                     self.window.add(self.losses)
                     self.step += 1
@@ -471,12 +496,17 @@ class TrainLoop:
             return
         ends_epoch = self.epoch_step >= self.epoch_steps[self.epoch]
         epoch, epoch_step = (self.epoch + 1, 0) if ends_epoch else (self.epoch, self.epoch_step)
+        progress = [] if ends_epoch else add_samples(self._epoch_segments, self._segment(self.epoch),
+                                                     self._epoch_samples)
         with self.eval_weights():
             hook_state = {self._hook_key(h, i): s for i, h in enumerate(self.hooks) if (s := h.state_dict())}
             save_checkpoint(
                 path, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 epoch=epoch, step=self.step, epoch_step=epoch_step, best_map=self.best_metric,
+                # Samples taken in the unfinished epoch, by whom and in what batches: a resume
+                # continues at the next sample whatever its own batch size (resume_plan).
+                epoch_progress=progress, epoch_samples=sum(p["samples"] * p["world_size"] for p in progress),
                 config=self.cfg.to_dict(), classes=self.classes, metrics=self.eval_result or {},
                 # Target sampling draws from the global generators: restoring them
                 # makes a resumed run continue exactly as an uninterrupted one.
@@ -487,6 +517,39 @@ class TrainLoop:
             )
         if path.name == "last.pt":
             self.saved_step = self.step
+
+    def _segment(self, epoch: int) -> dict[str, Any]:
+        """How this run batches ``epoch``: processes, batch size, aspect grouping."""
+        loader = self.loader_for(epoch)
+        return segment(self.dist.world_size, loader.batch_size, loader.sampler.grouped)
+
+    def _plan_resumed_epoch(self, ckpt: dict[str, Any], path: Path) -> None:
+        """A checkpoint saved inside an epoch: train that epoch's untrained samples, counted in
+        samples, also with another batch size, accumulation or number of processes."""
+        from detkit.data.loader import aspect_ratio_groups
+
+        self._resumed = None
+        if not self.start_epoch_step or self.start_epoch >= self.epochs:
+            return
+        epoch, loader = self.start_epoch, self.loader_for(self.start_epoch)
+        sampler, current = loader.sampler, self._segment(self.start_epoch)
+        segments = saved_segments(ckpt, path, epoch, self.dist.world_size, sampler.grouped)
+        saved_acc = int(((ckpt.get("config") or {}).get("train") or {}).get("accumulate", 1) or 1)
+        cap = self.cfg.train.max_iters_per_epoch
+        refuse_if_steps_capped(path, segments, current, saved_acc, self.accumulate, cap)
+        groups = sampler.group_ids
+        if groups is None and any(s["grouped"] for s in segments):
+            groups = aspect_ratio_groups(self.train_set)
+        items = sampler.remaining(epoch, segments, groups)
+        micro = -(-len(items) // loader.batch_size)
+        if cap:  # the same settings as saved (refused otherwise): the cap's steps still left
+            micro = min(micro, (cap - self.start_epoch_step) * self.accumulate)
+        if micro <= 0:
+            self.start_epoch, self.start_epoch_step = epoch + 1, 0
+            return
+        self._resumed = (epoch, items, micro, segments)
+        self.epoch_steps[epoch] = self.start_epoch_step + -(-micro // self.accumulate)
+        self.total_steps = sum(self.epoch_steps)
 
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -500,8 +563,7 @@ class TrainLoop:
             self.amp.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
         self.start_epoch_step = int(ckpt.get("epoch_step", 0))
-        if self.start_epoch < self.epochs and self.start_epoch_step >= self.epoch_steps[self.start_epoch]:
-            self.start_epoch, self.start_epoch_step = self.start_epoch + 1, 0
+        self._plan_resumed_epoch(ckpt, path)
         if ckpt.get("trainer_state") is not None:
             self.trainer.load_state_dict(ckpt["trainer_state"])
         if ckpt.get("rng_state") is not None:
@@ -543,11 +605,13 @@ def train(
         device = torch.device("cuda", dist_info.local_rank)
     # Only rank 0 talks and writes; the other processes train quietly.
     console = console or Console(quiet=not dist_info.is_main)
-    try:
-        with peer_failures_exit_quietly(dist_info):
-            return _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
-    finally:
-        shutdown(dist_info)
+    with peer_failures_exit_quietly(dist_info):
+        run_dir = _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
+    # Only after a finished run: destroying the group wakes the other ranks' pending
+    # collectives, and after an error torchrun would then stop this process before it
+    # says what went wrong; the CLI releases the group once the error is printed.
+    shutdown(dist_info)
+    return run_dir
 
 
 def _train(
@@ -564,16 +628,25 @@ def _train(
     # The stored config (config.yaml, checkpoints) holds absolute data paths, so
     # eval, predict and --resume work from any directory.
     cfg = absolute_data_paths(cfg)
-    run_dir = run_dir_for(cfg, config_path, out_dir)
-    if dist_info.is_main:
-        check_run_dir(run_dir, resume, overwrite)
+    run_dir = run_dir_for(cfg, config_path, out_dir, resume)
     # Data, model and checkpoint are checked before anything is written: a failed
-    # start leaves no empty run directory behind.
-    loop = TrainLoop(cfg, run_dir, console, device, dist_info)
-    if resume is not None:
-        loop.resume(resume)
-    if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-        prepare_run_dir(run_dir, overwrite, console)
+    # start leaves no empty run directory behind.  Under torchrun one rank reports.
+    with agree_on_setup_errors(dist_info):
+        if dist_info.is_main:
+            check_run_dir(run_dir, resume, overwrite)
+        loop = TrainLoop(cfg, run_dir, console, device, dist_info)
+        if resume is not None:
+            loop.resume(resume)
+    with ExitStack() as held:
+        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+            held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
+        return _start(loop, cfg, run_dir, console, device, dist_info)
+
+
+def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, device: torch.device,
+           dist_info: DistInfo) -> Path:
+    """Write the run's config, say what it trains, and train."""
+    if dist_info.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tc = cfg.train
     backbone = cfg.model.params.model_dump().get("backbone", {})
@@ -582,7 +655,9 @@ def _train(
          f"on {len(loop.train_set)} images, {len(loop.classes)} classes, device {device}, "
          f"{tc.epochs} epochs x {loop.epoch_steps[-1]} iterations"
          + (f" (x {tc.accumulate} accumulated batches)" if tc.accumulate > 1 else "")
-         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" -> {run_dir}")
+         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
+         + (f" ({pad} repeated each epoch for equal shares)" if (pad := -len(loop.train_set) % dist_info.world_size)
+            else "") + f" -> {run_dir}")
     boxes = box_summary(loop)
     for line in boxes:
         _say(console, line)

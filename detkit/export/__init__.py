@@ -25,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from detkit.errors import DetkitError
+from detkit.errors import DetkitError, OutputError
+from detkit.io import check_output_file, make_output_dir
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -74,7 +75,12 @@ def export_model(
     wrapper = ExportableDetector(model).eval()
     example = example_image() if example is None else example
     tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out)
+    make_output_dir(out.parent, given=out)
+    try:
+        tmp.write_bytes(b"")  # a place we cannot write fails here, with its reason, not inside the exporter
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about every Python value it records; the graph is checked by the tests.
@@ -129,6 +135,7 @@ def export_checkpoint(
 
     if format not in FORMATS:  # before the (slow) load
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    check_output_file(out)  # before the (slow) load
     model, _ = load_detector(checkpoint)
     path = export_model(model, out, format)
     return path, (verify_export(model, path) if check else None)

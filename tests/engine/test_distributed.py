@@ -36,6 +36,7 @@ from detkit.engine.distributed import (
     convert_sync_batchnorm,
     evaluate_distributed,
     gather_results,
+    shutdown,
     wrap_for_training,
 )
 
@@ -85,7 +86,8 @@ def _worker_phases(rank: int, port: int, out: str) -> None:
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     torch.save({"weights": {k: v.clone() for k, v in module.state_dict().items()}, "grads": grads,
                 "wrapper": type(loop.trainer.module).__name__}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    hook.after_train()  # drops the DDP wrapper, which holds the process group
+    shutdown(info)
 
 
 @pytest.mark.slow
@@ -217,7 +219,8 @@ def _worker_detector(rank: int, port: int, config: str, out: str) -> None:
         losses.append(trainer.run_step([_micro_batch(samples)])["total"])
     torch.save({"weights": {k: v.clone() for k, v in model.state_dict().items()},
                 "wrapper": type(trainer.module).__name__, "losses": losses}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    hook.after_train()
+    shutdown(info)
 
 
 @pytest.fixture
@@ -281,7 +284,7 @@ def _worker_eval(rank: int, port: int, config: str, out: str) -> None:
         torch.save({"results": results, "gathered": gathered}, f"{out}/result.pt")
     else:
         assert results == [None, None] and gathered is None
-    dist.destroy_process_group()
+    shutdown(info)
 
 
 def _eval_setup(config: str):
@@ -443,3 +446,27 @@ def test_an_error_on_every_rank_is_reported_once(tmp_path, tiny_dict, write_tiny
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def _worker_setup_error(rank: int, port: int, out: str) -> None:
+    import time
+
+    from detkit.engine.distributed import agree_on_setup_errors
+    from detkit.errors import DataError
+
+    info = _join(rank, port)
+    try:
+        with agree_on_setup_errors(info):
+            if rank == 0:
+                time.sleep(4)  # rank 0 fails later than the other's grace period would have waited
+            raise DataError(f"missing data (rank {rank})")
+    except BaseException as exc:  # noqa: BLE001  what each rank would hand the CLI
+        Path(out, f"{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    shutdown(info)
+
+
+@pytest.mark.slow
+def test_a_setup_error_on_every_rank_is_raised_by_rank0_alone_however_late(tmp_path):
+    mp.spawn(_worker_setup_error, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "0.txt").read_text() == "DataError: missing data (rank 0)"
+    assert (tmp_path / "1.txt").read_text() == "SystemExit: 1"  # quiet: rank 0 reports
