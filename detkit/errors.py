@@ -51,9 +51,9 @@ class DataError(DetkitError):
 
 
 class CheckpointError(DetkitError):
-    """A checkpoint is missing, unreadable or does not fit the model."""
+    """A checkpoint is missing, unreadable (truncated, corrupt) or does not fit the model: an input error."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class OutputError(DetkitError):

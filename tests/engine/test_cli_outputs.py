@@ -19,25 +19,19 @@ from detkit.registry import registry
 
 runner = CliRunner()
 
-CONFIG = {
-    "model": {
-        "type": "faster_rcnn",
-        "backbone": {"type": "tiny", "channels": [8, 8, 16, 16], "tail_features": 16},
-        "rpn": {"type": "rpn", "mid_channels": 8, "proposal": {"test_post_nms": 20}},
-        "preprocess": {"min_size": 64, "max_size": 96},
-    },
-    "data": {"train": {"type": "synthetic", "num_images": 4, "image_size": [64, 64]}, "batch_size": 2,
-             "transforms": {"min_size": 64, "max_size": 96}},
-    "train": {"epochs": 1, "trainer": {"type": "faster_rcnn_trainer"}},
-    "eval": {"interval": 0},
-}
+@pytest.fixture
+def config_dict(tiny_dict) -> dict:
+    """The shared tiny config (tests/conftest.py), one epoch, no evaluation."""
+    tiny_dict["train"]["epochs"] = 1
+    tiny_dict["eval"]["interval"] = 0
+    return tiny_dict
 
 
 @pytest.fixture
-def checkpoint(tmp_path) -> Path:
+def checkpoint(tmp_path, config_dict) -> Path:
     from detkit.config import validate
 
-    cfg = validate(CONFIG).to_dict()
+    cfg = validate(config_dict).to_dict()
     torch.manual_seed(0)
     model = registry("detector").build(cfg["model"], num_classes=4)
     classes = ["circle", "square", "triangle", "cross"]
@@ -59,7 +53,7 @@ def one_line(result) -> str:
 
 # --------------------------------------------------------- truncated files
 @pytest.mark.parametrize("keep", [20_000, 0.5, 0.98], ids=["20kB", "half", "all-but-the-end"])
-def test_a_truncated_checkpoint_is_one_line_in_every_command(checkpoint, image, tmp_path, keep):
+def test_a_truncated_checkpoint_is_one_line_in_every_command(checkpoint, image, tmp_path, keep, config_dict):
     data = checkpoint.read_bytes()
     size = keep if isinstance(keep, int) else int(len(data) * keep)
     assert size < len(data)
@@ -68,7 +62,7 @@ def test_a_truncated_checkpoint_is_one_line_in_every_command(checkpoint, image, 
     config = tmp_path / "config.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(CONFIG))
+    config.write_text(yaml.safe_dump(config_dict))
     commands = {
         "predict": ["predict", str(cut), str(image), "--out", str(tmp_path / "pred")],
         "eval": ["eval", str(cut), "--config", str(config), "--out", str(tmp_path / "ev")],
@@ -87,7 +81,7 @@ def test_debug_keeps_the_traceback(checkpoint, image, tmp_path):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(checkpoint.read_bytes()[:20_000])
     result = runner.invoke(app, ["--debug", "predict", str(cut), str(image), "--out", str(tmp_path / "pred")])
-    assert result.exit_code == 1 and "Traceback" in result.output and "truncated or corrupt" in result.output
+    assert result.exit_code == 2 and "Traceback" in result.output and "truncated or corrupt" in result.output
 
 
 # --------------------------------------------------------------- --out paths

@@ -330,41 +330,18 @@ def test_loss_guard_cap_is_on_by_default_even_in_a_short_run(toys, tmp_path):
     # Two steps, one log point (the epoch's end): far fewer than the ratio's history.
     short = ("train.log_interval=20",)
     with pytest.raises(DetkitError, match=r"^loss 5\d{3}(\.\d+)? exceeded train.loss_guard.max_loss 1000 at step 2"):
-        train(toy_config(tmp_path, "train.trainer.offset=5000", *short), out_dir=tmp_path / "run")
+        train(toy_config(tmp_path, "model.offset=5000", *short), out_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
-    train(toy_config(tmp_path, "train.trainer.offset=50", *short), out_dir=tmp_path / "ok")  # high, not absurd
-    train(toy_config(tmp_path, "train.trainer.offset=5000", "train.loss_guard.max_loss=null", *short),
+    train(toy_config(tmp_path, "model.offset=50", *short), out_dir=tmp_path / "ok")  # high, not absurd
+    train(toy_config(tmp_path, "model.offset=5000", "train.loss_guard.max_loss=null", *short),
           out_dir=tmp_path / "off")
     with pytest.raises(ConfigError, match=r"train.loss_guard.max_loss: Input should be a finite number"):
         toy_config(tmp_path, "train.loss_guard.max_loss=.inf")
 
 
-TINY_FRCNN = """
-model:
-  type: faster_rcnn
-  backbone: {type: tiny, channels: [8, 8, 8, 16], tail_features: 16}
-  rpn: {type: rpn, mid_channels: 8, anchor: {scales: [1, 2, 4], offset: 0.5},
-        proposal: {train_pre_nms: 100, train_post_nms: 16, test_pre_nms: 100, test_post_nms: 8, min_size: 2}}
-  roi_head: {type: roi_head, pool: roi_pool}
-  preprocess: {min_size: 64, max_size: 64}
-data:
-  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
-  val: {type: synthetic, num_images: 2, image_size: [64, 64], object_size: [16, 32], split: val}
-  batch_size: 4
-  transforms: {min_size: 64, max_size: 64}
-train:
-  epochs: 1
-  trainer: {type: faster_rcnn_trainer, anchor_target: {type: anchor_target, n_sample: 16},
-            proposal_target: {type: proposal_target, n_sample: 8}}
-  optimizer: {type: sgd, lr: 1.0e+6}
-  scheduler: {type: constant}
-eval: {interval: 1}
-"""
-
-
-def test_a_wild_learning_rate_stops_a_short_run_before_best_pt(tmp_path):
-    path = tmp_path / "wild.yaml"
-    path.write_text(TINY_FRCNN)
+def test_a_wild_learning_rate_stops_a_short_run_before_best_pt(tmp_path, tiny_dict, write_tiny):
+    tiny_dict["train"].update(epochs=1, optimizer={"type": "sgd", "lr": 1.0e6}, scheduler={"type": "constant"})
+    path = write_tiny(tiny_dict, "wild.yaml")
     with pytest.raises(DetkitError, match=r"exceeded train.loss_guard.max_loss 1000 at step 2: lower train.optimizer.lr"):
         train(load_config(path), out_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()

@@ -41,7 +41,7 @@ def test_predict_errors_are_one_line(tmp_path, tiny_checkpoint):
     assert result.exit_code == 1
     assert f"error: {bad}: cannot read image" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path / "none.pt"), str(bad)])
-    assert result.exit_code == 1 and "checkpoint not found" in result.output
+    assert result.exit_code == 2 and "checkpoint not found" in result.output  # an input error
 
 
 def test_import_weights_command_errors(tmp_path):
@@ -51,7 +51,7 @@ def test_import_weights_command_errors(tmp_path):
     classes.write_text("x\n")
     result = runner.invoke(app, ["import-weights", str(src), str(tmp_path / "o.pt"), "--backbone", "vgg16",
                                  "--classes", str(classes)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     line = result.output.strip()
     assert "\n" not in line and "missing keys" in line and "wrong shapes: rpn.conv1.weight" in line
     result = runner.invoke(app, ["import-weights", str(src), str(tmp_path / "o.pt"), "--backbone", "vgg19",

@@ -22,13 +22,14 @@ from test_hooks import toy_config, toys  # noqa: F401  (the toy detector, traine
 def seen(monkeypatch):
     """``(epoch, image id)`` of every sample the loop trains on, in order."""
     trained: list[tuple[int, str]] = []
-    real = TrainLoop.to_device
+    real = TrainLoop.batches
 
-    def to_device(self, batch):
-        trained.extend((self.epoch, i) for i in batch.image_ids)
-        return real(self, batch)
+    def batches(self, epoch, skip_steps=0):
+        for batch in real(self, epoch, skip_steps):  # recorded as the loop takes each batch
+            trained.extend((self.epoch, i) for i in batch.image_ids)
+            yield batch
 
-    monkeypatch.setattr(TrainLoop, "to_device", to_device)
+    monkeypatch.setattr(TrainLoop, "batches", batches)
     return trained
 
 

@@ -19,40 +19,12 @@ from detkit.engine.run_lock import LOCK_NAME, RunLock
 from detkit.engine.train import train
 from detkit.errors import RunDirectoryError
 
-TINY = """
-name: tiny
-model:
-  type: faster_rcnn
-  backbone: {type: tiny, channels: [8, 8, 8, 16], tail_features: 16}
-  rpn:
-    type: rpn
-    mid_channels: 8
-    anchor: {scales: [1, 2, 4], offset: 0.5}
-    proposal: {train_pre_nms: 100, train_post_nms: 16, test_pre_nms: 100, test_post_nms: 8, min_size: 2}
-  roi_head: {type: roi_head, pool: roi_pool}
-  preprocess: {min_size: 64, max_size: 64}
-data:
-  train: {type: synthetic, num_images: 8, image_size: [64, 64], object_size: [16, 32], split: train}
-  val: {type: synthetic, num_images: 2, image_size: [64, 64], object_size: [16, 32], split: val}
-  batch_size: 4
-  transforms: {min_size: 64, max_size: 64}
-train:
-  epochs: 1
-  trainer:
-    type: faster_rcnn_trainer
-    anchor_target: {type: anchor_target, n_sample: 16}
-    proposal_target: {type: proposal_target, n_sample: 8}
-  optimizer: {type: sgd, lr: 0.01}
-  log_interval: 1
-eval: {interval: 0}
-"""
-
-
 @pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+def tiny_config(tiny_dict, write_tiny):
+    """The shared tiny config (tests/conftest.py), one epoch, no evaluation."""
+    tiny_dict["train"]["epochs"] = 1
+    tiny_dict["eval"]["interval"] = 0
+    return write_tiny(tiny_dict)
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -122,7 +94,7 @@ def test_the_lock_is_released_when_the_run_fails(tiny_config, tmp_path, monkeypa
     def interrupted(self, batches, micro_batches):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod.TrainLoop, "run_step", interrupted)
+    monkeypatch.setattr(train_mod.TrainLoop, "optimizer_step", interrupted)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(load_config(tiny_config), out_dir=run_dir)
