@@ -25,13 +25,15 @@ from detkit.errors import CheckpointError, ConfigError
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "import" / "torchvision_fasterrcnn_resnet50_fpn.yaml"
 NUM_CLASSES = 5  # foreground; torchvision counts background too
-SMALL = dict(min_size=120, max_size=160, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
-OVERRIDES = [
-    "model.preprocess.min_size=120",
-    "model.preprocess.max_size=160",
-    "model.rpn.proposal.test_pre_nms=300",
-    "model.rpn.proposal.test_post_nms=100",
-]
+def small(min_size: int, max_size: int) -> tuple[dict, list[str]]:
+    """torchvision's keyword arguments and detkit's overrides for the same small pipeline."""
+    tv = dict(min_size=min_size, max_size=max_size, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
+    ours = [f"model.preprocess.min_size={min_size}", f"model.preprocess.max_size={max_size}",
+            "model.rpn.proposal.test_pre_nms=300", "model.rpn.proposal.test_post_nms=100"]
+    return tv, ours
+
+
+SMALL, OVERRIDES = small(120, 160)
 
 
 def scene(seed: int, height: int, width: int) -> torch.Tensor:
@@ -111,13 +113,7 @@ def test_imported_model_gives_torchvisions_detections(tmp_path, torchvision_mode
 
 
 JPEG_SIZES = [(150, 200), (230, 170)]  # (h, w): landscape and portrait, both resized
-FILE_SMALL = dict(min_size=160, max_size=256, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
-FILE_OVERRIDES = [
-    "model.preprocess.min_size=160",
-    "model.preprocess.max_size=256",
-    "model.rpn.proposal.test_pre_nms=300",
-    "model.rpn.proposal.test_post_nms=100",
-]
+FILE_SMALL, FILE_OVERRIDES = small(160, 256)
 
 
 def test_predict_on_jpeg_files_equals_torchvision_on_the_decoded_images(tmp_path, torchvision_model):
