@@ -41,6 +41,28 @@ MODELS = {
 }
 
 
+def register_tree_plugins(tree: Path) -> None:
+    """Register the tree's own built-in entry points that the installed metadata lacks.
+
+    The venv's metadata lists today's built-ins; an older tree may name components
+    that no longer exist (``multiscale_roi_head``), importable from its own modules.
+    """
+    import importlib
+    import tomllib
+
+    from detkit.registry import registry
+
+    groups = tomllib.loads((tree / "pyproject.toml").read_text())["project"]["entry-points"]
+    for group, entries in groups.items():
+        if not group.startswith("detkit."):
+            continue
+        reg = registry(group.removeprefix("detkit."))
+        for name, target in entries.items():
+            if name not in reg:
+                module, attr = target.split(":")
+                reg.add(name, getattr(importlib.import_module(module), attr))
+
+
 def worker(name: str, warmup: int, steps: int, threads: int) -> dict[str, float]:
     import torch
 
@@ -50,6 +72,7 @@ def worker(name: str, warmup: int, steps: int, threads: int) -> dict[str, float]
     from detkit.registry import build_detector, registry
 
     torch.set_num_threads(threads)
+    register_tree_plugins(Path.cwd())
     path, size, batch, classes = MODELS[name]
     cfg = load_config(path)
     torch.manual_seed(0)

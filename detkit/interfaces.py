@@ -605,3 +605,9 @@ class DetectionDataset(torch.utils.data.Dataset, ABC):
 
     @abstractmethod
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]] | None:
+        """``((height, width), target)`` of sample ``index`` without decoding its pixels, or ``None``
+        when the data set cannot tell them apart from its image (then statistics and aspect-ratio
+        grouping read the image, or do without)."""
+        return None

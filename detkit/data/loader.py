@@ -35,6 +35,7 @@ from detkit.data.config import DataConfig
 from detkit.data.synthetic import sample_seed
 from detkit.data.transforms import DetectionTransform, build_transform
 from detkit.errors import ConfigError
+from detkit.interfaces import DetectionDataset
 
 
 class TransformedDataset(Dataset):
@@ -72,12 +73,11 @@ class TransformedDataset(Dataset):
 
     def annotation(self, index: int) -> tuple[tuple[int, int], dict[str, Any]]:
         """Eval-mode ``(size, target)`` without decoding pixels, where the data set allows it."""
-        if hasattr(self.dataset, "annotation"):
-            size, target = self.dataset.annotation(index)
-        else:
+        found = _annotation(self.dataset, index)
+        if found is None:
             image, target = self.dataset[index]
-            size = (int(image.shape[-2]), int(image.shape[-1]))
-        return self.transform.boxes_only(size, target)
+            return (int(image.shape[-2]), int(image.shape[-1])), dict(target)
+        return found
 
 
 class EpochSampler(Sampler):
@@ -236,14 +236,20 @@ def aspect_ratio_groups(dataset: Any) -> list[int] | None:
     images all share one bin gives one group.
     """
     base = dataset.dataset if isinstance(dataset, TransformedDataset) else dataset
-    if not hasattr(base, "annotation"):
-        return None
     groups = []
     for i in range(len(base)):
-        (h, w), _ = base.annotation(i)
+        found = _annotation(base, i)
+        if found is None:
+            return None
+        (h, w), _ = found
         ratio = h / w if w else 1.0
         groups.append(sum(ratio >= b for b in _ASPECT_BINS))
     return groups
+
+
+def _annotation(dataset: Any, index: int) -> tuple[tuple[int, int], dict[str, Any]] | None:
+    """The data set's header-only annotation (:meth:`DetectionDataset.annotation`), or None."""
+    return dataset.annotation(index) if isinstance(dataset, DetectionDataset) else None
 
 
 def build_dataset(

@@ -112,11 +112,11 @@ def collect_annotations(dataset: Any, max_images: int | None = None) -> Annotati
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     sizes, boxes, labels, index, difficult = [], [], [], [], []
     for i in range(n):
-        if hasattr(dataset, "annotation"):
-            size, t = dataset.annotation(i)
-        else:
+        found = dataset.annotation(i)  # header-only where the data set can
+        if found is None:
             image, t = dataset[i]
-            size = tuple(image.shape[-2:])
+            found = (tuple(image.shape[-2:]), t)
+        size, t = found
         sizes.append(list(size))
         boxes.append(t["boxes"].float().reshape(-1, 4))
         labels.append(t["labels"].long().reshape(-1))

@@ -141,12 +141,6 @@ class DetectionTransform:
     def __repr__(self) -> str:
         return f"DetectionTransform(train={self.train}, {self.steps!r})"
 
-    def boxes_only(self, size: tuple[int, int], target: dict[str, Any]) -> tuple[tuple[int, int], dict[str, Any]]:
-        """Eval-mode ``(size, target)`` of an image's annotations, without its pixels: unchanged."""
-        if self.train:
-            raise RuntimeError("boxes_only is deterministic and needs an eval-mode transform")
-        return (int(size[0]), int(size[1])), dict(target)
-
     def __call__(
         self, image: Tensor, target: dict[str, Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Any]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from detkit.interfaces import DetectionDataset
 from detkit.data.collate import Collate
 from detkit.data.config import DataConfig
 from detkit.data.loader import EpochSampler, TransformedDataset, build_dataset, build_loader
@@ -110,7 +111,7 @@ def test_group_in_batches_keeps_items_and_count_and_groups_full_batches():
     assert out[9:] == [7, 8]  # the unfilled bucket ends the epoch
 
 
-class _Shaped(torch.utils.data.Dataset):
+class _Shaped(DetectionDataset):
     """Images of two aspect ratios (landscape 16x32, portrait 32x16), alternating."""
 
     def __init__(self, n: int):

@@ -35,8 +35,6 @@ def test_eval_mode_returns_the_original_image_and_boxes(sample):
     t = DetectionTransform(TransformConfig(hflip=1.0, photometric=True), train=False)
     out, tgt = t(image, target)
     assert out is image and torch.equal(tgt["boxes"], target["boxes"]) and tgt is not target
-    size, tgt2 = t.boxes_only((40, 60), target)
-    assert size == (40, 60) and torch.equal(tgt2["boxes"], target["boxes"])
 
 
 def test_the_settings_mapping_has_no_size_fields():
