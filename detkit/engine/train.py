@@ -48,10 +48,9 @@ from detkit.engine.hooks import default_hooks, sort_hooks
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
-from detkit.engine.run_lock import RunLock, check_unlocked
-from detkit.errors import CheckpointError, ConfigError, DetkitError, RunDirectoryError, Terminated
+from detkit.engine.run_dir import RUN_FILES, check_run_dir, prepare_run_dir, run_dir_for, say as _say  # noqa: F401 (re-exported)
+from detkit.errors import CheckpointError, ConfigError, DetkitError, Terminated
 from detkit.data.paths import absolute_data_paths
-from detkit.io import stale_temporaries
 from detkit.registry import registry, without_pretrained
 
 # Batch shapes cuDNN may time under train.cudnn_benchmark: auto.
@@ -61,80 +60,6 @@ CUDNN_AUTO_MAX_SHAPES = 8
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def run_dir_for(cfg: Config, config_path: Path | None, out_dir: Path | None, resume: Path | None = None) -> Path:
-    """``--out``; else the directory of the ``--resume`` checkpoint (the run it continues); else ``train.out_dir``."""
-    if out_dir is not None:
-        return Path(out_dir)
-    if resume is not None:
-        return Path(resume).parent
-    name = cfg.name or (config_path.stem if config_path else "run")
-    try:
-        return Path(cfg.train.out_dir.format(name=name))
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(
-            f"train.out_dir: {cfg.train.out_dir!r} may only use the placeholder {{name}} ({exc})"
-        ) from None
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "losses.png", "config.yaml", "val_detections.json")
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
-    """Refuse a directory another training holds (always), and one that holds another run's
-    checkpoints, unless this run continues it (``--resume`` from it) or ``overwrite`` replaces it."""
-    check_unlocked(run_dir)
-    continues = resume is not None and _same_dir(Path(resume).parent, run_dir)
-    if continues or overwrite or not run_dir.is_dir():
-        return
-    held = sorted(p.name for p in run_dir.glob("*.pt"))
-    if held:
-        raise RunDirectoryError(
-            f"{run_dir}: already holds a run ({', '.join(held)}); continue it with --resume "
-            f"{run_dir / ('last.pt' if 'last.pt' in held else held[0])}, train into a new directory with "
-            "--out, or replace it with --overwrite"
-        )
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> RunLock:
-    """Create the run directory and take its lock (returned, held); then, with ``overwrite``,
-    remove the old run's files, and drop stale temporaries.  The lock comes first: neither
-    ``overwrite`` nor the clean-up touches a directory another training holds."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DetkitError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
-    lock = RunLock(run_dir).acquire()
-    try:
-        _clean_run_dir(run_dir, overwrite, console)
-    except BaseException:
-        lock.release()
-        raise
-    if lock.took_over:
-        _say(console, f"{run_dir}: took over the lock of a training that no longer runs ({lock.took_over})")
-    return lock
-
-
-def _clean_run_dir(run_dir: Path, overwrite: bool, console: Console) -> None:
-    if overwrite:
-        for path in [*run_dir.glob("*.pt"), *(run_dir / n for n in RUN_FILES)]:
-            path.unlink(missing_ok=True)
-    stale = stale_temporaries(run_dir)
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        _say(console, f"removed {len(stale)} unfinished temporary file(s) of an interrupted save from {run_dir}")
-
-
-def _say(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
 
 
 class LossWindow:
