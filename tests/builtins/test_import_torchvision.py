@@ -90,15 +90,20 @@ def assert_same_detections(ours: dict, theirs: dict, box_tol: float = 0.01, scor
     return len(theirs["boxes"])
 
 
-def test_imported_model_gives_torchvisions_detections(tmp_path, torchvision_model, images):
+def imported(tmp_path, torchvision_model, overrides: list[str]):
+    """``detkit import-weights`` (the function the CLI calls) of the torchvision model into tmp_path/out.pt."""
     from detkit.engine.import_weights import import_weights
 
     src = tmp_path / "fasterrcnn.pth"
     torch.save(torchvision_model.state_dict(), src)
     classes = tmp_path / "classes.txt"
     classes.write_text("".join(f"c{i}\n" for i in range(NUM_CLASSES)))
-    dst = import_weights(src, tmp_path / "out.pt", CONFIG, classes, OVERRIDES, source="torchvision",
-                         model="fasterrcnn_resnet50_fpn")
+    return import_weights(src, tmp_path / "out.pt", CONFIG, classes, overrides, source="torchvision",
+                          model="fasterrcnn_resnet50_fpn")
+
+
+def test_imported_model_gives_torchvisions_detections(tmp_path, torchvision_model, images):
+    dst = imported(tmp_path, torchvision_model, OVERRIDES)
     model, ckpt = load_detector(dst)
     assert ckpt["imported_from"]["source"] == "torchvision" and "fresh" not in ckpt["imported_from"]
     with torch.no_grad():
@@ -120,7 +125,6 @@ def test_predict_on_jpeg_files_equals_torchvision_on_the_decoded_images(tmp_path
     """``detkit predict`` reads JPEG files; torchvision gets the same files decoded, as float 0..1."""
     from torchvision.io import decode_image, read_file
 
-    from detkit.engine.import_weights import import_weights
     from detkit.engine.predict import predict_files
 
     paths = []
@@ -128,12 +132,7 @@ def test_predict_on_jpeg_files_equals_torchvision_on_the_decoded_images(tmp_path
         pixels = (scene(10 + i, h, w) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         paths.append(tmp_path / f"img{i}.jpg")
         Image.fromarray(pixels).save(paths[-1], quality=90)
-    src = tmp_path / "fasterrcnn.pth"
-    torch.save(torchvision_model.state_dict(), src)
-    classes = tmp_path / "classes.txt"
-    classes.write_text("".join(f"c{i}\n" for i in range(NUM_CLASSES)))
-    dst = import_weights(src, tmp_path / "out.pt", CONFIG, classes, FILE_OVERRIDES, source="torchvision",
-                         model="fasterrcnn_resnet50_fpn")
+    dst = imported(tmp_path, torchvision_model, FILE_OVERRIDES)
     records = predict_files(dst, paths, tmp_path / "out", device="cpu")
 
     tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, **FILE_SMALL)
