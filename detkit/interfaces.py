@@ -499,6 +499,9 @@ class Trainer(ABC):
     def run_step(self, micro_batches: Iterable[tuple[Sequence[Tensor], Targets]]) -> dict[str, Tensor]:
         """One optimizer step over one or more micro-batches (gradient accumulation).
 
+        ``micro_batches`` with a ``len`` is iterated lazily (the engine fetches each
+        batch as it is taken); any other iterable is gathered first.
+
         Returns the losses (the micro-batches' mean, detached) with ``"total"``.
         """
 

@@ -279,13 +279,21 @@ class TrainLoop:
         """Hand the trainer the next ``micro_batches`` loader batches for one optimizer step; its losses."""
         self.step_images = 0
 
-        def feed() -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
-            for _ in range(micro_batches):
-                batch = next(batches)
-                self.step_images += len(batch) * self.dist.world_size
-                yield batch.images, batch.targets
+        loop = self
 
-        return self.trainer.run_step(feed())
+        class Feed:
+            """The step's micro-batches, fetched as the trainer takes them; sized, so it can scale by 1/k."""
+
+            def __len__(self) -> int:
+                return micro_batches
+
+            def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+                for _ in range(micro_batches):
+                    batch = next(batches)
+                    loop.step_images += len(batch) * loop.dist.world_size
+                    yield batch.images, batch.targets
+
+        return self.trainer.run_step(Feed())
 
     def log_now(self) -> bool:
         """Whether this step ends a logging window (every ``train.log_interval`` steps and at epoch ends)."""

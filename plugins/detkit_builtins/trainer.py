@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Sized
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -118,38 +118,30 @@ class FasterRCNNTrainer(Trainer):
     def run_step(self, micro_batches: Iterable[tuple[Sequence[Tensor], Targets]]) -> dict[str, Tensor]:
         if self.optimizer is None:
             raise RuntimeError("FasterRCNNTrainer.run_step needs an optimizer; build it with optimizer=...")
-        batches = list(micro_batches) if not isinstance(micro_batches, Iterator) else None
-        items = _with_last(iter(batches) if batches is not None else micro_batches)
+        if not isinstance(micro_batches, Sized):
+            micro_batches = list(micro_batches)
+        k = len(micro_batches)
+        if k == 0:
+            raise ValueError("run_step got no micro-batches")
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
-        count = 0
         no_sync = getattr(self.module, "no_sync", None)  # DistributedDataParallel's
-        micro = len(batches) if batches is not None else None
-        for (images, targets), last in items:
-            if count == 0 and images:
+        for i, ((images, targets), last) in enumerate(_with_last(iter(micro_batches))):
+            if i == 0 and images:
                 self._sampling_generator(_device_of(self.model))
             with nullcontext() if last or no_sync is None else no_sync():
                 losses = self.losses(images, targets)
-                # Accumulated gradients are the mean over micro-batches: scale each backward by 1/k.
-                # With an iterator of unknown length, the count is known only at the end: divided there.
-                scale = 1.0 / micro if micro else 1.0
-                self.amp.backward(losses["total"] * scale if scale != 1.0 else losses["total"])
-            count += 1
+                # Accumulated gradients are the mean over the micro-batches: each backward sees total / k.
+                self.amp.backward(losses["total"] * (1.0 / k) if k > 1 else losses["total"])
             for name, value in losses.items():
                 value = value.detach()
                 sums[name] = sums[name] + value if name in sums else value
-        if count == 0:
-            raise ValueError("run_step got no micro-batches")
-        if micro is None and count > 1:
-            for p in (q for g in self.optimizer.param_groups for q in g["params"]):
-                if p.grad is not None:
-                    p.grad.div_(count)
         if self.grad_clip is not None:
             self.amp.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.amp.step(self.optimizer)
-        return {name: value / count if count > 1 else value for name, value in sums.items()}
+        return {name: value / k if k > 1 else value for name, value in sums.items()}
 
 
 def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
