@@ -81,7 +81,12 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def roi_tail(self) -> RoITail:
-        """The layers the RoI head reuses on pooled features (built once, then shared)."""
+        """The layers the RoI head reuses on pooled features (built once, then shared).
+
+        Called once, when a one-map detector is built (never for multi-level
+        features); a backbone without such layers raises ``NotImplementedError``
+        and the config uses a box head that needs none (``two_mlp``).
+        """
 
     def freeze_bn(self, freeze_affine: bool = True) -> None:
         """Keep BatchNorm statistics fixed (eval mode), optionally their affine weights too."""

@@ -35,7 +35,7 @@ class BackboneTail(BoxHead):
         if tail is None:
             raise ConfigError(
                 "model.roi_head.box_head: backbone_tail runs the backbone's RoI tail, and this backbone "
-                "has none (multi-level features); use type two_mlp"
+                "has none (multi-level features, or its roi_tail() raises NotImplementedError); use type two_mlp"
             )
         self.tail = tail.module
         self.out_features = tail.out_features

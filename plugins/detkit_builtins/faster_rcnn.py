@@ -89,10 +89,14 @@ class FasterRCNN(Detector):
         else:
             stride = int(self.backbone.stride)
             self.rpn = p.rpn.build(in_channels=self.backbone.out_channels, feat_stride=stride)
+            try:
+                tail = self.backbone.roi_tail()
+            except NotImplementedError:  # no tail of its own: a box head that needs none (two_mlp) serves
+                tail = None
             self.roi_head = p.roi_head.build(
                 num_classes=num_classes,
                 input_shapes={"features": ShapeSpec(self.backbone.out_channels, stride)},
-                tail=self.backbone.roi_tail(),
+                tail=tail,
             )
         self.multi_level = bool(shapes)
         self._feature_sizes: dict[tuple[int, int], list[tuple[int, int]]] = {}
