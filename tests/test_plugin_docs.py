@@ -186,13 +186,15 @@ def test_the_multi_level_examples_train_and_detect(plugins):
     assert {s.channels for s in detector.neck.output_shape().values()} == {64}
 
 
-def test_a_backbone_without_a_tail_trains_with_two_mlp_and_is_one_line_with_backbone_tail(plugins):
+def test_a_backbone_without_a_tail_detects_with_two_mlp_and_is_one_line_with_backbone_tail(plugins):
     model = {"type": "faster_rcnn", "backbone": {"type": "mobilenet_v3_small"},
              "rpn": {"type": "rpn", "mid_channels": 32, "anchor": {"scales": [2, 4]}, "proposal": RPN_SMALL},
              "roi_head": {"type": "roi_head", "pooler": {"type": "roi_align", "output_size": 7},
                           "box_head": {"type": "two_mlp", "representation_size": 64}},
              "preprocess": {"min_size": 64, "max_size": 80}}
-    train_and_detect(model)
+    detector = registry("detector").build(model, num_classes=3).eval()
+    with torch.no_grad(), detector.detection_settings(score_thresh=0.0):
+        assert [len(d["scores"]) > 0 for d in detector(IMAGES)] == [True, True]
     model["roi_head"] = {"type": "roi_head", "pooler": {"type": "roi_align", "output_size": 7}}
     with pytest.raises(ConfigError, match="backbone_tail runs the backbone's RoI tail.*use type two_mlp"):
         registry("detector").build(model, num_classes=3)
