@@ -39,7 +39,7 @@ import yaml
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from detkit.config import Config
+from detkit.config import Config, check_requirements
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
 from detkit.engine.distributed import (DistInfo, DistributedHook, agree_on_setup_errors, barrier, init_from_env,
@@ -565,6 +565,8 @@ def _train(
     # Data, model and checkpoint are checked before anything is written: a failed
     # start leaves no empty run directory behind.  Under torchrun one rank reports.
     with agree_on_setup_errors(dist_info):
+        # A package a tracker hook needs is looked for before anything is built or written.
+        check_requirements(cfg, str(config_path) if config_path is not None else "<config>")
         if dist_info.is_main:
             check_run_dir(run_dir, resume, overwrite)
         loop = TrainLoop(cfg, run_dir, console, device, dist_info)
