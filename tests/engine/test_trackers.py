@@ -205,7 +205,8 @@ HIDDEN = [
 
 
 @pytest.mark.parametrize("command", ["validate", "train"])
-@pytest.mark.parametrize("override, module, field, extra", HIDDEN, ids=[h[0] for h in HIDDEN])
+@pytest.mark.parametrize("override, module, field, extra", HIDDEN,
+                         ids=["mlflow", "wandb", "tensorboard-hook", "tensorboard-shorthand"])
 def test_a_missing_tracker_package_is_one_line_before_anything_is_built(
         tiny_config, tmp_path, monkeypatch, command, override, module, field, extra):
     import detkit.engine.train as engine
