@@ -495,15 +495,17 @@ def default_hooks(cfg: Any) -> list[Hook]:
     ]
     if tc.ema is not None:
         hooks.append(EMAHook(tc.ema))
-    if tc.tensorboard and not any(spec.type == "tensorboard" for spec in tc.hooks):
-        from detkit.engine.trackers import TensorBoardHook
+    from detkit.engine.trackers import TensorBoardHook, TrackerHook
 
+    if tc.tensorboard and not any(spec.type == "tensorboard" for spec in tc.hooks):
         hooks.append(TensorBoardHook())
     for i, spec in enumerate(tc.hooks):
         hook = spec.build()
         if not isinstance(hook, Hook):
             raise ConfigError(f"train.hooks[{i}]: hook '{spec.type}' is a {type(hook).__name__}, "
                               "not a detkit.interfaces.Hook")
+        if isinstance(hook, TrackerHook):
+            hook.field = f"train.hooks[{i}]"  # named when its run cannot be opened
         hooks.append(hook)
     return sort_hooks(hooks)
 

@@ -62,6 +62,15 @@ def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
         )
 
 
+def first_missing_dir(run_dir: Path) -> Path | None:
+    """The outermost of ``run_dir`` and its parents that does not exist yet (what creating it makes);
+    None when it exists."""
+    path, missing = Path(run_dir).absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    return missing
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> RunLock:
     """Create the run directory and take its lock (returned, held); then, with ``overwrite``,
     remove the old run's files, and drop stale temporaries.  The lock comes first: neither

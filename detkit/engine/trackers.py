@@ -79,6 +79,7 @@ class TrackerHook(Hook):
     priority = 50  # after EvalHook (45): an epoch's evaluation is there in after_epoch
     requires: tuple[tuple[str, str], ...] = ()  # (module, pip requirement) checked at config validation
     tracker = "tracker"
+    field = "train.hooks"  # the config entry, for messages (default_hooks sets its index)
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__(params)
@@ -112,7 +113,8 @@ class TrackerHook(Hook):
         except DetkitError:
             raise
         except Exception as exc:
-            raise DetkitError(f"train.hooks: {self.tracker} could not start a run: {type(exc).__name__}: {exc}") from None
+            raise DetkitError(f"{self.field} ({self.tracker}): could not start a run: "
+                              f"{type(exc).__name__}: {exc}") from None
         self.active = True
 
     def _safely(self, what: str, call: Any, *args: Any) -> None:

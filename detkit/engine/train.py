@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -48,7 +49,7 @@ from detkit.engine.hooks import default_hooks, sort_hooks
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
-from detkit.engine.run_dir import RUN_FILES, check_run_dir, prepare_run_dir, run_dir_for, say as _say  # noqa: F401 (re-exported)
+from detkit.engine.run_dir import RUN_FILES, check_run_dir, first_missing_dir, prepare_run_dir, run_dir_for, say as _say  # noqa: F401 (re-exported)
 from detkit.errors import CheckpointError, ConfigError, DetkitError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.registry import registry, without_pretrained
@@ -119,7 +120,7 @@ class TrainLoop:
     last step's named losses, detached tensors), ``loss_names``, ``window``
     (:class:`LossWindow`), ``step_images`` (images in the last step, all ranks),
     ``backbone_frozen``, ``eval_result``, ``best_metric``, ``improved``,
-    ``completed``, ``stop_requested``.
+    ``training_started`` (every hook's ``before_train`` ran), ``completed``, ``stop_requested``.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class TrainLoop:
         self.best_metric = -math.inf
         self.improved = False
         self.completed = False
+        self.training_started = False  # every hook's before_train ran
         self.stop_requested: str | None = None
         self.saved_step: int | None = None
         self.t_start = time.perf_counter()
@@ -368,6 +370,7 @@ class TrainLoop:
             for hook in self.hooks:
                 hook.before_train()
                 started.append(hook)
+            self.training_started = True
             for self.epoch in range(self.start_epoch, self.epochs):
                 skip = self.start_epoch_step if self.epoch == self.start_epoch else 0
                 self.epoch_step = skip
@@ -572,10 +575,18 @@ def _train(
         loop = TrainLoop(cfg, run_dir, console, device, dist_info)
         if resume is not None:
             loop.resume(resume)
-    with ExitStack() as held:
-        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-            held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
-        return _start(loop, cfg, run_dir, console, device, dist_info)
+    created = first_missing_dir(run_dir) if dist_info.is_main else None
+    try:
+        with ExitStack() as held:
+            if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+                held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
+            return _start(loop, cfg, run_dir, console, device, dist_info)
+    except BaseException:
+        # A start that failed before the first step (a hook's before_train: a tracker that
+        # cannot open its run) takes away the directory it created, once the lock is released.
+        if created is not None and not loop.training_started:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, device: torch.device,

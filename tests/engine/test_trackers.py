@@ -83,6 +83,23 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_config, mlflow_env):
     assert run.data.params["train.epochs"] == "1"  # MLflow keeps a parameter's first value
 
 
+def test_a_tracker_that_cannot_open_its_run_stops_the_start_and_leaves_no_directory(tiny_config, mlflow_env):
+    blocker = mlflow_env / "a-file"
+    blocker.write_text("")
+    hook = f"train.hooks=[{{type: ema}}, {{type: mlflow, tracking_uri: 'file:{blocker}/mlruns'}}]"
+    run_dir = mlflow_env / "runs" / "x"
+    result = runner.invoke(app, ["train", str(tiny_config), "--out", str(run_dir), "--set", hook])
+    text = result.output.strip()
+    assert result.exit_code == 1 and "Traceback" not in text, text
+    assert text.splitlines()[-1].startswith("error: train.hooks[1] (mlflow): could not start a run: "), text
+    assert not (mlflow_env / "runs").exists()  # the directory and the parent this start created
+    mine = mlflow_env / "mine"  # a directory that was there before is left, with what it held
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    result = runner.invoke(app, ["train", str(tiny_config), "--out", str(mine), "--set", hook])
+    assert result.exit_code == 1 and (mine / "notes.txt").read_text() == "kept"
+
+
 def test_mlflow_store_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
