@@ -331,14 +331,13 @@ def check_requirements(cfg: Config, source: str = "<config>") -> None:
     from detkit.registry import registry
 
     errors = []
-    found = list(_components(cfg, ()))
+    found = [(loc + ("type",), spec) for loc, spec in _components(cfg, ())]  # blame the field naming it
     if cfg.train.tensorboard and "tensorboard" in registry("hook"):
         found.append((("train", "tensorboard"), registry("hook").validate("tensorboard")))
-    for loc, spec in found:
+    for field, spec in found:
         factory = registry(spec.kind).get(spec.type).factory
         for module, requirement in getattr(factory, "requires", ()):
             if _missing(module):
-                field = loc if loc[-1:] == ("tensorboard",) else loc + ("type",)
                 errors.append((field, f"{spec.kind} '{spec.type}' needs the {module} package, which is not "
                                       f"installed: pip install '{requirement}'"))
     if errors:

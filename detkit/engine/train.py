@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -49,7 +48,7 @@ from detkit.engine.hooks import default_hooks, sort_hooks
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
-from detkit.engine.run_dir import RUN_FILES, check_run_dir, first_missing_dir, prepare_run_dir, run_dir_for, say as _say  # noqa: F401 (re-exported)
+from detkit.engine.run_dir import RUN_FILES, check_run_dir, clear_run_dir, first_missing_dir, prepare_run_dir, remove_empty_dirs, run_dir_for, say as _say  # noqa: F401 (re-exported)
 from detkit.errors import CheckpointError, ConfigError, DetkitError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.registry import registry, without_pretrained
@@ -575,17 +574,26 @@ def _train(
         loop = TrainLoop(cfg, run_dir, console, device, dist_info)
         if resume is not None:
             loop.resume(resume)
+    # A start that fails before the first step (in a hook's before_train: a tracker that cannot
+    # open its run) takes away the directory it created: emptied under the lock, removed after.
     created = first_missing_dir(run_dir) if dist_info.is_main else None
+    owned = False
+
+    def clear_if_unstarted(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and created is not None and not loop.training_started:
+            clear_run_dir(run_dir)
+        return False
+
     try:
         with ExitStack() as held:
             if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
                 held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
+                owned = True
+                held.push(clear_if_unstarted)  # runs before the lock is released
             return _start(loop, cfg, run_dir, console, device, dist_info)
     except BaseException:
-        # A start that failed before the first step (a hook's before_train: a tracker that
-        # cannot open its run) takes away the directory it created, once the lock is released.
-        if created is not None and not loop.training_started:
-            shutil.rmtree(created, ignore_errors=True)
+        if owned and created is not None and not loop.training_started:
+            remove_empty_dirs(run_dir, created)
         raise
 
 
