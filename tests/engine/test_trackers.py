@@ -254,6 +254,31 @@ def test_installed_trackers_validate(tiny_config):
     assert result.exit_code == 0 and result.output.strip().endswith(": ok"), result.output
 
 
+def test_sharded_evaluation_hands_rank_0_the_gathered_results_for_the_curves(tiny_config, monkeypatch):
+    import torch
+
+    import detkit.engine.distributed as distributed
+    from detkit.data.loader import build_dataset, build_loader
+    from detkit.registry import registry
+
+    cfg = load_config(tiny_config)
+    model = registry("detector").build(cfg.model, num_classes=4)
+    loader = build_loader(build_dataset(cfg.data, "val"), batch_size=2, shuffle=False)
+    seen = []
+
+    def gather(results, info):  # rank 0 of 2: its shard (images 0, 2) and the other's, interleaved
+        seen.extend(r.image_id for r in results)
+        return [r for pair in zip(results, reversed(results)) for r in pair]
+
+    monkeypatch.setattr(distributed, "gather_results", gather)
+    info = distributed.DistInfo(rank=0, world_size=2)
+    out = distributed.evaluate_distributed(model, loader, ["a", "b", "c", "d"], cfg.eval, torch.device("cpu"), info,
+                                           keep_results=True)
+    assert len(seen) == 2 and [r.image_id for r in out["results"]] == [seen[0], seen[1], seen[1], seen[0]]
+    plain = distributed.evaluate_distributed(model, loader, ["a", "b", "c", "d"], cfg.eval, torch.device("cpu"), info)
+    assert "results" not in plain  # only when asked: the training's eval_result goes into checkpoints
+
+
 # ------------------------------------------------------------- the base
 class Recorder(TrackerHook):
     tracker = "recorder"
