@@ -36,6 +36,10 @@ and is listed in the config::
       hooks:
         - {type: my_hook, every: 100}
 
+A hook that needs a package detkit does not install names it in ``requires =
+(("module", "pip requirement"),)``: a missing one is refused before a run is
+built (:func:`detkit.config.check_requirements`).
+
 A hook sees the loop as ``self.loop`` (see :class:`TrainLoop` for what it
 holds: model, trainer, optimizer, amp, epoch, step, the last step's losses,
 ...).  Records go through ``self.loop.emit(record)`` to the metrics file and
