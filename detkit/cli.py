@@ -189,9 +189,11 @@ def _escape(text: str) -> str:
 @config_app.command("validate")
 def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
     """Check a config and its backbone's real output; prints 'ok' or the invalid fields with their paths."""
-    from detkit.config import check_backbone, load_config
+    from detkit.config import check_backbone, check_requirements, load_config
 
-    check_backbone(load_config(path, overrides or []))
+    cfg = load_config(path, overrides or [])
+    check_requirements(cfg, str(path))
+    check_backbone(cfg)
     console.print(f"{path}: ok", markup=False, highlight=False)
 
 

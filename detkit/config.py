@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -294,6 +294,54 @@ def check_backbone(cfg: Config) -> None:
         # registry's one line naming the plugin and its distribution (exit 2).
         backbone = backbones.build(spec)
     check_backbone_output(backbone, label)
+
+
+def _components(value: Any, loc: tuple) -> Iterator[tuple[tuple, Any]]:
+    """Every component spec in a validated config, with its location."""
+    from detkit.registry import ComponentSpec
+
+    if isinstance(value, ComponentSpec):
+        yield loc, value
+        value = value.params
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _components(getattr(value, name), loc + (name,))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _components(item, loc + (i,))
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package missing, or a module hidden as None
+        return True
+
+
+def check_requirements(cfg: Config, source: str = "<config>") -> None:
+    """Refuse a config whose components need a package that is not installed, before anything is built.
+
+    A component class declares ``requires = (("mlflow", "detkit[mlflow]"), ...)``: the module to
+    find and what to ``pip install``.  ``train.tensorboard: true`` needs the ``tensorboard`` hook's.
+    Not part of :func:`validate`: a checkpoint trained with a tracker stays readable where the
+    tracker is not installed.
+    """
+    from detkit.registry import registry
+
+    errors = []
+    found = [(loc + ("type",), spec) for loc, spec in _components(cfg, ())]  # blame the field naming it
+    if cfg.train.tensorboard and "tensorboard" in registry("hook"):
+        found.append((("train", "tensorboard"), registry("hook").validate("tensorboard")))
+    for field, spec in found:
+        factory = registry(spec.kind).get(spec.type).factory
+        for module, requirement in getattr(factory, "requires", ()):
+            if _missing(module):
+                errors.append((field, f"{spec.kind} '{spec.type}' needs the {module} package, which is not "
+                                      f"installed: pip install '{requirement}'"))
+    if errors:
+        raise ConfigError(format_errors(source, errors))
 
 
 def json_schema() -> dict[str, Any]:

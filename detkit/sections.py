@@ -121,7 +121,10 @@ class TrainConfig(_Strict):
         None, gt=0, description="also write last.pt every N steps (resumable mid-epoch)"
     )
     log_interval: int = Field(10, gt=0)
-    tensorboard: bool = False
+    tensorboard: bool = Field(
+        False, description="TensorBoard event files in <run>/tensorboard: shorthand for hooks: [{type: tensorboard}] "
+        "(pip install 'detkit[tensorboard]')"
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: trainable BatchNorm layers use the statistics of all "
         "processes (SyncBatchNorm); frozen BatchNorm stays frozen"
@@ -132,7 +135,8 @@ class TrainConfig(_Strict):
     )
     loss_guard: LossGuardConfig = Field(default_factory=LossGuardConfig)
     hooks: list[HookSpec] = Field(
-        default_factory=list, description="extra training hooks from plugins: [{type: name, ...params}]"
+        default_factory=list, description="extra training hooks from plugins: [{type: name, ...params}]; "
+        "the experiment trackers mlflow, wandb, tensorboard are built in"
     )
 
     @model_validator(mode="before")

@@ -282,13 +282,14 @@ def evaluate_distributed(
     *,
     detections_path: str | os.PathLike | None = None,
     progress: Any = None,
+    keep_results: bool = False,
 ) -> dict[str, Any] | None:
     """:func:`detkit.engine.evaluate.evaluate`, with prediction sharded over the ranks.
 
     Every rank must call it.  Returns the metrics on rank 0 and None on the
     others; the metrics equal a single process's over the same loader.
-    ``detections_path`` (rank 0) and ``progress`` (this rank's shard) as for
-    ``evaluate``.
+    ``detections_path`` (rank 0), ``progress`` (this rank's shard) and
+    ``keep_results`` (rank 0: all images, in loader order) as for ``evaluate``.
     """
     from detkit.engine.evaluate import (
         compute_metrics,
@@ -299,7 +300,8 @@ def evaluate_distributed(
     )
 
     if not info.enabled:
-        return evaluate(model, loader, classes, cfg, device, detections_path=detections_path, progress=progress)
+        return evaluate(model, loader, classes, cfg, device, detections_path=detections_path, progress=progress,
+                        keep_results=keep_results)
     results = predict_dataset(model, shard_loader(loader, info, cfg.max_images), cfg, device, progress)
     gathered = gather_results(results, info)
     if gathered is None:
@@ -308,6 +310,8 @@ def evaluate_distributed(
     out = compute_metrics(gathered, classes, cfg, category_ids)
     if detections_path is not None:
         write_detections(detections_path, gathered, category_ids)
+    if keep_results:
+        out["results"] = gathered
     return out
 
 

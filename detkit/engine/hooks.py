@@ -12,7 +12,7 @@ Built-in hooks, in order::
 
     priority  hook                  what it does
        0      ProgressHook          rich progress bar (plain lines off a terminal); shows records
-       1      MetricsFileHook       metrics.jsonl (+ TensorBoard), rank 0 only
+       1      MetricsFileHook       metrics.jsonl, rank 0 only
        5      FrozenBackboneHook    before_epoch: freeze/unfreeze Detector.backbone_parameters()
        6      DistributedHook       under torchrun: the DDP wrapper of the detector (trainer.module),
                                     rebuilt when requires_grad changes (detkit.engine.distributed)
@@ -21,7 +21,8 @@ Built-in hooks, in order::
       30      NonFiniteLossHook     at each log point: stop on inf/NaN or a diverging loss
       40      LoggingHook           at each log point: a "train" record (losses, lr, images/s)
       45      EvalHook              after_epoch: evaluate (EMA weights if any), track the best
-      50      (plugin hooks, unless their class sets another priority)
+      50      (plugin hooks, unless their class sets another priority; the trackers mlflow,
+                                    wandb and tensorboard of detkit.engine.trackers among them)
       60      CheckpointHook        last.pt by epoch and by iteration, best.pt on improvement
      100      SummaryHook           after_train: loss plot, AP table, summary line
 
@@ -34,6 +35,10 @@ and is listed in the config::
     train:
       hooks:
         - {type: my_hook, every: 100}
+
+A hook that needs a package detkit does not install names it in ``requires =
+(("module", "pip requirement"),)``: a missing one is refused before a run is
+built (:func:`detkit.config.check_requirements`).
 
 A hook sees the loop as ``self.loop`` (see :class:`TrainLoop` for what it
 holds: model, trainer, optimizer, amp, epoch, step, the last step's losses,
@@ -95,7 +100,7 @@ class ProgressHook(Hook):
 
 
 class MetricsFileHook(Hook):
-    """Every record as one JSON line in ``metrics.jsonl`` (and TensorBoard); rank 0 only."""
+    """Every record as one JSON line in ``metrics.jsonl``; rank 0 only."""
 
     priority = 1
 
@@ -107,7 +112,7 @@ class MetricsFileHook(Hook):
             # Records after the step this run starts from (a resume) are trained again; a
             # torn last line from a crash would swallow the next record. Both go first.
             trim_metrics(self.loop.run_dir / "metrics.jsonl", self.loop.step)
-            self.writer = MetricsWriter(self.loop.run_dir / "metrics.jsonl", tensorboard=self.loop.cfg.train.tensorboard)
+            self.writer = MetricsWriter(self.loop.run_dir / "metrics.jsonl")
 
     def on_record(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -342,13 +347,18 @@ class EvalHook(Hook):
     Emits an "eval" record, keeps ``loop.eval_result`` and ``loop.best_metric``
     and sets ``loop.improved`` for the checkpoint hook.  Runs under the other
     hooks' evaluation weights (the EMA).  Under torchrun every rank predicts
-    on its shard of the images and rank 0 computes the metrics.
+    on its shard of the images and rank 0 computes the metrics.  With
+    ``keep_results`` (a tracker hook sets it) the latest evaluation's per-image
+    results stay in ``results`` for plots, outside ``loop.eval_result`` and so
+    outside the checkpoints.
     """
 
     priority = 45
 
     def __init__(self) -> None:
         self.val_loader = None
+        self.keep_results = False
+        self.results: list[Any] | None = None
 
     def due(self) -> bool:
         loop = self.loop
@@ -366,6 +376,7 @@ class EvalHook(Hook):
         result = self.run_evaluation()
         if result is None:  # a rank other than 0: its predictions went to rank 0
             return
+        self.results = result.pop("results", None)
         loop.eval_result = result
         # NaN (a class without ground truth) is not JSON: write null.
         aps = {k: (None if v is None or math.isnan(v) else v) for k, v in result.get("AP", {}).items()}
@@ -398,9 +409,10 @@ class EvalHook(Hook):
         with loop.eval_weights(), self.progress() as progress:
             if loop.dist.enabled:
                 return evaluate_distributed(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device,
-                                            loop.dist, detections_path=detections, progress=progress)
+                                            loop.dist, detections_path=detections, progress=progress,
+                                            keep_results=self.keep_results)
             return evaluate(loop.model, self.val_loader, loop.classes, cfg.eval, loop.device,
-                            detections_path=detections, progress=progress)
+                            detections_path=detections, progress=progress, keep_results=self.keep_results)
 
     @contextmanager
     def progress(self) -> Iterator[Any]:
@@ -471,7 +483,8 @@ class SummaryHook(Hook):
 
 # ---------------------------------------------------------------- assembly
 def default_hooks(cfg: Any) -> list[Hook]:
-    """The built-in hooks a config asks for, plus its ``train.hooks`` plugins and ``train.ema``."""
+    """The built-in hooks a config asks for, plus its ``train.hooks`` plugins, ``train.ema`` and
+    ``train.tensorboard`` (shorthand for ``train.hooks: [{type: tensorboard}]``)."""
     tc = cfg.train
     hooks: list[Hook] = [
         ProgressHook(),
@@ -486,11 +499,17 @@ def default_hooks(cfg: Any) -> list[Hook]:
     ]
     if tc.ema is not None:
         hooks.append(EMAHook(tc.ema))
+    from detkit.engine.trackers import TensorBoardHook, TrackerHook
+
+    if tc.tensorboard and not any(spec.type == "tensorboard" for spec in tc.hooks):
+        hooks.append(TensorBoardHook())
     for i, spec in enumerate(tc.hooks):
         hook = spec.build()
         if not isinstance(hook, Hook):
             raise ConfigError(f"train.hooks[{i}]: hook '{spec.type}' is a {type(hook).__name__}, "
                               "not a detkit.interfaces.Hook")
+        if isinstance(hook, TrackerHook):
+            hook.field = f"train.hooks[{i}]"  # named when its run cannot be opened
         hooks.append(hook)
     return sort_hooks(hooks)
 

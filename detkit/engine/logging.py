@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterator, Sequence
 from rich.console import Console
 from rich.text import Text
 
-from detkit.errors import ConfigError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,40 +37,19 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes it.
 
     A resumed run appends to the same file, so the curve stays continuous.
-    With ``tensorboard=True`` the numbers also go to TensorBoard event files
-    in ``<run>/tensorboard`` (needs the ``tensorboard`` package).
+    (TensorBoard is a tracker hook: :mod:`detkit.engine.trackers`.)
     """
 
-    def __init__(self, path: Path, tensorboard: bool = False):
+    def __init__(self, path: Path):
         self.path = path
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "train.tensorboard: the tensorboard package is not installed "
-                    "(.venv/bin/pip install tensorboard), or set it to false"
-                ) from None
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
         self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            prefix = record.get("type", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-            for name, ap in (record.get("AP") or {}).items():
-                if ap is not None:
-                    self._tb.add_scalar(f"{prefix}/AP/{name}", ap, record["step"])
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def read_metrics(path: Path, warn: bool = True) -> list[dict[str, Any]]:

@@ -9,12 +9,13 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from rich.console import Console
 
 from detkit.config import Config
-from detkit.engine.run_lock import RunLock, check_unlocked
+from detkit.engine.run_lock import LOCK_NAME, RunLock, check_unlocked
 from detkit.errors import ConfigError, DetkitError, RunDirectoryError
 from detkit.io import stale_temporaries
 
@@ -60,6 +61,40 @@ def check_run_dir(run_dir: Path, resume: Path | None, overwrite: bool) -> None:
             f"{run_dir / ('last.pt' if 'last.pt' in held else held[0])}, train into a new directory with "
             "--out, or replace it with --overwrite"
         )
+
+
+def first_missing_dir(run_dir: Path) -> Path | None:
+    """The outermost of ``run_dir`` and its parents that does not exist yet (what creating it makes);
+    None when it exists."""
+    path, missing = Path(run_dir).absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    return missing
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what a start that failed wrote into the directory it created, while its lock is held
+    (the lock file stays: releasing the lock removes it)."""
+    for path in Path(run_dir).iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_empty_dirs(run_dir: Path, top: Path) -> None:
+    """``run_dir`` and its parents up to ``top``, each only if empty (another run may have come in)."""
+    path, top = Path(run_dir).absolute(), Path(top).absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top or path == path.parent:
+            return
+        path = path.parent
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, console: Console) -> RunLock:

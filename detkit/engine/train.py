@@ -39,7 +39,7 @@ import yaml
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from detkit.config import Config
+from detkit.config import Config, check_requirements
 from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from detkit.engine.device import resolve_device
 from detkit.engine.distributed import (DistInfo, DistributedHook, agree_on_setup_errors, barrier, init_from_env,
@@ -48,7 +48,7 @@ from detkit.engine.hooks import default_hooks, sort_hooks
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
-from detkit.engine.run_dir import RUN_FILES, check_run_dir, prepare_run_dir, run_dir_for, say as _say  # noqa: F401 (re-exported)
+from detkit.engine.run_dir import RUN_FILES, check_run_dir, clear_run_dir, first_missing_dir, prepare_run_dir, remove_empty_dirs, run_dir_for, say as _say  # noqa: F401 (re-exported)
 from detkit.errors import CheckpointError, ConfigError, DetkitError, Terminated
 from detkit.data.paths import absolute_data_paths
 from detkit.registry import registry, without_pretrained
@@ -119,7 +119,7 @@ class TrainLoop:
     last step's named losses, detached tensors), ``loss_names``, ``window``
     (:class:`LossWindow`), ``step_images`` (images in the last step, all ranks),
     ``backbone_frozen``, ``eval_result``, ``best_metric``, ``improved``,
-    ``completed``, ``stop_requested``.
+    ``training_started`` (every hook's ``before_train`` ran), ``completed``, ``stop_requested``.
     """
 
     def __init__(
@@ -151,6 +151,7 @@ class TrainLoop:
         self.best_metric = -math.inf
         self.improved = False
         self.completed = False
+        self.training_started = False  # every hook's before_train ran
         self.stop_requested: str | None = None
         self.saved_step: int | None = None
         self.t_start = time.perf_counter()
@@ -368,6 +369,7 @@ class TrainLoop:
             for hook in self.hooks:
                 hook.before_train()
                 started.append(hook)
+            self.training_started = True
             for self.epoch in range(self.start_epoch, self.epochs):
                 skip = self.start_epoch_step if self.epoch == self.start_epoch else 0
                 self.epoch_step = skip
@@ -565,15 +567,34 @@ def _train(
     # Data, model and checkpoint are checked before anything is written: a failed
     # start leaves no empty run directory behind.  Under torchrun one rank reports.
     with agree_on_setup_errors(dist_info):
+        # A package a tracker hook needs is looked for before anything is built or written.
+        check_requirements(cfg, str(config_path) if config_path is not None else "<config>")
         if dist_info.is_main:
             check_run_dir(run_dir, resume, overwrite)
         loop = TrainLoop(cfg, run_dir, console, device, dist_info)
         if resume is not None:
             loop.resume(resume)
-    with ExitStack() as held:
-        if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-            held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
-        return _start(loop, cfg, run_dir, console, device, dist_info)
+    # A start that fails before the first step (in a hook's before_train: a tracker that cannot
+    # open its run) takes away the directory it created: emptied under the lock, removed after.
+    created = first_missing_dir(run_dir) if dist_info.is_main else None
+    owned = False
+
+    def clear_if_unstarted(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and created is not None and not loop.training_started:
+            clear_run_dir(run_dir)
+        return False
+
+    try:
+        with ExitStack() as held:
+            if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
+                held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
+                owned = True
+                held.push(clear_if_unstarted)  # runs before the lock is released
+            return _start(loop, cfg, run_dir, console, device, dist_info)
+    except BaseException:
+        if owned and created is not None and not loop.training_started:
+            remove_empty_dirs(run_dir, created)
+        raise
 
 
 def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, device: torch.device,
