@@ -75,7 +75,7 @@ class Detections:
             "width": self.image_size[1],
             "height": self.image_size[0],
             "detections": [
-                {"box": [round(v, 2) for v in b], "score": round(s, 5), "label": l, "name": n}
+                {"box": b, "score": s, "label": l, "name": n}  # full precision, as the model gave them
                 for b, s, l, n in zip(boxes, scores, labels, self.names)
             ],
         }
