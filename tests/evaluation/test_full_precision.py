@@ -45,7 +45,7 @@ def _close_scores(path):
 
 @pytest.mark.slow
 def test_detections_json_rescored_gives_exactly_the_reported_coco_ap(tmp_path, tiny_dict, write_tiny, tiny_checkpoint):
-    from detkit.engine.evaluate import evaluate_checkpoint
+    from detkit.engine.eval_checkpoint import evaluate_checkpoint
 
     instances = _coco_split(tmp_path / "coco")
     tiny_dict["data"]["val"] = {"type": "coco", "root": str(tmp_path / "coco" / "images"),
