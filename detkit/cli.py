@@ -420,7 +420,8 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A detkit checkpoint."),
     out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model.onnx, model.pt)."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run the file on two test images and compare with predict."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare the file with predict on the checkpoint's "
+                               "validation images (or test images) before writing it; a mismatch writes nothing."),
 ) -> None:
     """Export the whole inference path (resize to boxes) to ONNX or TorchScript.
 
@@ -429,13 +430,13 @@ def export_cmd(
     """
     from detkit.export import export_checkpoint
 
-    path, compared = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
-    note = f"; checked against predict ({compared} detections)" if compared is not None else ""
+    path, checked = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
+    note = f"; {checked.line()}" if checked is not None else " (not checked: --no-check)"
     console.print(f"{format} -> {path}{note}", markup=False, highlight=False, soft_wrap=True)
-    if compared == 0:  # a check that compared nothing is no pass
+    if checked is not None and checked.compared == 0:  # a check that compared nothing is no pass
         err_console.print(
-            f"warning: {path}: the check compared nothing (the model detects nothing above its score_thresh "
-            "on the two test images); run the file on your own images before relying on it",
+            f"warning: {path}: the check compared nothing (the model detects nothing on {checked.images}, "
+            "even at score_thresh 0); run the file on your own images before relying on it",
             markup=False, highlight=False, soft_wrap=True,
         )
 
