@@ -188,10 +188,13 @@ def _escape(text: str) -> str:
 # --------------------------------------------------------------------- config
 @config_app.command("validate")
 def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Check a config and its backbone's real output; prints 'ok' or the invalid fields with their paths."""
+    """Check a config, its backbone's real output and that the data's first images exist; prints 'ok' or the problem."""
     from detkit.config import check_backbone, load_config
+    from detkit.data.image_check import check_data_images
 
-    check_backbone(load_config(path, overrides or []))
+    cfg = load_config(path, overrides or [])
+    check_backbone(cfg)
+    check_data_images(cfg.data, str(path))  # the readers, and their first images are where root says
     console.print(f"{path}: ok", markup=False, highlight=False)
 
 
@@ -319,7 +322,10 @@ def data_stats(
     from detkit.config import load_config
     from detkit.data.stats import dataset_stats, print_report
 
+    from detkit.data.image_check import check_data_images
+
     cfg = load_config(config, overrides or [])
+    check_data_images(cfg.data, str(config))  # a wrong root: one line naming the field, before the statistics
     checks = _check_images(cfg) if check else []
     print_report(dataset_stats(cfg, max_images, source=str(config)), console)
     bad = sum(len(c.unreadable) for c in checks)
