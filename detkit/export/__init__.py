@@ -69,21 +69,26 @@ def example_image(height: int = 96, width: int = 128, seed: int = 0) -> Tensor:
 
 
 def export_model(
-    model: nn.Module, out: str | Path, format: Format = "onnx", example: Tensor | None = None, opset: int = OPSET
+    model: nn.Module, out: str | Path, format: Format = "onnx", example: Tensor | None = None, opset: int = OPSET,
+    given: str | Path | None = None,
 ) -> Path:
-    """Trace ``model``'s inference path and write it to ``out`` (written to a temporary file, then renamed)."""
+    """Trace ``model``'s inference path and write it to ``out`` (written to a temporary file, then renamed).
+
+    ``given``: the path the user named, for messages, when ``out`` is a staging name beside it.
+    """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    shown = Path(given) if given is not None else out
     wrapper = ExportableDetector(model).eval()
     example = example_image() if example is None else example
     tmp = out.with_name(f".{out.name}.tmp")
-    check_output_file(out)
-    make_output_dir(out.parent, given=out)
+    check_output_file(shown)
+    make_output_dir(out.parent, given=shown)
     try:
         tmp.write_bytes(b"")  # a place we cannot write fails here, with its reason, not inside the exporter
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        raise OutputError(f"--out {shown}: cannot write there ({exc.strerror or exc})") from None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about every Python value it records; the graph is checked by the tests.
@@ -149,7 +154,7 @@ def export_checkpoint(
         return export_model(model, out, format), None
     staged = out.with_name(f".{out.name}.unchecked")
     try:
-        export_model(model, staged, format)
+        export_model(model, staged, format, given=out)
         report = self_check(model, staged, format, ckpt.get("config"), name=out)
         staged.replace(out)
     except ExportError as exc:

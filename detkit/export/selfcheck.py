@@ -110,7 +110,7 @@ def self_check(model: nn.Module, path: Path, format: str, config: Any, name: str
                     continue
                 copy = path.with_name(f"{path.name}.low")
                 try:
-                    export_model(model, copy, format)  # type: ignore[arg-type]
+                    export_model(model, copy, format, given=name)  # type: ignore[arg-type]
                     compared = verify_export(model, copy, images=images,
                                              name=f"{name} (traced at score_thresh {thresh:g})")
                 finally:
