@@ -11,12 +11,12 @@ import torch
 CLASSES = ["circle", "square"]
 
 
-def _coco_split(root, num_images: int = 6):
+def _coco_split(root, num_images: int = 6, split: str = "val"):
     from detkit.data.export import export_synthetic
     from detkit.data.synthetic import SyntheticShapes
 
     data = SyntheticShapes(SyntheticShapes.Params(num_images=num_images, image_size=(64, 64), object_size=(16, 32),
-                                                  classes=CLASSES, split="val"))
+                                                  classes=CLASSES, split=split))
     return export_synthetic(root, "coco", data)
 
 
@@ -68,3 +68,22 @@ def test_predict_records_keep_full_precision():
     row = det.to_dict()["detections"][0]
     assert row["box"] == torch.tensor([[1.123456, 2.0, 30.987654, 40.5]]).tolist()[0]
     assert row["score"] == torch.tensor([0.123456789]).item()
+
+
+@pytest.mark.slow
+def test_trainings_val_detections_json_rescored_gives_exactly_the_logged_coco_ap(tmp_path, tiny_dict, write_tiny):
+    from detkit.config import load_config
+    from detkit.engine.train import train
+
+    train_json = _coco_split(tmp_path / "coco", 8, "train")
+    val_json = _coco_split(tmp_path / "coco", 6)
+    # root: the folder synth wrote (its images/ is found), as a user would first write it.
+    tiny_dict["data"].update(train={"type": "coco", "root": str(tmp_path / "coco"), "annotations": str(train_json)},
+                             val={"type": "coco", "root": str(tmp_path / "coco"), "annotations": str(val_json)})
+    tiny_dict["train"]["epochs"] = 1
+    tiny_dict["eval"] = {"interval": 1, "metric": ["coco"], "score_thresh": 0.0}
+    run_dir = train(load_config(write_tiny(tiny_dict, "coco.yaml")), out_dir=tmp_path / "run")
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+    logged = [evals[-1][f"coco/{k}"] for k in ("AP", "AP50", "AP75")]
+    assert logged[1] > 0 and len(json.loads((run_dir / "val_detections.json").read_text())) > 20
+    assert _rescore(val_json, run_dir / "val_detections.json") == logged
