@@ -3,9 +3,10 @@
 A data set reader that knows its image files offers ``first_image_paths()``:
 the files of its first few annotated images (COCO and VOC do).  When none of
 them exists, ``root`` is wrong (a single missing file is a data problem,
-listed by ``detkit data stats --check-images``); ``detkit config validate`` and
-``detkit data stats`` then fail in one line naming the field to change and the
-path tried, instead of the first training batch.
+listed by ``detkit data stats --check-images``); ``detkit config validate``,
+``detkit data stats`` and the start of ``detkit train`` then fail in one line
+naming the field to change and the path tried, instead of the first training
+batch.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def _reader(dataset: Any) -> Any | None:
     return None
 
 
-def check_split_images(dataset: Any, split: str, source: str) -> None:
-    """DataError (one line naming ``data.<split>.root`` and the path tried) when none of the first images exists."""
+def check_split_images(dataset: Any, split: str, source: str | None = None) -> None:
+    """DataError (one line naming ``data.<split>.root`` and the path tried) when none of the first images exists.
+
+    ``source``: the config file, to start the line with; ``dataset`` may be None (no such split).
+    """
     reader = _reader(dataset)
     if reader is None:
         return
@@ -36,7 +40,7 @@ def check_split_images(dataset: Any, split: str, source: str) -> None:
     hint = getattr(reader, "root_hint", "the folder that holds the images")
     root = getattr(reader, "root", None)
     raise DataError(
-        f"{source}: data.{split}.root: image not found: {paths[0]}"
+        (f"{source}: " if source else "") + f"data.{split}.root: image not found: {paths[0]}"
         + (f" (nor the next {len(paths) - 1} annotated images)" if len(paths) > 1 else "")
         + f"; set data.{split}.root to {hint}" + (f" (it reads {root})" if root is not None else "")
     )

@@ -94,3 +94,13 @@ def test_one_missing_image_is_no_root_problem(tmp_path, tiny_dict, write_tiny):
                                              "classes": ["circle", "square", "triangle", "cross"]}, None)
     result = runner.invoke(app, ["config", "validate", str(config)])
     assert result.exit_code == 0, result.output
+
+
+def test_train_refuses_a_wrong_root_before_writing_anything(coco, tiny_dict, write_tiny, tmp_path):
+    folder, train, val, _ = coco
+    config = _config(write_tiny, tiny_dict, {"type": "coco", "root": str(folder / "annotations"),
+                                             "annotations": str(train)}, None)
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().startswith("error: data.train.root: image not found:"), result.output
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
