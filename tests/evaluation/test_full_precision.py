@@ -76,11 +76,12 @@ def test_trainings_val_detections_json_rescored_gives_exactly_the_logged_coco_ap
     from detkit.engine.train import train
 
     train_json = _coco_split(tmp_path / "coco", 8, "train")
-    val_json = _coco_split(tmp_path / "coco", 6)
+    val_json = _coco_split(tmp_path / "coco", 12)
     # root: the folder synth wrote (its images/ is found), as a user would first write it.
     tiny_dict["data"].update(train={"type": "coco", "root": str(tmp_path / "coco"), "annotations": str(train_json)},
                              val={"type": "coco", "root": str(tmp_path / "coco"), "annotations": str(val_json)})
     tiny_dict["train"]["epochs"] = 1
+    tiny_dict["model"]["rpn"]["proposal"]["test_post_nms"] = 100  # many detections of close scores
     tiny_dict["eval"] = {"interval": 1, "metric": ["coco"], "score_thresh": 0.0}
     run_dir = train(load_config(write_tiny(tiny_dict, "coco.yaml")), out_dir=tmp_path / "run")
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
