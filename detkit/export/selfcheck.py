@@ -84,7 +84,8 @@ def check_images(config: Any) -> tuple[list[Tensor], str]:
                 return images, f"{len(images)} validation images (the checkpoint's data.val)"
             reason = "its data.val images cannot be read"
         except DetkitError as exc:
-            reason = f"its data.val cannot be read: {exc}"
+            text = " ".join(str(exc).split())  # one line, however many fields the error names
+            reason = f"its data.val cannot be read: {text if len(text) <= 200 else text[:197] + '...'}"
     images = [example_image(240, 320, seed=0), example_image(300, 200, seed=1)]
     return images, f"{len(images)} random test images ({reason})"
 

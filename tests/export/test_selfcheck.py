@@ -93,3 +93,13 @@ def test_nothing_compared_even_at_threshold_0_warns(tiny_model, model_config, tm
     assert result.exit_code == 0, result.output
     assert "checked against predict: 0 detections" in result.output
     assert "warning:" in result.output and "compared nothing" in result.output and "even at score_thresh 0" in result.output
+
+
+def test_an_unreadable_data_val_falls_back_to_test_images_and_says_why(tmp_path, tiny_dict):
+    from detkit.export.selfcheck import check_images
+
+    tiny_dict["data"]["val"] = {"type": "coco", "root": str(tmp_path / "gone"), "annotations": str(tmp_path / "x.json")}
+    images, source = check_images(tiny_dict)
+    assert [tuple(i.shape) for i in images] == [(3, 240, 320), (3, 300, 200)]
+    assert source.startswith("2 random test images (its data.val cannot be read: ") and str(tmp_path / "gone") in source
+    assert "\n" not in source
