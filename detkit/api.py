@@ -75,7 +75,7 @@ class Detections:
             "width": self.image_size[1],
             "height": self.image_size[0],
             "detections": [
-                {"box": [round(v, 2) for v in b], "score": round(s, 5), "label": l, "name": n}
+                {"box": b, "score": s, "label": l, "name": n}  # full precision, as the model gave them
                 for b, s, l, n in zip(boxes, scores, labels, self.names)
             ],
         }
@@ -266,16 +266,18 @@ def evaluate(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     out: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Evaluate a checkpoint on the validation split of its config (or of ``config``).
 
     Returns ``{"metrics": {"voc/mAP": ..., "coco/AP": ...}, "per_class": ...,
     "best_key", "best", "images", "files"}`` and writes ``metrics.json``,
     ``pr_curves.png``, ``confusion_matrix.png`` and ``detections.json`` into
     ``out`` (default ``<checkpoint dir>/eval``).  ``overrides`` such as
-    ``["eval.metric=coco"]`` apply to the config used.
+    ``["eval.metric=coco"]`` apply to the config used.  Under ``torchrun``
+    prediction is sharded over the processes; rank 0 returns the result and
+    writes the files, the other ranks return None.
     """
-    from detkit.engine.evaluate import evaluate_checkpoint
+    from detkit.engine.eval_checkpoint import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, config_path=config, overrides=list(overrides), out=out)
 

@@ -188,12 +188,14 @@ def _escape(text: str) -> str:
 # --------------------------------------------------------------------- config
 @config_app.command("validate")
 def config_validate(path: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Check a config and its backbone's real output; prints 'ok' or the invalid fields with their paths."""
+    """Check a config, its backbone's real output and that the data's first images exist; prints 'ok' or the problem."""
     from detkit.config import check_backbone, check_requirements, load_config
+    from detkit.data.image_check import check_data_images
 
     cfg = load_config(path, overrides or [])
     check_requirements(cfg, str(path))
     check_backbone(cfg)
+    check_data_images(cfg.data, str(path))  # the readers, and their first images are where root says
     console.print(f"{path}: ok", markup=False, highlight=False)
 
 
@@ -321,7 +323,10 @@ def data_stats(
     from detkit.config import load_config
     from detkit.data.stats import dataset_stats, print_report
 
+    from detkit.data.image_check import check_data_images
+
     cfg = load_config(config, overrides or [])
+    check_data_images(cfg.data, str(config))  # a wrong root: one line naming the field, before the statistics
     checks = _check_images(cfg) if check else []
     print_report(dataset_stats(cfg, max_images, source=str(config)), console)
     bad = sum(len(c.unreadable) for c in checks)
@@ -422,7 +427,8 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A detkit checkpoint."),
     out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model.onnx, model.pt)."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run the file on two test images and compare with predict."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare the file with predict on the checkpoint's "
+                               "validation images (or test images) before writing it; a mismatch writes nothing."),
 ) -> None:
     """Export the whole inference path (resize to boxes) to ONNX or TorchScript.
 
@@ -431,13 +437,13 @@ def export_cmd(
     """
     from detkit.export import export_checkpoint
 
-    path, compared = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
-    note = f"; checked against predict ({compared} detections)" if compared is not None else ""
+    path, checked = export_checkpoint(checkpoint, out, format, check=check)  # type: ignore[arg-type]
+    note = f"; {checked.line()}" if checked is not None else " (not checked: --no-check)"
     console.print(f"{format} -> {path}{note}", markup=False, highlight=False, soft_wrap=True)
-    if compared == 0:  # a check that compared nothing is no pass
+    if checked is not None and checked.compared == 0:  # a check that compared nothing is no pass
         err_console.print(
-            f"warning: {path}: the check compared nothing (the model detects nothing above its score_thresh "
-            "on the two test images); run the file on your own images before relying on it",
+            f"warning: {path}: the check compared nothing (the model detects nothing on {checked.images}, "
+            "even at score_thresh 0); run the file on your own images before relying on it",
             markup=False, highlight=False, soft_wrap=True,
         )
 

@@ -51,13 +51,42 @@ def read_coco_json(path: Path, origin: str = "annotations") -> dict[str, Any]:
     return data
 
 
+IMAGE_SUBDIR = "images"  # where `detkit data synth --format coco` puts the images, beside annotations/
+CHECKED_IMAGES = 3  # the first annotated images whose files must exist: a few, not all
+
+
+def image_root(root: Path, file_name: str | None) -> Path:
+    """The folder ``file_name`` is relative to: ``root``, or ``root/images`` when the file is there instead.
+
+    ``root`` may thus be the image folder itself or a data set folder holding it
+    as ``images/`` (the layout ``detkit data synth --format coco`` writes).
+    ``root`` when neither holds the file (:mod:`detkit.data.image_check` then
+    says so).
+    """
+    if file_name is None or (root / file_name).is_file() or not (root / IMAGE_SUBDIR / file_name).is_file():
+        return root
+    return root / IMAGE_SUBDIR
+
+
 class COCODataset(DetectionDataset):
-    """A COCO-format split; ``dataset[i] -> (image [3, H, W], target)``, images in id order."""
+    """A COCO-format split; ``dataset[i] -> (image [3, H, W], target)``, images in id order.
+
+    ``root`` is the folder the images' ``file_name`` is relative to (COCO's
+    ``train2017/``), or a folder holding that one as ``images/`` (what ``detkit
+    data synth --format coco`` writes: ``OUT/images/`` and
+    ``OUT/annotations/instances_<split>.json``); which one is decided by where
+    the first annotated image is.
+    """
+
+    root_hint = "the folder the images' file_name is relative to, or one holding it as images/"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        root: str = path_field(description="directory the images' file_name is relative to")
+        root: str = path_field(
+            description="the image folder (the one images' file_name is relative to, e.g. COCO's train2017), or "
+            "the folder `detkit data synth --format coco` writes (its images/ subfolder is used)"
+        )
         annotations: str = path_field(description="instances JSON file")
         use_crowd: bool = Field(
             False, description="keep iscrowd boxes (flagged difficult); set true for evaluation splits"
@@ -119,6 +148,9 @@ class COCODataset(DetectionDataset):
             per_image[row_of[a["image_id"]]].append(([x, y, x + w, y + h], label_of[a["category_id"]], crowd))
 
         self.box_report = BoxReport(empty=empty)
+        annotated = [row for row, objs in enumerate(per_image) if objs] or list(range(len(self.images)))
+        self._checked = annotated[:CHECKED_IMAGES]
+        self.root = image_root(self.root, self.images[annotated[0]]["file_name"] if annotated else None)
         self.sizes = [self._size(row, path) for row in range(len(self.images))]
         self.targets = []
         for row, objs in enumerate(per_image):
@@ -146,6 +178,10 @@ class COCODataset(DetectionDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def first_image_paths(self) -> list[Path]:
+        """The files of the first few annotated images (:mod:`detkit.data.image_check` looks for them)."""
+        return [self.root / self.images[row]["file_name"] for row in self._checked]
 
     def _target(self, index: int) -> dict[str, Any]:
         t = self.targets[index]

@@ -189,6 +189,12 @@ class VOCDataset(DetectionDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    root_hint = "the VOC2007 folder (holding Annotations/ and JPEGImages/) or its VOCdevkit parent"
+
+    def first_image_paths(self, count: int = 3) -> list[Path]:
+        """The files of the first ``count`` images (:mod:`detkit.data.image_check` looks for them)."""
+        return [self.image_path(k) for k in range(min(count, len(self.ids)))]
+
     def image_path(self, index: int) -> Path:
         ann = self.annotations[index]
         if ann["filename"]:

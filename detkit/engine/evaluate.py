@@ -6,8 +6,9 @@ returns one :class:`ImageResult` per image (CPU tensors, boxes in the original
 image's pixels); :func:`compute_metrics` feeds them to the evaluators named by
 ``eval.metric`` (``voc``, ``coco``, or any ``detkit.evaluator`` plugin).
 :func:`evaluate` does both and can write the detections as a COCO results
-JSON file; :func:`evaluate_checkpoint` (``detkit eval``) adds ``metrics.json``,
-the per-class precision-recall curves and the confusion matrix.
+JSON file.  ``detkit eval`` (:mod:`detkit.engine.eval_checkpoint`) adds
+``metrics.json``, the per-class precision-recall curves and the confusion
+matrix, and shards prediction under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rich.text import Text
 from torch import Tensor, nn
 
 from detkit.sections import EvalConfig
-from detkit.errors import CheckpointError, ConfigError, DataError
+from detkit.errors import ConfigError
 
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, images_total)``, called after every batch."""
@@ -57,13 +58,14 @@ def _images_in(loader: Any, max_images: int | None) -> int:
 
 @contextmanager
 def progress_bar(description: str, total: int, console: Console | None = None) -> Iterator[ProgressFn]:
-    """A transient rich progress bar on stderr (drawn only on a terminal), as a ``ProgressFn``."""
+    """A transient rich progress bar on stderr (drawn only on a terminal, and not on a quiet console), as a
+    ``ProgressFn``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True, disable=console.quiet or not console.is_terminal,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda done, _total: bar.update(task, completed=done)
@@ -264,114 +266,3 @@ def metrics_table(result: dict[str, Any], title: str = "validation") -> Group:
     if result.get("best_key"):
         text.append(f"best.pt follows {result['best_key']}", style="dim")
     return Group(table, text)
-
-
-def write_report(
-    out_dir: str | Path,
-    result: dict[str, Any],
-    classes: Sequence[str],
-    cfg: EvalConfig,
-    metrics_path: str | Path | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Path]:
-    """``metrics.json``, ``pr_curves.png`` and ``confusion_matrix.png`` in ``out_dir``.
-
-    The curves use VOC matching at ``eval.iou_thresh``; the confusion matrix
-    counts detections at ``eval.score_thresh`` matched at ``eval.iou_thresh``.
-    ``result`` must come from ``evaluate(..., keep_results=True)``.
-    """
-    from detkit.engine.checkpoint import atomic_write_text
-    from detkit.evaluation.confusion import confusion_matrix
-    from detkit.evaluation.plots import plot_confusion_matrix, plot_pr_curves
-    from detkit.evaluation.voc import VOCEvaluator
-
-    out_dir = Path(out_dir)
-    results: list[ImageResult] = result["results"]
-    preds = [r.prediction for r in results]
-    targets = [r.target for r in results]
-    voc = VOCEvaluator(VOCEvaluator.Params(iou_thresh=cfg.iou_thresh, use_07_metric=cfg.use_07_metric), classes=classes)
-    voc.update(preds, targets)
-    curves = voc.pr_curves()
-    aps = voc.compute()["per_class"]
-    matrix = confusion_matrix(preds, targets, len(classes), cfg.iou_thresh, cfg.score_thresh)
-    paths = {
-        "pr_curves": plot_pr_curves(curves, aps, out_dir / PR_CURVES_FILE,
-                                    title=f"precision-recall at IoU {cfg.iou_thresh}"),
-        "confusion_matrix": plot_confusion_matrix(
-            matrix, classes, out_dir / CONFUSION_FILE,
-            title=f"confusion matrix (IoU {cfg.iou_thresh}, score {cfg.score_thresh})"),
-    }  # fmt: skip
-    report = {k: v for k, v in result.items() if k != "results"}
-    report["metrics"] = {k: _finite_or_none(v) for k, v in report["metrics"].items()}
-    report["per_class"] = {e: {c: _finite_or_none(v) for c, v in aps_.items()} for e, aps_ in report["per_class"].items()}
-    report["AP"] = {c: _finite_or_none(v) for c, v in report["AP"].items()}
-    report["mAP"] = _finite_or_none(report["mAP"])
-    report["best"] = _finite_or_none(report["best"])
-    report["confusion_matrix"] = {"rows": "true class", "columns": "predicted class",
-                                  "labels": [*classes, "background"], "counts": matrix.tolist(),
-                                  "iou_thresh": cfg.iou_thresh, "score_thresh": cfg.score_thresh}
-    report["eval"] = cfg.model_dump(mode="json")
-    report.update(extra or {})
-    paths["metrics"] = atomic_write_text(Path(metrics_path) if metrics_path else out_dir / METRICS_FILE,
-                                         json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return paths
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    config_path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    out: str | Path | None = None,
-    console: Console | None = None,
-) -> dict[str, Any]:
-    """``detkit eval``: evaluate a checkpoint on its (or another config's) validation split.
-
-    Writes into ``out`` (a directory; default ``<checkpoint dir>/eval``):
-    ``metrics.json``, ``pr_curves.png``, ``confusion_matrix.png`` and
-    ``detections.json``.  An ``out`` ending in ``.json`` names the metrics
-    file itself; the other files go beside it.
-    """
-    from detkit.config import apply_overrides, load_config, validate
-    from detkit.data.loader import build_dataset, build_loader
-    from detkit.engine.checkpoint import load_detector
-    from detkit.engine.device import resolve_device
-
-    checkpoint = Path(checkpoint)
-    cfg = load_config(config_path, overrides) if config_path is not None else None
-    model, ckpt = load_detector(checkpoint)
-    if cfg is None:
-        cfg = validate(apply_overrides(ckpt["config"], overrides), f"{checkpoint} (stored config)", overrides)
-    if cfg.data.val is None:
-        raise DataError(f"{config_path or checkpoint}: data.val is not set; nothing to evaluate on")
-    try:
-        dataset = build_dataset(cfg.data, "val")
-    except DataError as exc:
-        if config_path is not None:
-            raise
-        # The paths came from the run, not from anything the user typed: say so.
-        raise DataError(f"{exc} (data.val as stored in {checkpoint}; pass --config to read other data)") from None
-    if list(dataset.classes) != list(ckpt["classes"]):
-        raise CheckpointError(
-            f"{checkpoint}: trained for classes {list(ckpt['classes'])}, but data.val has {list(dataset.classes)}"
-        )
-    if out is None:
-        out_dir, metrics_path = checkpoint.parent / "eval", None
-    elif Path(out).suffix.lower() == ".json":
-        out_dir, metrics_path = Path(out).parent, Path(out)
-    else:
-        out_dir, metrics_path = Path(out), None
-    device = resolve_device(cfg.train.device)
-    model.to(device)
-    loader = build_loader(dataset, batch_size=cfg.data.batch_size, shuffle=False,
-                          num_workers=cfg.data.num_workers, seed=cfg.train.seed)
-    result = evaluate(model, loader, dataset.classes, cfg.eval, device,
-                      detections_path=out_dir / DETECTIONS_FILE, keep_results=True)
-    paths = write_report(out_dir, result, dataset.classes, cfg.eval, metrics_path,
-                         extra={"checkpoint": str(checkpoint)})
-    result.pop("results")
-    console = console or Console()
-    console.print(metrics_table(result, title=str(checkpoint)))
-    console.print(f"wrote {paths['metrics']}, {paths['pr_curves'].name}, {paths['confusion_matrix'].name} "
-                  f"and {DETECTIONS_FILE} to {out_dir}", markup=False, highlight=False, soft_wrap=True)
-    result["files"] = {k: str(v) for k, v in paths.items()} | {"detections": str(out_dir / DETECTIONS_FILE)}
-    return result

@@ -168,6 +168,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------- building
     def _build(self) -> None:
+        from detkit.data.image_check import check_split_images
         from detkit.data.loader import build_dataset
 
         cfg, tc = self.cfg, self.cfg.train
@@ -179,6 +180,8 @@ class TrainLoop:
             raise ConfigError(f"data.val: classes {list(self.val_set.classes)} differ from data.train's {self.classes}")
         if len(self.train_set) == 0:
             raise DetkitError("data.train: the training split has no images")
+        for split, dataset in (("train", self.train_set), ("val", self.val_set)):
+            check_split_images(dataset, split)  # a wrong root: now, not at the first batch
 
         # Weights from train.init_weights make the backbone's ImageNet file pointless: not loaded.
         model_cfg = cfg.model if tc.init_weights is None else without_pretrained(cfg.model.to_dict())

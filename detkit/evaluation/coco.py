@@ -37,13 +37,15 @@ def coco_results(
     predictions: Sequence[Mapping[str, Tensor]],
     image_ids: Sequence[int | str],
     category_ids: Sequence[int] | None = None,
-    decimals: int = 2,
+    decimals: int | None = None,
 ) -> list[dict[str, Any]]:
     """Detections in the COCO results format: ``[{"image_id", "category_id", "bbox", "score"}]``.
 
-    ``bbox`` is ``[x, y, w, h]`` in the pixels the predictions are in (rounded
-    to ``decimals``); ``category_id`` is ``category_ids[label]`` (``label + 1``
-    without them).
+    ``bbox`` is ``[x, y, w, h]`` in the pixels the predictions are in;
+    ``category_id`` is ``category_ids[label]`` (``label + 1`` without them).
+    Boxes and scores keep full precision unless ``decimals`` is given: re-scored
+    by pycocotools, the file then gives exactly the AP detkit reported (rounding
+    breaks score ties differently and moves IoUs across the thresholds).
     """
     out: list[dict[str, Any]] = []
     for pred, image_id in zip(predictions, image_ids):
@@ -54,8 +56,8 @@ def coco_results(
             out.append({
                 "image_id": image_id,
                 "category_id": category_ids[label] if category_ids is not None else label + 1,
-                "bbox": [round(v, decimals) for v in box],
-                "score": round(score, 5),
+                "bbox": box if decimals is None else [round(v, decimals) for v in box],
+                "score": score if decimals is None else round(score, decimals),
             })  # fmt: skip
     return out
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from detkit.errors import DetkitError, OutputError
 from detkit.io import check_output_file, make_output_dir
+
+if TYPE_CHECKING:
+    from detkit.export.selfcheck import SelfCheck
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -66,21 +69,26 @@ def example_image(height: int = 96, width: int = 128, seed: int = 0) -> Tensor:
 
 
 def export_model(
-    model: nn.Module, out: str | Path, format: Format = "onnx", example: Tensor | None = None, opset: int = OPSET
+    model: nn.Module, out: str | Path, format: Format = "onnx", example: Tensor | None = None, opset: int = OPSET,
+    given: str | Path | None = None,
 ) -> Path:
-    """Trace ``model``'s inference path and write it to ``out`` (written to a temporary file, then renamed)."""
+    """Trace ``model``'s inference path and write it to ``out`` (written to a temporary file, then renamed).
+
+    ``given``: the path the user named, for messages, when ``out`` is a staging name beside it.
+    """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    shown = Path(given) if given is not None else out
     wrapper = ExportableDetector(model).eval()
     example = example_image() if example is None else example
     tmp = out.with_name(f".{out.name}.tmp")
-    check_output_file(out)
-    make_output_dir(out.parent, given=out)
+    check_output_file(shown)
+    make_output_dir(out.parent, given=shown)
     try:
         tmp.write_bytes(b"")  # a place we cannot write fails here, with its reason, not inside the exporter
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        raise OutputError(f"--out {shown}: cannot write there ({exc.strerror or exc})") from None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about every Python value it records; the graph is checked by the tests.
@@ -122,23 +130,40 @@ def _require_onnx() -> None:
 
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, format: Format = "onnx", check: bool = True
-) -> tuple[Path, int | None]:
+) -> tuple[Path, "SelfCheck | None"]:
     """Export a detkit checkpoint's detector (see :func:`export_model`).
 
-    With ``check``, the written file is run on two random images and must
-    give the eval forward's detections (:func:`verify_export`).  Returns the
-    path and the number of detections compared (``None`` without a check;
-    ``0`` when the model detected nothing on the test images, so nothing was
-    compared: the caller should say so rather than report a pass).
+    With ``check`` the file is written under a temporary name, checked
+    against the eval forward (:func:`detkit.export.selfcheck.self_check`: on
+    the checkpoint's validation images, at a lower score threshold when the
+    model detects nothing there) and only then renamed to ``out``.  A file that
+    disagrees is deleted and ``out`` is left as it was (an ExportError says
+    so); ``check=False`` writes the file unchecked.  Returns the path and the
+    :class:`~detkit.export.selfcheck.SelfCheck` (``None`` without a check;
+    ``compared == 0`` when nothing was compared: the caller should say so
+    rather than report a pass).
     """
     from detkit.engine.checkpoint import load_detector
+    from detkit.export.selfcheck import self_check
 
     if format not in FORMATS:  # before the (slow) load
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    check_output_file(out)  # before the (slow) load
-    model, _ = load_detector(checkpoint)
-    path = export_model(model, out, format)
-    return path, (verify_export(model, path) if check else None)
+    out = check_output_file(out)  # before the (slow) load
+    model, ckpt = load_detector(checkpoint)
+    if not check:
+        return export_model(model, out, format), None
+    staged = out.with_name(f".{out.name}.unchecked")
+    try:
+        export_model(model, staged, format, given=out)
+        report = self_check(model, staged, format, ckpt.get("config"), name=out)
+        staged.replace(out)
+    except ExportError as exc:
+        if staged.exists():  # written, and it failed its check
+            raise ExportError(f"{exc}; {out} not written (--no-check writes the file unchecked)") from None
+        raise
+    finally:
+        staged.unlink(missing_ok=True)
+    return out, report
 
 
 # The contract: the exported file gives the eval forward's detections to these tolerances.
@@ -178,23 +203,31 @@ def _numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else x
 
 
-def verify_export(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int], ...] = ((240, 320), (300, 200))) -> int:
-    """Run the exported file and the model's eval forward on random images of ``sizes``; ExportError on a mismatch.
+def verify_export(
+    model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int], ...] = ((240, 320), (300, 200)),
+    images: list[Tensor] | None = None, name: str | Path | None = None,
+) -> int:
+    """Run the exported file and the model's eval forward on ``images`` (uint8 ``[3, H, W]``; default random
+    images of ``sizes``); ExportError naming ``name`` (default ``path``) on a mismatch.
 
-    Returns the number of detections compared, at the model's own
-    post-processing settings (those baked into the file): ``0`` means the
-    model detected nothing on these images, so the check compared nothing.
+    Returns the number of detections compared, at the model's current
+    post-processing settings (those baked into the file when it was traced):
+    ``0`` means the model detected nothing on these images, so the check
+    compared nothing.
     """
     run = load_exported(path)
     compared = 0
     model.eval()
-    for i, (h, w) in enumerate(sizes):
-        image = example_image(h, w, seed=i)
+    if images is None:
+        images = [example_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    for k, image in enumerate(images):
         with torch.inference_mode():
             expected = model([image])[0]
         problem = compare_detections(run(image), expected)
         if problem is not None:
-            raise ExportError(f"{path}: the exported model disagrees with the model on a {h}x{w} image: {problem}")
+            h, w = image.shape[-2:]
+            raise ExportError(f"{name or path}: the exported model disagrees with the model on check image {k + 1} "
+                              f"({h}x{w}): {problem}")
         compared += len(expected["scores"])
     return compared
 

@@ -389,6 +389,25 @@ def test_torchrun_trains_with_two_processes_and_only_rank0_writes(tmp_path, tiny
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_torchrun_eval_writes_what_one_process_writes(tmp_path, tiny_checkpoint):
+    from detkit.engine.eval_checkpoint import evaluate_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "run" / "last.pt", ["circle", "square", "triangle", "cross"], confident=False)
+    # 7 images: uneven shards (4 + 3); nothing may be counted twice or fall out of order.
+    sets = ["--set", "data.val.num_images=7", "--set", "eval.metric=[voc, coco]"]
+    proc = _torchrun("eval", str(ckpt), *sets, "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted by 2 processes" in proc.stdout and proc.stdout.count("wrote ") == 1  # rank 0 alone reports
+    single = evaluate_checkpoint(ckpt, overrides=sets[1::2], out=tmp_path / "one", console=Console(quiet=True))
+    assert single["images"] == 7 and single["metrics"]["voc/mAP"] > 0  # not a comparison of zeros
+    rows = json.loads((tmp_path / "one" / "detections.json").read_text())
+    assert len(rows) > 7 and len({r["image_id"] for r in rows}) == 7
+    for name in ("detections.json", "metrics.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert {p.name for p in (tmp_path / "two").iterdir()} == {p.name for p in (tmp_path / "one").iterdir()}
+
+
 def _failure(exitcode: int, timestamp: int = 0):
     import signal
 

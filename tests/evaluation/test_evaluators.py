@@ -81,7 +81,7 @@ def test_coco_equals_faster_coco_eval_with_non_contiguous_ids():
     res = ours.compute()
 
     gt = _gt_dict(targets, image_ids, cat_ids, classes)
-    dets = coco_results(preds, image_ids, cat_ids, decimals=8)
+    dets = coco_results(preds, image_ids, cat_ids)
     assert {d["category_id"] for d in dets} <= set(cat_ids) and {d["image_id"] for d in dets} == set(image_ids)
     ref = _reference_stats(gt, dets)
     for name, value in zip(stat_names(), ref):
@@ -93,8 +93,9 @@ def test_coco_equals_faster_coco_eval_with_non_contiguous_ids():
 
 
 def test_coco_results_format():
-    rows = coco_results([P([[10, 20, 40, 30]], [0.87654321], [1])], [42], [5, 9])
-    assert rows == [{"image_id": 42, "category_id": 9, "bbox": [10.0, 20.0, 30.0, 10.0], "score": 0.87654}]
+    rows = coco_results([P([[10.125, 20, 40, 30]], [0.87654321], [1])], [42], [5, 9])
+    score = float(torch.tensor(0.87654321, dtype=torch.float32))  # the float32 score, not rounded
+    assert rows == [{"image_id": 42, "category_id": 9, "bbox": [10.125, 20.0, 29.875, 10.0], "score": score}]
     assert coco_results([P([[0, 0, 1, 1]], [0.5], [0])], ["a"])[0]["category_id"] == 1  # no ids: label + 1
 
 

@@ -212,21 +212,13 @@ def test_cli_export_writes_and_checks(tiny_model, model_config, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.ts")])
     assert result.exit_code == 0, result.output
-    compared = int(result.output.split("checked against predict (")[1].split(" ")[0])
+    compared = int(result.output.split("checked against predict: ")[1].split(" ")[0])
     assert compared >= MIN_DETECTIONS and "warning" not in result.output
+    assert "random test images (no data.val in the checkpoint's config)" in result.output
+    assert "at score_thresh" not in result.output  # the model's own threshold found detections
     run = load_exported(tmp_path / "m.ts")
     assert len(run(example_image(80, 120))) == 3
 
     bad = runner.invoke(app, ["export", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "m.x")])
     assert bad.exit_code != 0
     assert "unknown export format 'tflite'" in bad.output and "Traceback" not in bad.output
-
-
-def test_cli_export_warns_when_nothing_was_compared(tiny_model, model_config, tmp_path):
-    from detkit.cli import app
-
-    ckpt = _checkpoint(tmp_path, tiny_model, model_config(score_thresh=1.0))  # detects nothing
-    result = CliRunner().invoke(app, ["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.ts")])
-    assert result.exit_code == 0, result.output
-    assert "(0 detections)" in result.output
-    assert "warning:" in result.output and "compared nothing" in result.output
