@@ -6,7 +6,8 @@ here, each fine-tune config must build exactly that model, key for key and
 shape for shape, so ``train.init_weights`` loads it; and a tiny random-weight
 stand-in of the config (its neck, RPN and box head, a ``tiny`` backbone, set
 small by ``--set`` overrides) started from such a checkpoint trains on a
-synthetic VOC set with the config's optimizer and schedule, and its loss falls.
+synthetic VOC set with the config's optimizer and schedule (a larger lr: random
+weights), and its loss falls.
 """
 
 from __future__ import annotations
