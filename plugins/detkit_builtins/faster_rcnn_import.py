@@ -38,7 +38,7 @@ def import_state_dict(model: Any, state_dict: Mapping[str, Tensor], source: str,
         to_theirs = tv.to_torchvision
         if unknown:
             shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            raise CheckpointError(f"torchvision checkpoint has keys outside fasterrcnn_resnet50_fpn's layout: {shown}")
+            raise CheckpointError(f"torchvision checkpoint has keys outside the layouts of its Faster R-CNN models: {shown}")
     elif source == "faster-rcnn-pytorch":
         trunk = getattr(model.backbone, "trunk_name", None)
         if trunk is None or model.multi_level:

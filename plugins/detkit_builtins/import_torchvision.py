@@ -23,6 +23,14 @@ logits (background, object) and a softmax.  ``softmax([0, x])[1] ==
 sigmoid(x)``, so the background channel gets zero weights and bias.
 ``FrozenBatchNorm2d`` files have no ``num_batches_tracked``: the model's own
 (zero) counters are kept.
+
+``fasterrcnn_resnet50_fpn_v2`` maps onto ``resnet50`` (``norm: bn``) + ``fpn``
+(``norm: bn``) + ``rpn`` (``conv_depth: 2``) + ``roi_head``
+(``multiscale_roi_align`` + ``conv_fc``): the same rules, plus the second RPN
+conv ``rpn.head.conv.1.0`` -> ``rpn.conv2``.  Its normalised FPN blocks
+(``inner_blocks.i.{0,1}``: conv, BatchNorm) and its ``FastRCNNConvFCHead``
+(``box_head.0..3`` conv blocks, ``box_head.5`` the fc) have detkit's key
+names already.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ _RULES = [
     (r"^roi_heads\.box_head\.", "roi_head.box_head."),
     (r"^roi_heads\.box_predictor\.cls_score\.", "roi_head.score."),
     (r"^roi_heads\.box_predictor\.bbox_pred\.", "roi_head.cls_loc."),
+    # fasterrcnn_resnet50_fpn_v2: RPNHead(conv_depth=2)
+    (r"^rpn\.head\.conv\.1\.0\.", "rpn.conv2."),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in _RULES]
 _REVERSE = [(re.compile("^" + re.escape(r)), p[1:].replace("\\", "")) for p, r in _RULES]

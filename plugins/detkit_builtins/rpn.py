@@ -145,7 +145,7 @@ class ProposalCreator(nn.Module):
 
 
 class RegionProposalNetwork(ProposalGenerator):
-    """3x3 conv + ReLU, then 1x1 convs scoring (2) and regressing (4) each anchor; its own training.
+    """``conv_depth`` x (3x3 conv + ReLU), then 1x1 convs scoring (2) and regressing (4) each anchor.
 
     One map ``[N, in_channels, h, w]`` gives ``h*w*K`` anchors; with a dict of
     levels (all ``in_channels`` wide; needs ``anchor.sizes``, one list per
@@ -155,13 +155,15 @@ class RegionProposalNetwork(ProposalGenerator):
     Training mode uses the ``train_*`` proposal counts and returns
     ``{"rpn_loc", "rpn_cls"}``: the ``anchor_target`` creator labels the
     anchors (float32, autocast off), ``loc_loss`` and ``cls_loss`` score them.
-    Eval mode uses the ``test_*`` counts and returns no losses.
+    Eval mode uses the ``test_*`` counts and returns no losses.  The 3x3 convs
+    are ``conv1``, ``conv2``, ... (torchvision's v2 head has two).
     """
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         mid_channels: int | None = Field(512, gt=0, description="3x3 conv width; null: in_channels")
+        conv_depth: int = Field(1, ge=1, description="3x3 conv + ReLU blocks before the 1x1 score and box convs")
         anchor: AnchorParams = Field(default_factory=AnchorParams)
         proposal: ProposalParams = Field(default_factory=ProposalParams)
         cls_prior: float | None = Field(
@@ -204,20 +206,27 @@ class RegionProposalNetwork(ProposalGenerator):
         k = self.anchor_generator.num_per_cell
         mid = p.mid_channels or in_channels
         self.num_anchors_per_cell = k
-        self.conv1 = nn.Conv2d(in_channels, mid, 3, padding=1)
+        # conv1, conv2, ...: depth 1 keeps the key names of every earlier checkpoint.
+        self.conv_names = [f"conv{i + 1}" for i in range(p.conv_depth)]
+        for i, name in enumerate(self.conv_names):
+            self.add_module(name, nn.Conv2d(in_channels if i == 0 else mid, mid, 3, padding=1))
         self.score = nn.Conv2d(mid, k * 2, 1)
         self.loc = nn.Conv2d(mid, k * 4, 1)
         self.proposal_creator = ProposalCreator(p.proposal)
         self.anchor_target = p.anchor_target.build()
         self.loc_loss = p.loc_loss.build()
         self.cls_loss = p.cls_loss.build()
-        # The reference initialisation: normal(0, 0.01) for all three layers.
-        for layer in (self.conv1, self.score, self.loc):
+        # The reference initialisation: normal(0, 0.01) for every conv.
+        for layer in (*self.convs(), self.score, self.loc):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
         if p.cls_prior is not None:  # channels alternate (background, object) per anchor
             with torch.no_grad():
                 self.score.bias[0::2] = math.log((1 - p.cls_prior) / p.cls_prior)
+
+    def convs(self) -> list[nn.Module]:
+        """The 3x3 convs, first first."""
+        return [getattr(self, name) for name in self.conv_names]
 
     def anchors(
         self,
@@ -239,7 +248,8 @@ class RegionProposalNetwork(ProposalGenerator):
 
     def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
-        x = F.relu(self.conv1(x))
+        for conv in self.convs():
+            x = F.relu(conv(x))
         # NCHW -> NHWC keeps the K anchors of one cell contiguous, as the anchors are.
         locs = self.loc(x).permute(0, 2, 3, 1).reshape(n, -1, 4)
         scores = self.score(x).permute(0, 2, 3, 1).reshape(n, -1, 2)

@@ -207,7 +207,9 @@ def test_c4_backbone_with_multiscale_head_or_fpn_without_levels_fail_at_build():
 
 
 @pytest.mark.parametrize(
-    "name", ["frcnn_resnet50_fpn.yaml", "coco/frcnn_resnet50_fpn.yaml", "import/torchvision_fasterrcnn_resnet50_fpn.yaml"]
+    "name", ["frcnn_resnet50_fpn.yaml", "coco/frcnn_resnet50_fpn.yaml", "import/torchvision_fasterrcnn_resnet50_fpn.yaml",
+             "import/torchvision_fasterrcnn_resnet50_fpn_v2.yaml", "finetune/fasterrcnn_resnet50_fpn.yaml",
+             "finetune/fasterrcnn_resnet50_fpn_v2.yaml"]
 )
 def test_shipped_fpn_configs_validate_and_build(name):
     from detkit.config import load_config

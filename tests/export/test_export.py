@@ -85,6 +85,11 @@ ARCHITECTURES = {
     "fpn_two_mlp": lambda q: copy.deepcopy(TINY_FPN),
     "fpn_antialias": lambda q: {**copy.deepcopy(TINY_FPN),
                                 "preprocess": {**TINY_FPN["preprocess"], "antialias": True}},
+    # torchvision v2's parts: BatchNorm FPN, two RPN convs, conv + fc box head with BatchNorm.
+    "fpn_v2_parts": lambda q: {**copy.deepcopy(TINY_FPN), "neck": {**TINY_FPN["neck"], "norm": "bn"},
+                               "rpn": {**copy.deepcopy(TINY_FPN["rpn"]), "conv_depth": 2},
+                               "roi_head": {**copy.deepcopy(TINY_FPN["roi_head"]), "box_head": {
+                                   "type": "conv_fc", "num_convs": 2, "conv_channels": 16, "fc_dims": [64]}}},
 }
 
 

@@ -104,7 +104,7 @@ def stage_outputs(x: Tensor, stages: Iterable[tuple[str, nn.Module]], wanted: li
     return out
 
 
-class _FrozenBNMixin:
+class FrozenBNMixin:
     """``freeze_bn()`` that survives ``model.train()``.
 
     ``nn.Module.train`` puts every BatchNorm back into batch-statistics mode,
@@ -125,7 +125,7 @@ class _FrozenBNMixin:
         return self
 
 
-class TailSequential(_FrozenBNMixin, nn.Sequential):
+class TailSequential(FrozenBNMixin, nn.Sequential):
     """The RoI tail of a backbone: ``[R, C, s, s] -> [R, out_features]``.
 
     An ``nn.Sequential`` (so its layers keep the reference checkpoint's
@@ -148,7 +148,7 @@ class TailSequential(_FrozenBNMixin, nn.Sequential):
         return super().forward(x).flatten(1)
 
 
-class FreezableBNBackbone(_FrozenBNMixin, Backbone):
+class FreezableBNBackbone(FrozenBNMixin, Backbone):
     """A backbone with a persistent ``freeze_bn()`` and an RoI tail it does not own.
 
     The tail is kept out of the backbone's submodules: the RoI head registers
