@@ -370,7 +370,10 @@ def predict_cmd(
     score_thresh: Optional[float] = typer.Option(None, "--score-thresh", min=0.0, max=1.0, help="Default: the model's."),
     nms_iou: Optional[float] = typer.Option(None, "--nms-iou", min=0.0, max=1.0, help="Default: the model's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+    max_detections: Optional[int] = typer.Option(None, "--max-detections", min=1,
+                                                 help="Most detections per image, best first. Default: the model's."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="Images per forward pass (only images of one input size share one)."),
     draw: bool = typer.Option(False, "--draw", help="Also write OUT/<image stem>.detections.png with the boxes."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image cannot be read (default: skip it with a warning)."),
 ) -> None:
@@ -381,7 +384,8 @@ def predict_cmd(
     from detkit.api import predict_files
 
     records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
-                            device=device, batch_size=batch_size, draw=draw, strict=strict, console=err_console)
+                            max_detections=max_detections, device=device, batch_size=batch_size, draw=draw,
+                            strict=strict, console=err_console)
     total = sum(len(r["detections"]) for r in records)
     skipped = len(getattr(records, "skipped", []))
     note = f" ({skipped} unreadable skipped)" if skipped else ""
