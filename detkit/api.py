@@ -40,7 +40,8 @@ ImageLike = Union[str, os.PathLike, "PILImage.Image", "np.ndarray", Tensor]
 as they look (EXIF orientation applied, 16-bit scaled to 8: see
 :mod:`detkit.data.image`); arrays and tensors are taken as they are."""
 
-__all__ = ["Detections", "ImageLike", "Predictor", "evaluate", "load", "predict_files", "to_image_tensor", "train"]
+__all__ = ["DEFAULT_BATCH_SIZE", "Detections", "ImageLike", "Predictor", "batch_groups", "evaluate", "load",
+           "predict_files", "to_image_tensor", "train"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,27 @@ def _as_list(images: Any) -> tuple[list[Any], bool]:
     return [images], False
 
 
+DEFAULT_BATCH_SIZE = 8
+"""Images per forward pass when :meth:`Predictor.predict` is given a list."""
+
+
+def batch_groups(module: nn.Module, sizes: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices into ``sizes`` (``(h, w)`` per image), as forward passes of at most ``batch_size``.
+
+    One pass holds only images whose network input, padded to the
+    preprocessor's ``size_divisible``, has the same size: the batch is then
+    padded to exactly what each image is padded to alone, so batching changes
+    no pixel the network sees.  Passes are in order of each group's first image.
+    """
+    params = getattr(getattr(module, "preprocess", None), "params", None)
+    d = int(getattr(params, "size_divisible", 1) or 1)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        ih, iw = module.input_size(int(h), int(w))
+        groups.setdefault((-(-int(ih) // d) * d, -(-int(iw) // d) * d), []).append(i)
+    return [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
 class Predictor:
     """A trained detector ready to predict: the module, its class names and its device.
 
@@ -180,35 +202,49 @@ class Predictor:
         images: ImageLike | Sequence[ImageLike],
         score_thresh: float | None = None,
         nms_iou: float | None = None,
-        batch_size: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_detections: int | None = None,
     ) -> list[Detections]:
-        """Detect objects; always returns a list, one :class:`Detections` per image.
+        """Detect objects; always returns a list, one :class:`Detections` per image, in input order.
 
         ``images``: one :data:`ImageLike` or a list of them (an ``[N, 3, H, W]``
-        tensor counts as N images).  ``score_thresh``/``nms_iou`` default to the
-        model's.  ``batch_size > 1`` pads images of different sizes into one
-        pass, which can change results slightly near the borders.
+        tensor counts as N images).  ``score_thresh``/``nms_iou``/``max_detections``
+        (detections kept per image, best first) default to the model's.
+
+        A list runs in forward passes of up to ``batch_size`` images, each pass
+        holding only images that share a padded network-input size (see
+        :func:`batch_groups`): no image is padded more than alone, so every
+        image gets the detections a one-image call gives, up to float rounding
+        (a batched convolution may sum in another order, so detections whose
+        scores tie to rounding may swap places).  Images of other sizes go in
+        other passes; ``batch_size=1`` runs one image per pass.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if max_detections is not None and max_detections < 1:
+            raise ConfigError(f"max_detections must be at least 1, got {max_detections}")
         items, _ = _as_list(images)
-        out: list[Detections] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
+        out: list[Detections | None] = [None] * len(items)
+        self.module.eval()
+        # Images are read a window at a time, so a long list of files is never all in memory.
+        window = batch_size * 4
+        for start in range(0, len(items), window):
+            chunk = items[start : start + window]
             tensors = [to_image_tensor(x, f"image {start + i}" if len(items) > 1 else "image")
                        for i, x in enumerate(chunk)]
-            self.module.eval()
-            with self.module.detection_settings(score_thresh=score_thresh, nms_iou=nms_iou):
-                preds = self.module([t.to(self.device) for t in tensors])
-            for item, image, pred in zip(chunk, tensors, preds):
-                labels = pred["labels"]
-                out.append(Detections(
-                    boxes=pred["boxes"], scores=pred["scores"], labels=labels,
-                    names=[self.classes[k] for k in labels.tolist()],
-                    image_size=(int(image.shape[-2]), int(image.shape[-1])),
-                    source=str(item) if isinstance(item, (str, os.PathLike)) else None,
-                ))  # fmt: skip
-        return out
+            for group in batch_groups(self.module, [t.shape[-2:] for t in tensors], batch_size):
+                with self.module.detection_settings(score_thresh=score_thresh, nms_iou=nms_iou,
+                                                    max_detections=max_detections):
+                    preds = self.module([tensors[i].to(self.device) for i in group])
+                for i, pred in zip(group, preds):
+                    item, labels = chunk[i], pred["labels"]
+                    out[start + i] = Detections(
+                        boxes=pred["boxes"], scores=pred["scores"], labels=labels,
+                        names=[self.classes[k] for k in labels.tolist()],
+                        image_size=(int(tensors[i].shape[-2]), int(tensors[i].shape[-1])),
+                        source=str(item) if isinstance(item, (str, os.PathLike)) else None,
+                    )  # fmt: skip
+        return out  # type: ignore[return-value]
 
     __call__ = predict
 

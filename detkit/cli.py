@@ -17,7 +17,6 @@ from typing import Any, List, Optional
 import typer
 import yaml
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from detkit.errors import DetkitError, Terminated
@@ -119,6 +118,7 @@ def list_plugins(
 ) -> None:
     """Show the installed components: kind, name, distribution, version, target, status."""
     from detkit.registry import all_entries, load_all
+    from detkit.plugin_table import plugins_table
     from detkit.registry import registry
 
     if kind is not None:
@@ -147,7 +147,7 @@ def list_plugins(
     for group in unknown_groups(REGISTRIES):
         err_console.print(group.message(REGISTRIES), markup=False, highlight=False, soft_wrap=True)
     if not as_json:
-        console.print(plugins_table(rows))
+        console.print(plugins_table(rows))  # one line per plugin, or the target under it when narrow
         # The reasons go below the table, one line each: in a column they would
         # squeeze the table out of an 80-column terminal.
         for r in problems:
@@ -157,32 +157,6 @@ def list_plugins(
             err_console.print(f"{len(problems)} plugin(s) failed to load or conflict.", markup=False, highlight=False)
     if problems:
         raise typer.Exit(1)
-
-
-def plugins_table(rows: list[dict[str, str]]) -> Table:
-    """The list-plugins table; at 80 columns the target wraps and the status stays whole."""
-    from rich import box
-
-    table = Table(title="detkit plugins", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("name", overflow="fold", min_width=8)
-    table.add_column("distribution", overflow="fold", min_width=8)
-    table.add_column("status", no_wrap=True)  # short: ok, not loaded, FAILED, CONFLICT
-    table.add_column("target", overflow="fold", min_width=8, ratio=1)
-    for row in rows:
-        status = row["status"]
-        short = ("FAILED" if status.startswith("failed") else "CONFLICT" if status.startswith("conflict")
-                 else status)
-        style = {"ok": "green", "not loaded": "dim"}.get(short, "bold red")
-        dist = row["distribution"] if row["version"] == "-" else f"{row['distribution']} {row['version']}"
-        table.add_row(row["kind"], row["name"], dist, f"[{style}]{_escape(short)}[/]", row["target"])
-    return table
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 # --------------------------------------------------------------------- config
@@ -403,7 +377,10 @@ def predict_cmd(
     score_thresh: Optional[float] = typer.Option(None, "--score-thresh", min=0.0, max=1.0, help="Default: the model's."),
     nms_iou: Optional[float] = typer.Option(None, "--nms-iou", min=0.0, max=1.0, help="Default: the model's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+    max_detections: Optional[int] = typer.Option(None, "--max-detections", min=1,
+                                                 help="Most detections per image, best first. Default: the model's."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="Images per forward pass (only images of one input size share one)."),
     draw: bool = typer.Option(False, "--draw", help="Also write OUT/<image stem>.detections.png with the boxes."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any image cannot be read (default: skip it with a warning)."),
 ) -> None:
@@ -414,7 +391,8 @@ def predict_cmd(
     from detkit.api import predict_files
 
     records = predict_files(checkpoint, images, out, score_thresh=score_thresh, nms_iou=nms_iou,
-                            device=device, batch_size=batch_size, draw=draw, strict=strict, console=err_console)
+                            max_detections=max_detections, device=device, batch_size=batch_size, draw=draw,
+                            strict=strict, console=err_console)
     total = sum(len(r["detections"]) for r in records)
     skipped = len(getattr(records, "skipped", []))
     note = f" ({skipped} unreadable skipped)" if skipped else ""

@@ -101,3 +101,82 @@ def test_import_detkit_is_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _mixed_images() -> list[torch.Tensor]:
+    """Five images of three network-input sizes (the tiny config's 64-pixel long side)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 48, 80), (3, 64, 64), (3, 48, 80), (3, 40, 70), (3, 64, 64)]
+    return [torch.randint(0, 255, s, dtype=torch.uint8, generator=g) for s in shapes]
+
+
+def _count_forwards(model) -> list[int]:
+    """Images per forward pass of ``model.module``, appended as they run."""
+    passes: list[int] = []
+    model.module.register_forward_pre_hook(lambda _m, args: passes.append(len(args[0])))
+    return passes
+
+
+def test_max_detections_caps_each_image_to_the_best(checkpoint):
+    model = detkit.load(checkpoint, device="cpu")
+    images = _mixed_images()
+    full = model.predict(images)
+    assert all(len(d) > 3 for d in full)  # more than the cap, so the cap has something to cut
+    capped = model.predict(images, max_detections=3)
+    for f, c in zip(full, capped):
+        assert len(c) == 3
+        assert torch.allclose(c.scores, f.scores[:3]) and torch.allclose(c.boxes, f.boxes[:3])
+    assert [len(d) for d in model.predict(images)] == [len(d) for d in full]  # the model's own setting is back
+    with pytest.raises(detkit.errors.ConfigError, match="max_detections must be at least 1"):
+        model.predict(images, max_detections=0)
+
+
+def test_a_list_runs_in_batches_of_one_input_size_and_equals_single_calls(checkpoint):
+    model = detkit.load(checkpoint, device="cpu")
+    images = _mixed_images()
+    passes = _count_forwards(model)
+    single = [model.predict(x)[0] for x in images]
+    assert passes == [1] * 5
+    passes.clear()
+    batched = model.predict(images)  # the default batch size
+    assert sorted(passes) == [1, 2, 2]  # the two 48x80, the two 64x64, the 40x70 alone
+    for i, (s, b) in enumerate(zip(single, batched)):
+        assert len(s) > 0 and len(b) == len(s), i
+        assert torch.allclose(b.boxes, s.boxes, atol=1e-4) and torch.allclose(b.scores, s.scores, atol=1e-5), i
+        assert b.labels.tolist() == s.labels.tolist() and b.image_size == s.image_size, i
+    passes.clear()
+    same = [images[0]] * 6
+    assert len(model.predict(same, batch_size=4)) == 6 and passes == [4, 2]
+
+
+def test_padding_other_sizes_into_one_batch_would_change_detections(checkpoint):
+    """Why a batch holds one input size: padded next to a larger image, a small one's detections change."""
+    model = detkit.load(checkpoint, device="cpu")
+    images = _mixed_images()
+    single = [model.predict(x)[0] for x in images]
+    with torch.inference_mode():
+        padded = model.module(images)
+    assert any(len(p["boxes"]) != len(s) or not torch.allclose(p["boxes"], s.boxes, atol=1e-4)
+               for p, s in zip(padded, single))
+
+
+def test_images_padded_to_one_size_share_a_batch_and_keep_their_detections(tiny_dict):
+    """With ``size_divisible`` 32 a 38x64 input and a 64x64 one are both padded to 64x64 alone, so they batch."""
+    from detkit.config import validate
+    from detkit.registry import registry
+
+    tiny_dict["model"]["preprocess"]["size_divisible"] = 32
+    cfg = validate(tiny_dict).to_dict()
+    torch.manual_seed(0)
+    module = registry("detector").build(cfg["model"], num_classes=2)
+    with torch.no_grad():
+        module.roi_head.score.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    model = detkit.Predictor(module, ["circle", "square"], cfg, torch.device("cpu"))
+    images = _mixed_images()[:2]  # 48x80 -> 38x64, 64x64
+    single = [model.predict(x)[0] for x in images]
+    passes = _count_forwards(model)
+    batched = model.predict(images)
+    assert passes == [2]
+    for s, b in zip(single, batched):
+        assert len(s) > 0 and len(b) == len(s)
+        assert torch.allclose(b.boxes, s.boxes, atol=1e-4) and torch.allclose(b.scores, s.scores, atol=1e-5)

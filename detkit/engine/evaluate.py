@@ -169,7 +169,8 @@ def compute_metrics(
     """Every configured metric over ``results``.
 
     Returns ``{"metrics": {"voc/mAP": ..., "coco/AP": ..., ...}, "per_class":
-    {"voc": {class: AP}, ...}, "best_key": "coco/AP", "best": float,
+    {"voc": {class: AP}, ...}, "per_class_metric": {"voc": "AP50 (VOC07
+    11-pt)", "coco": "AP@[.5:.95]"}, "best_key": "coco/AP", "best": float,
     "images": N}`` plus, for callers of the single-metric days, ``"mAP"`` (the
     ``best`` value) and ``"AP"`` (the first evaluator's per-class APs).
     """
@@ -178,6 +179,8 @@ def compute_metrics(
     targets = [r.target for r in results]
     metrics: dict[str, float] = {}
     per_class: dict[str, dict[str, float]] = {}
+    # What each per-class column holds: "AP" alone hides the IoU and the interpolation.
+    labels = {name: str(getattr(ev, "per_class_metric", None) or ev.headline) for name, ev in evaluators.items()}
     for name, ev in evaluators.items():
         ev.update(preds, targets)
         out = ev.compute()
@@ -190,7 +193,7 @@ def compute_metrics(
         raise ConfigError(f"eval.best: {key!r} is not a metric; choose one of {', '.join(metrics)}")
     first = next(iter(per_class))
     return {
-        "metrics": metrics, "per_class": per_class, "best_key": key, "best": metrics[key],
+        "metrics": metrics, "per_class": per_class, "per_class_metric": labels, "best_key": key, "best": metrics[key],
         "mAP": metrics[key], "AP": per_class[first], "images": len(results),
     }
 
@@ -242,9 +245,15 @@ def evaluate(
 
 
 def metrics_table(result: dict[str, Any], title: str = "validation") -> Group:
-    """Per-class AP, one column per evaluator, then one line of metrics per evaluator."""
+    """Per-class figures, one column per evaluator headed by its metric, then one line of metrics per evaluator.
+
+    The title gets the number of images evaluated (``result["images"]``).
+    """
     per_class: dict[str, dict[str, float]] = result.get("per_class") or {"voc": result.get("AP", {})}
     metrics: dict[str, float] = result.get("metrics") or {"voc/mAP": result["mAP"]}
+    labels: dict[str, str] = result.get("per_class_metric") or {}
+    if result.get("images") is not None:
+        title = f"{title} ({result['images']} images)"
 
     def fmt(v: Any) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
@@ -252,13 +261,14 @@ def metrics_table(result: dict[str, Any], title: str = "validation") -> Group:
     table = Table(title=title)
     table.add_column("class")
     for name in per_class:
-        table.add_column(f"{name} AP", justify="right")
+        table.add_column(f"{name} {labels.get(name, 'AP')}", justify="right")
     for c in next(iter(per_class.values()), {}):
         table.add_row(c, *(fmt(per_class[name].get(c)) for name in per_class))
     lines = {}
     for key, value in metrics.items():
         evaluator, _, metric = key.partition("/")
-        lines.setdefault(evaluator, []).append(f"{metric} {fmt(value)}")
+        # key=value: a line too long for the terminal wraps between metrics, never inside one
+        lines.setdefault(evaluator, []).append(f"{metric}={fmt(value)}")
     text = Text()
     for evaluator, parts in lines.items():
         text.append(f"{evaluator}: ", style="bold")

@@ -467,7 +467,7 @@ class SummaryHook(Hook):
         plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "losses.png", loop.loss_names or None)
         minutes = (time.perf_counter() - loop.t_start) / 60
         if loop.eval_result is not None:
-            loop.console.print(metrics_table(loop.eval_result, title=f"val AP ({len(loop.val_set)} images)"))
+            loop.console.print(metrics_table(loop.eval_result, title="val"))  # titled with the images evaluated
         last = run_dir / "last.pt"
         summary = f"done in {minutes:.1f} min: " + (str(last) if last.is_file() else "no checkpoint written")
         # Only files that exist are named: a run resumed into a new directory may have

@@ -175,10 +175,13 @@ class TrainDisplay:
 
 
 def format_train_record(r: dict[str, Any], names: Sequence[str] | None = None) -> str:
-    """``rpn_loc 0.123 ... total 1.234  lr 1.00e-03  12.3 img/s``; ``names`` default to the record's losses."""
+    """``rpn_loc=0.123 ... total=1.234  lr=1.00e-03  img/s=12.3``; ``names`` default to the record's losses.
+
+    One ``key=value`` word per figure: a line too long for the terminal wraps between them, never inside one.
+    """
     names = loss_names_of(r) if names is None else names
-    losses = " ".join(f"{k} {r[k]:.3f}" for k in names if k in r)
-    return f"{losses}  lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s"
+    losses = " ".join(f"{k}={r[k]:.3f}" for k in names if k in r)
+    return f"{losses}  lr={r['lr']:.2e}  img/s={r['images_per_s']:.1f}"
 
 
 def plot_losses(metrics_path: Path, out: Path, names: Sequence[str] | None = None) -> Path | None:

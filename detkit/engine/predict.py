@@ -62,18 +62,21 @@ def predict_files(
     score_thresh: float | None = None,
     nms_iou: float | None = None,
     device: str = "auto",
-    batch_size: int = 1,
+    batch_size: int = 8,
     draw: bool = False,
     strict: bool = False,
     console: Any = None,
+    max_detections: int | None = None,
 ) -> PredictResult:
     """Detect objects in ``images`` and write ``out_dir/<stem>.json`` for each.
 
     Boxes are ``[x1, y1, x2, y2]`` in the original image's pixels.  Returns
-    the written records in input order.  ``batch_size > 1`` pads images of
-    different sizes into one batch, which can change results slightly near
-    the borders; 1 reproduces per-image inference exactly.  ``draw`` also
-    writes ``out_dir/<stem>.detections.png`` with the boxes drawn on the image.
+    the written records in input order.  ``batch_size`` images are read at a
+    time and passed to :meth:`detkit.Predictor.predict`, which batches those
+    of one input size (the detections equal one-image passes'; 1 runs one
+    image per pass).  ``max_detections`` caps the detections per image (best
+    first; default the model's).  ``draw`` also writes
+    ``out_dir/<stem>.detections.png`` with the boxes drawn on the image.
 
     Unreadable files are skipped with a warning on ``console`` (stderr by
     default) and listed in the result's ``skipped``; with ``strict`` they make
@@ -89,6 +92,8 @@ def predict_files(
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_detections is not None and max_detections < 1:
+        raise ConfigError(f"--max-detections must be at least 1, got {max_detections}")
     console = console or Console(stderr=True)
     paths = expand_images(images)
     check_output_dir(out_dir)  # before the checkpoint is loaded
@@ -111,7 +116,8 @@ def predict_files(
             if not chunk:
                 progress(min(start + batch_size, len(paths)), len(paths))
                 continue
-            dets = detector.predict(tensors, score_thresh=score_thresh, nms_iou=nms_iou, batch_size=len(chunk))
+            dets = detector.predict(tensors, score_thresh=score_thresh, nms_iou=nms_iou,
+                                    max_detections=max_detections, batch_size=batch_size)
             for path, image, det, name in zip(chunk, tensors, dets, chunk_names):
                 record = {**det.to_dict(), "image": str(path)}
                 atomic_write_text(out_dir / name, json.dumps(record, indent=1) + "\n")

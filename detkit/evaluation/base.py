@@ -15,7 +15,9 @@ image: predictions ``{"boxes" float [K, 4] xyxy, "scores" [K], "labels" int64
 [G] (optional), "image_id" (optional)}``, both in the original image's pixels.
 ``compute()`` returns ``{metric name: float, ..., "per_class": {class: float}}``
 (NaN where a metric is undefined); ``headline`` names the metric that stands
-for the evaluator (``eval.best`` defaults to ``<type>/<headline>``).
+for the evaluator (``eval.best`` defaults to ``<type>/<headline>``), and
+``per_class_metric`` what the per-class numbers are (the heading of their
+column in the printed table and ``metrics.json``; default: the headline).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class Evaluator(ABC):
     """Accumulates per-image detections and ground truth, then computes metrics."""
 
     headline: ClassVar[str]
+
+    @property
+    def per_class_metric(self) -> str:
+        """What ``compute()["per_class"]`` holds, e.g. ``"AP50 (VOC07 11-pt)"``; override when not the headline."""
+        return self.headline
 
     @abstractmethod
     def reset(self) -> None:

@@ -71,6 +71,7 @@ class COCOEvaluator(Evaluator):
     """
 
     headline = "AP"
+    per_class_metric = "AP@[.5:.95]"  # per class, the mean over the ten IoUs as the headline
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

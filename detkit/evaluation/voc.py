@@ -115,6 +115,11 @@ class VOCEvaluator(Evaluator):
         self.use_07_metric = bool(params.use_07_metric)
         self.reset()
 
+    @property
+    def per_class_metric(self) -> str:
+        """``AP50 (VOC07 11-pt)`` or ``AP50 (all-pt)``: the IoU and the interpolation of the per-class APs."""
+        return f"AP{self.iou_thresh * 100:g} ({'VOC07 11-pt' if self.use_07_metric else 'all-pt'})"
+
     def reset(self) -> None:
         self._labels: list[Tensor] = []
         self._scores: list[Tensor] = []

@@ -142,7 +142,7 @@ def test_list_plugins_load_exits_1_on_a_broken_plugin_and_stays_readable_at_80_c
     """Issue 9 case 9."""
     from rich.console import Console
 
-    from detkit.cli import plugins_table
+    from detkit.plugin_table import plugins_table
 
     fake_site("fake-broken", "9.9", {"detkit.loss": {"broken_loss": "fake_broken.deeply.nested.module:NopeLoss"}},
               {"fake_broken/__init__.py": "", "fake_broken/deeply/__init__.py": "",
@@ -157,15 +157,36 @@ def test_list_plugins_load_exits_1_on_a_broken_plugin_and_stays_readable_at_80_c
              "target": "fake_broken.deeply.nested.module:NopeLoss", "status": "failed: RuntimeError: boom"},
             {"kind": "backbone", "name": "resnet50", "distribution": "detkit", "version": "0.1.0",
              "target": "detkit_builtins.backbones.resnet:ResNet50Backbone", "status": "not loaded"}]
-    console = Console(width=80, record=True, color_system=None)
-    console.print(plugins_table(rows))
-    lines = console.export_text().splitlines()
+    targets = [r["target"] for r in rows]
+
+    def render(width: int) -> list[str]:
+        console = Console(width=width, record=True, color_system=None)
+        console.print(plugins_table(rows))
+        return console.export_text().splitlines()
+
+    lines = render(80)
     assert max(len(line) for line in lines) <= 80
     header = next(line for line in lines if "kind" in line)
-    assert "status" in header and "target" in header  # every heading whole
-    assert any("FAILED" in line and "broken_loss" in line for line in lines)
-    assert any("not loaded" in line and "resnet50" in line for line in lines)
-    assert not any("ResNet50Backbone" in line for line in lines if "resnet50" in line)  # the target wrapped
+    assert all(h in header.split() for h in ("kind", "name", "status", "distribution"))  # every heading whole
+    assert any(line.split() == ["target"] for line in lines)
+    assert any(line.split() == ["proposal_generator", "broken_loss", "FAILED", "fake-broken", "9.9"] for line in lines)
+    assert any(line.split() == ["backbone", "resnet50", "not", "loaded", "detkit", "0.1.0"] for line in lines)
+    for target in targets:  # whole on a line of its own (folded into a column it is cut every few letters)
+        assert any(line.strip() == target for line in lines), target
+    wide = render(200)  # room for everything: one line per plugin
+    assert any("broken_loss" in line and "FAILED" in line and targets[0] in line for line in wide)
+    assert any("resnet50" in line and "not loaded" in line and targets[1] in line for line in wide)
+
+
+def test_list_plugins_at_80_columns_shows_every_target_whole():
+    proc = run("list-plugins", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = json.loads(run("list-plugins", "--json").stdout)
+    assert len(rows) > 10 and max(len(line) for line in lines) <= 80
+    for row in rows:
+        assert any(line.split()[:3] == [row["kind"], row["name"], row["status"].split()[0]] for line in lines), row
+        assert any(line.strip() == row["target"] for line in lines), row["target"]
 
 
 def _write_config(tmp_path, backbone: dict) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -114,3 +115,23 @@ def test_predict_skips_an_unreadable_file_and_goes_on(tmp_path, tiny_checkpoint)
     (folder / "c.png").write_bytes(b"broken")
     none = runner.invoke(app, ["predict", str(ckpt), str(folder), "--out", str(tmp_path / "n")])
     assert none.exit_code == 1 and "3 of 3 images could not be read (nothing could be read)" in none.output
+
+
+def test_predict_max_detections_caps_every_json(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", ["a", "b"], confident=True)
+    rng = np.random.default_rng(1)
+    for name, shape in (("one.png", (48, 80, 3)), ("two.png", (64, 64, 3)), ("three.png", (48, 80, 3))):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name)
+    images = [str(tmp_path / n) for n in ("one.png", "two.png", "three.png")]
+    full = runner.invoke(app, ["predict", str(ckpt), *images, "--out", str(tmp_path / "full"), "--batch-size", "1"])
+    capped = runner.invoke(app, ["predict", str(ckpt), *images, "--out", str(tmp_path / "cap"), "--max-detections", "2"])
+    assert full.exit_code == 0 and capped.exit_code == 0, full.output + capped.output
+    for stem in ("one", "two", "three"):
+        all_dets = json.loads((tmp_path / "full" / f"{stem}.json").read_text())["detections"]
+        top = json.loads((tmp_path / "cap" / f"{stem}.json").read_text())["detections"]
+        assert len(all_dets) > 2 and len(top) == 2, stem  # batched (the default) and capped: the best two
+        for t, d in zip(top, all_dets):
+            assert t["label"] == d["label"] and t["box"] == pytest.approx(d["box"], abs=1e-3), stem
+            assert t["score"] == pytest.approx(d["score"], abs=1e-4), stem
+    bad = runner.invoke(app, ["predict", str(ckpt), images[0], "--out", str(tmp_path / "bad"), "--max-detections", "0"])
+    assert bad.exit_code == 2 and "--max-detections" in bad.output

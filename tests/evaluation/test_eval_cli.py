@@ -63,7 +63,7 @@ def test_eval_writes_metrics_curves_confusion_and_detections(checkpoint, tmp_pat
     detections = json.loads((out / "detections.json").read_text())
     assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
     assert {d["category_id"] for d in detections} == {2}  # label 1 -> id 2 without data set ids
-    assert "coco: AP " in result.output and "best.pt follows coco/AP50" in result.output
+    assert "coco: AP=" in result.output and "best.pt follows coco/AP50" in result.output
 
 
 def test_eval_metric_coco_alone_and_default_out_dir(checkpoint):
