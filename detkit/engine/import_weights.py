@@ -30,13 +30,13 @@ SOURCES = ("faster-rcnn-pytorch", "torchvision")
 # torchvision detection models that map onto detkit's components, with their COCO weights.
 TORCHVISION_MODELS = {
     "fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
+    "fasterrcnn_mobilenet_v3_large_fpn": "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
 }
 # ... and those that do not (yet), with the reason.
 TORCHVISION_UNSUPPORTED = {
     "fasterrcnn_resnet50_fpn_v2": "its FPN and box head use normalised convs (FastRCNNConvFCHead: 4 convs "
     "+ 1 fc with BatchNorm) and its RPN head has 2 convs; detkit's fpn and two_mlp box head have neither",
-    "fasterrcnn_mobilenet_v3_large_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
-    "fasterrcnn_mobilenet_v3_large_320_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
 }
 
 

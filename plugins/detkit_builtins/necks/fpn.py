@@ -56,7 +56,8 @@ class FPN(Neck):
             )
         self.in_features = names
         strides = [input_shapes[n].stride for n in names]
-        if strides != sorted(strides) or len(set(strides)) != len(strides):
+        # Equal strides are allowed: torchvision's MobileNetV3 FPN merges two stride-32 stages.
+        if strides != sorted(strides):
             raise ConfigError(f"model.neck.in_features: levels must go finest first, got strides {strides}")
         self.inner_blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(input_shapes[n].channels, p.out_channels, 1)) for n in names
