@@ -48,9 +48,10 @@ class ProposalCreator(nn.Module):
 
     Per image: decode (no std), clip to the image's true size, drop boxes
     narrower or lower than ``min_size * scale`` or scored under
-    ``score_thresh`` (before or after the top-k, as ``min_size_before_topk``), keep the ``pre_nms`` best by
-    object probability (per level when there are several), NMS at ``nms_iou``
-    (levels independently), keep the ``post_nms`` best over all levels.
+    ``score_thresh`` (before or after the top-k, as ``min_size_before_topk``),
+    keep the ``pre_nms`` best by object probability (per level when there
+    are several), NMS at ``nms_iou`` (levels independently), keep the
+    ``post_nms`` best over all levels.
     Decoding, clipping and the top-k run batched; NMS runs once per image
     (grouped by level), so an image's proposals never depend on the other
     images.  With one map, NMS stops once ``post_nms`` boxes survive
