@@ -19,6 +19,14 @@ process CPU seconds, and the ratios torchvision / detkit (> 1: detkit is
 faster).  Imported by
 ``inference.py`` and ``train_step.py`` for their R50-FPN rows; also runs alone:
 ``python benchmarks/fpn_vs_torchvision.py [--size 512] [--batch 2] [--reps 3] [--device cpu]``.
+
+``--models NAME,...`` (or ``all``) times torchvision's detection zoo instead:
+inference on one ``--image`` H x W picture per call, each model at its own
+input size (both sides resize it as the model's builder says: 800/1333 for the
+ResNet50 models and ``mobilenet_v3_large_fpn``, 320/640 for ``_320_fpn``), the
+runs of every model and both implementations interleaved in one loop.  A
+model detkit cannot build here (no import config yet, or its import fails) is
+skipped with one line saying why.
 """
 
 from __future__ import annotations
@@ -62,6 +70,26 @@ def _paired(fns: dict[str, Callable[[], object]], device: torch.device, reps: in
     return {"wall": wall, "cpu": cpu}
 
 
+def freeze_body_bn(tv: torch.nn.Module) -> None:
+    """torchvision with weights uses FrozenBatchNorm2d in the backbone body; do the same here
+    (weights=None gives trainable BatchNorm everywhere, which no detection recipe uses)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def freeze(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                f = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                f.weight.copy_(child.weight.detach())
+                f.bias.copy_(child.bias.detach())
+                f.running_mean.copy_(child.running_mean)
+                f.running_var.copy_(child.running_var)
+                setattr(module, name, f)
+            else:
+                freeze(child)
+
+    freeze(tv.backbone.body)
+
+
 def build_pair(size: int, device: torch.device, num_classes: int = 90):
     """``(detkit model, torchvision model)`` with the same weights, neither resizing a ``size`` input."""
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -72,23 +100,7 @@ def build_pair(size: int, device: torch.device, num_classes: int = 90):
     torch.manual_seed(0)
     tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                  min_size=size, max_size=size)
-    # torchvision with weights uses FrozenBatchNorm2d and trains layer2..layer4 only; do the same here
-    # (weights=None gives trainable BatchNorm everywhere, which no detection recipe uses).
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    def freeze(module: torch.nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.BatchNorm2d):
-                f = FrozenBatchNorm2d(child.num_features)
-                f.weight.copy_(child.weight.detach())
-                f.bias.copy_(child.bias.detach())
-                f.running_mean.copy_(child.running_mean)
-                f.running_var.copy_(child.running_var)
-                setattr(module, name, f)
-            else:
-                freeze(child)
-
-    freeze(tv.backbone.body)
+    freeze_body_bn(tv)
     for name, p in tv.backbone.body.named_parameters():
         if not name.startswith(("layer2", "layer3", "layer4")):
             p.requires_grad_(False)
@@ -146,6 +158,56 @@ def train_step(size: int, batch: int, reps: int, device: torch.device) -> dict:
     return _paired({"detkit": lambda: trainer.train_step(images, dk_targets), "torchvision": tv_step}, device, reps)
 
 
+ZOO = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+       "fasterrcnn_mobilenet_v3_large_320_fpn")
+
+
+def build_zoo_pair(name: str, device: torch.device, num_classes: int = 90):
+    """``(detkit, torchvision)`` for torchvision's ``name`` at its own sizes, same random weights.
+
+    Raises when detkit cannot build or import it (the caller skips the model).
+    """
+    from torchvision.models import detection
+
+    from detkit.config import load_config
+    from detkit.engine.import_weights import default_import_config
+    from detkit.registry import build_detector
+
+    config = default_import_config(source="torchvision", model=name)  # a ConfigError for a model detkit lacks
+    torch.manual_seed(0)
+    tv = getattr(detection, name)(weights=None, weights_backbone=None, num_classes=num_classes + 1)
+    freeze_body_bn(tv)
+    dk = build_detector(load_config(config).to_dict()["model"], num_classes)
+    dk.import_state_dict(tv.state_dict(), source="torchvision", new_classes=False)
+    return dk.to(device).eval(), tv.to(device).eval()
+
+
+def zoo_inference(names: list[str], image_hw: tuple[int, int], reps: int, device: torch.device):
+    """``({name: times}, skipped lines)``: per-image inference of each model, all runs interleaved."""
+    fns, skipped, inputs = {}, [], {}
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, *image_hw, generator=g).to(device)
+    for name in names:
+        try:
+            dk, tv = build_zoo_pair(name, device)
+        except Exception as exc:  # noqa: BLE001 - reported as one line, the other models still run
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            skipped.append(f"skip {name}: detkit cannot build it here ({reason})")
+            continue
+        inputs[name] = dk.preprocess.output_size(*image_hw)
+        fns[f"{name}|detkit"] = lambda dk=dk: dk([image])
+        fns[f"{name}|torchvision"] = lambda tv=tv: tv([image])
+    if not fns:
+        return {}, skipped, inputs
+    with torch.inference_mode():
+        times = _paired(fns, device, reps)
+    per_model = {}
+    for name in inputs:
+        per_model[name] = {kind: {impl: times[kind][f"{name}|{impl}"] for impl in ("detkit", "torchvision")}
+                           for kind in ("wall", "cpu")}
+    return per_model, skipped, inputs
+
+
 def report(title: str, times: dict, batch: int) -> list[str]:
     wall, cpu = times["wall"], times["cpu"]
     lines = [f"{title}: {'':<14}{'best s':>8}{'median s':>10}{'img/s':>8}{'CPU s':>8}"]
@@ -167,11 +229,26 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["inference", "train"], default=None)
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated torchvision models, or all ({', '.join(ZOO)}): time the zoo instead")
+    parser.add_argument("--image", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),
+                        help="--models: the picture both implementations resize to each model's input size")
     args = parser.parse_args()
     device = torch.device(args.device)
     import os
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if args.models is not None:
+        names = list(ZOO) if args.models == "all" else [n.strip() for n in args.models.split(",") if n.strip()]
+        print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, load {load:.2f}; "
+              f"one {args.image[0]}x{args.image[1]} image per call, {args.reps} interleaved reps")
+        per_model, skipped, inputs = zoo_inference(names, tuple(args.image), args.reps, device)
+        for line in skipped:
+            print(line)
+        for name, times in per_model.items():
+            h, w = inputs[name]
+            print("\n".join(report(f"{name} at {h}x{w}", times, 1)))
+        return
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, load {load:.2f}; "
           f"R50-FPN, batch {args.batch} at {args.size}x{args.size}, {args.reps} reps")
     if args.only in (None, "inference"):

@@ -31,11 +31,19 @@ SOURCES = ("faster-rcnn-pytorch", "torchvision")
 TORCHVISION_MODELS = {
     "fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
     "fasterrcnn_resnet50_fpn_v2": "FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
+    "fasterrcnn_mobilenet_v3_large_fpn": "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
 }
-# ... and those that do not (yet), with the reason.
+# torchvision's other detection models, with the reason they do not map.
 TORCHVISION_UNSUPPORTED = {
-    "fasterrcnn_mobilenet_v3_large_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
-    "fasterrcnn_mobilenet_v3_large_320_fpn": "it needs a MobileNetV3-Large backbone, which detkit does not ship",
+    "maskrcnn_resnet50_fpn": "a Mask R-CNN: detkit has no mask head (its box part is fasterrcnn_resnet50_fpn's layout)",
+    "maskrcnn_resnet50_fpn_v2": "a Mask R-CNN: detkit has no mask head",
+    "keypointrcnn_resnet50_fpn": "a Keypoint R-CNN: detkit has no keypoint head",
+    "retinanet_resnet50_fpn": "a one-stage detector (no RPN, no RoI head)",
+    "retinanet_resnet50_fpn_v2": "a one-stage detector (no RPN, no RoI head)",
+    "fcos_resnet50_fpn": "a one-stage detector (no RPN, no RoI head)",
+    "ssd300_vgg16": "a one-stage detector (no RPN, no RoI head)",
+    "ssdlite320_mobilenet_v3_large": "a one-stage detector (no RPN, no RoI head)",
 }
 
 

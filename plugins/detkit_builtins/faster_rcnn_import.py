@@ -35,7 +35,7 @@ def import_state_dict(model: Any, state_dict: Mapping[str, Tensor], source: str,
         from detkit_builtins import import_torchvision as tv
 
         mapped, unknown = tv.map_state(state_dict, own)
-        to_theirs = tv.to_torchvision
+        to_theirs = tv.reverse_for(state_dict)
         if unknown:
             shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
             raise CheckpointError(f"torchvision checkpoint has keys outside the layouts of its Faster R-CNN models: {shown}")

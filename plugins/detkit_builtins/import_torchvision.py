@@ -18,6 +18,11 @@ torchvision                            detkit
 ``roi_heads.box_predictor.bbox_pred``  ``roi_head.cls_loc``
 =====================================  =====================================
 
+``fasterrcnn_mobilenet_v3_large_fpn`` and ``_320_fpn`` map onto
+``mobilenet_v3_large`` (``out_features: [stage4, stage5]``) + the same neck,
+RPN and RoI head: ``backbone.body.<i>`` (``features[i]`` of torchvision's
+MobileNetV3-Large) is ``backbone.features.<i>``; the rest is as above.
+
 torchvision scores an anchor with one logit and a sigmoid; detkit with two
 logits (background, object) and a softmax.  ``softmax([0, x])[1] ==
 sigmoid(x)``, so the background channel gets zero weights and bias.
@@ -56,6 +61,8 @@ _RULES = [
     (r"^roi_heads\.box_predictor\.bbox_pred\.", "roi_head.cls_loc."),
     # fasterrcnn_resnet50_fpn_v2: RPNHead(conv_depth=2)
     (r"^rpn\.head\.conv\.1\.0\.", "rpn.conv2."),
+    # fasterrcnn_mobilenet_v3_large_fpn / _320_fpn: the body is mobilenet_v3_large().features itself.
+    *[(rf"^backbone\.body\.{i}\.", f"backbone.features.{i}.") for i in range(17)],
 ]
 _COMPILED = [(re.compile(p), r) for p, r in _RULES]
 _REVERSE = [(re.compile("^" + re.escape(r)), p[1:].replace("\\", "")) for p, r in _RULES]
@@ -69,12 +76,19 @@ def to_detkit(key: str) -> str | None:
     return None
 
 
-def to_torchvision(key: str) -> str:
-    """The torchvision spelling of a detkit key (for error messages)."""
-    for pattern, repl in _REVERSE:
-        if pattern.match(key):
+def to_torchvision(key: str, used: set[int] | None = None) -> str:
+    """The torchvision spelling of a detkit key (for error messages); ``used``: only those rules."""
+    for i, (pattern, repl) in enumerate(_REVERSE):
+        if (used is None or i in used) and pattern.match(key):
             return pattern.sub(repl, key, count=1)
     return key
+
+
+def reverse_for(state: Mapping[str, Tensor]):
+    """:func:`to_torchvision` with the rules that ``state``'s keys use (``backbone.features.4`` is
+    ``layer1`` in a ResNet file and ``4`` in a MobileNet one); all rules when none match."""
+    used = {i for key in state for i, (pattern, _) in enumerate(_COMPILED) if pattern.match(key)}
+    return lambda key: to_torchvision(key, used or None)
 
 
 def _two_logits(t: Tensor) -> Tensor:
@@ -102,4 +116,4 @@ def map_state(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> tuple[d
     return mapped, unknown
 
 
-__all__ = ["map_state", "to_detkit", "to_torchvision"]
+__all__ = ["map_state", "reverse_for", "to_detkit", "to_torchvision"]

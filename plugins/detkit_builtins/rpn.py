@@ -36,15 +36,22 @@ class ProposalParams(BaseModel):
         description="drop too-small boxes before the pre-NMS top-k (faster-rcnn-pytorch) or after it "
         "(torchvision: they still take a top-k place)",
     )
+    score_thresh: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="drop proposals whose object probability is below this, with the too-small ones "
+        "(torchvision's rpn_score_thresh: 0.05 in its MobileNetV3 models); 0: off",
+    )
 
 
 class ProposalCreator(nn.Module):
     """Decodes RPN deltas on anchors and keeps the best boxes of each image.
 
     Per image: decode (no std), clip to the image's true size, drop boxes
-    narrower or lower than ``min_size * scale``, keep the ``pre_nms`` best by
-    object probability (per level when there are several), NMS at ``nms_iou``
-    (levels independently), keep the ``post_nms`` best over all levels.
+    narrower or lower than ``min_size * scale`` or scored under
+    ``score_thresh`` (before or after the top-k, as ``min_size_before_topk``),
+    keep the ``pre_nms`` best by object probability (per level when there
+    are several), NMS at ``nms_iou`` (levels independently), keep the
+    ``post_nms`` best over all levels.
     Decoding, clipping and the top-k run batched; NMS runs once per image
     (grouped by level), so an image's proposals never depend on the other
     images.  With one map, NMS stops once ``post_nms`` boxes survive
@@ -61,6 +68,7 @@ class ProposalCreator(nn.Module):
         self.test_pre_nms, self.test_post_nms = p.test_pre_nms, p.test_post_nms
         self.min_size = p.min_size
         self.min_size_before_topk = p.min_size_before_topk
+        self.score_thresh = p.score_thresh
 
     def forward(
         self,
@@ -98,6 +106,8 @@ class ProposalCreator(nn.Module):
         hs = boxes[..., 3] - boxes[..., 1]
         valid = (ws >= min_size) & (hs >= min_size)
         scores = fg_scores.to(boxes.dtype)
+        if self.score_thresh > 0:  # a Python number from the config: no data read back
+            valid = valid & (scores >= self.score_thresh)
         if self.min_size_before_topk:
             scores = scores.masked_fill(~valid, float("-inf"))
 

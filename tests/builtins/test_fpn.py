@@ -251,3 +251,34 @@ def test_tiny_backbone_multi_level_feeds_fpn_and_trains():
         assert grad is not None and grad.abs().sum() > 0, name
     # P2..P5 at strides 4, 8, 16, 32 (the FPN's extra level), three ratios per cell.
     assert model.anchors((96, 128)).shape[0] == 3 * sum((96 // s) * (128 // s) for s in (4, 8, 16, 32))
+
+
+def test_several_anchor_sizes_per_level_match_torchvision():
+    """The MobileNetV3 models: five sizes on each of three levels (strides 32, 32, 64), 15 anchors per cell."""
+    sizes = [[32, 64, 128, 256, 512]] * 3
+    gen = MultiLevelAnchorGenerator([32, 32, 64], AnchorParams(sizes=sizes, ratios=[0.5, 1.0, 2.0],
+                                                                level_stride="input_ratio"))
+    assert gen.num_per_cell == 15
+    tv = TVAnchorGenerator(tuple(tuple(s) for s in sizes), ((0.5, 1.0, 2.0),) * 3)
+    h, w = 320, 416
+    maps = [torch.zeros(1, 1, h // 32, w // 32)] * 2 + [torch.zeros(1, 1, -(-h // 64), -(-w // 64))]
+    ours = torch.cat(gen([m.shape[-2:] for m in maps], (h, w)))
+    theirs = tv(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), maps)[0]
+    assert ours.shape == (15 * (2 * 10 * 13 + 5 * 7), 4)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_fpn_over_two_levels_of_one_stride_equals_torchvision():
+    """torchvision's MobileNetV3 FPN merges two stride-32 stages (160 and 960 channels)."""
+    shapes = {"stage4": ShapeSpec(16, 32), "stage5": ShapeSpec(24, 32)}
+    ours = FPN(FPN.Params(out_channels=8), input_shapes=shapes)
+    assert ours.output_shape() == {"P0": (8, 32), "P1": (8, 32), "P2": (8, 64)}
+    theirs = FeaturePyramidNetwork([16, 24], 8, extra_blocks=LastLevelMaxPool())
+    theirs.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(2, s.channels, 5, 7, generator=g) for k, s in shapes.items()}
+    ref = theirs(OrderedDict((str(i), v) for i, v in enumerate(feats.values())))
+    for o, r in zip(ours(feats).values(), ref.values()):
+        torch.testing.assert_close(o, r)
+    with pytest.raises(ConfigError, match="finest first"):
+        FPN(input_shapes={"a": ShapeSpec(16, 32), "b": ShapeSpec(16, 16)})

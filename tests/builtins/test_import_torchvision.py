@@ -274,11 +274,13 @@ def test_offline_without_file_names_the_file_and_directory(tmp_path, monkeypatch
 def test_unsupported_torchvision_models_say_why():
     from detkit.engine.import_weights import check_torchvision_model
 
-    with pytest.raises(ConfigError, match="MobileNetV3"):
-        check_torchvision_model("fasterrcnn_mobilenet_v3_large_fpn")
-    assert check_torchvision_model("fasterrcnn_resnet50_fpn_v2") == "fasterrcnn_resnet50_fpn_v2"
-    with pytest.raises(ConfigError, match="expected one of fasterrcnn_resnet50_fpn"):
+    for name in ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+                 "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"):
+        assert check_torchvision_model(name) == name
+    with pytest.raises(ConfigError, match="one-stage"):
         check_torchvision_model("retinanet_resnet50_fpn")
+    with pytest.raises(ConfigError, match="expected one of fasterrcnn_resnet50_fpn"):
+        check_torchvision_model("fasterrcnn_resnet101_fpn")
 
 
 def test_backbone_pretrained_true_offline_is_one_line(tmp_path, monkeypatch):

@@ -224,3 +224,16 @@ def test_rpn_trains_with_its_own_anchor_target_and_losses():
     assert rpn.score.weight.grad.abs().sum() > 0 and feats.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="targets"):
         rpn(feats, image_batch(sizes, (96, 128)))
+
+
+def test_score_threshold_drops_low_object_probabilities_and_is_off_by_default():
+    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 60.0, 60.0], [0.0, 40.0, 20.0, 60.0]])
+    locs = torch.zeros(1, 3, 4)
+    scores = torch.tensor([[0.9, 0.04, 0.05]])  # the second under 0.05, the third exactly at it
+    sizes = torch.tensor([[64, 64]])
+    rois, _ = creator(min_size=0.0)(locs, scores, anchors, sizes)
+    assert rois.shape == (3, 4)
+    for before_topk in (True, False):
+        rois, idx = creator(min_size=0.0, score_thresh=0.05, min_size_before_topk=before_topk)(
+            locs, scores, anchors, sizes)
+        assert rois.tolist() == [anchors[0].tolist(), anchors[2].tolist()] and idx.tolist() == [0, 0]

@@ -73,7 +73,8 @@ class FPN(FrozenBNMixin, Neck):
             )
         self.in_features = names
         strides = [input_shapes[n].stride for n in names]
-        if strides != sorted(strides) or len(set(strides)) != len(strides):
+        # Equal strides are allowed: torchvision's MobileNetV3 FPN merges two stride-32 stages.
+        if strides != sorted(strides):
             raise ConfigError(f"model.neck.in_features: levels must go finest first, got strides {strides}")
         self.inner_blocks = nn.ModuleList(conv_norm(input_shapes[n].channels, p.out_channels, 1, p.norm) for n in names)
         self.layer_blocks = nn.ModuleList(conv_norm(p.out_channels, p.out_channels, 3, p.norm) for _ in names)
