@@ -49,7 +49,7 @@ class ProposalCreator(nn.Module):
     Per image: decode (no std), clip to the image's true size, drop boxes
     narrower or lower than ``min_size * scale`` or scored under
     ``score_thresh`` (before or after the top-k, as ``min_size_before_topk``),
-    keep the ``pre_nms`` best by object probability (per level when there
+    keep the ``pre_nms`` best by object score (per level when there
     are several), NMS at ``nms_iou`` (levels independently), keep the
     ``post_nms`` best over all levels.
     Decoding, clipping and the top-k run batched; NMS runs once per image
@@ -81,6 +81,12 @@ class ProposalCreator(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``locs [N, A, 4]``, ``fg_scores [N, A]``, ``anchors [A, 4]``, ``image_sizes [N, 2]`` (h, w).
 
+        ``fg_scores`` are object log-odds (the RPN passes ``logit_object -
+        logit_background``): they rank like the softmax probability but do not
+        saturate, so anchors scored above ~17 (probability 1.0 in float32)
+        keep their order, as torchvision's raw objectness does.
+        ``score_thresh`` compares their sigmoid, the probability.
+
         ``num_per_level``: anchors of each level in ``A`` (levels concatenated);
         ``None`` is one level.  Returns ``rois [R, 4]`` and ``roi_indices [R]``
         (int64), grouped by image in batch order, best first within an image.
@@ -107,7 +113,7 @@ class ProposalCreator(nn.Module):
         valid = (ws >= min_size) & (hs >= min_size)
         scores = fg_scores.to(boxes.dtype)
         if self.score_thresh > 0:  # a Python number from the config: no data read back
-            valid = valid & (scores >= self.score_thresh)
+            valid = valid & (torch.sigmoid(scores) >= self.score_thresh)
         if self.min_size_before_topk:
             scores = scores.masked_fill(~valid, float("-inf"))
 
@@ -280,7 +286,8 @@ class RegionProposalNetwork(ProposalGenerator):
         sizes = [(m.shape[-2], m.shape[-1]) for m in maps]  # ints; traced values when exporting
         anchors = self.anchors(sizes, images.input_size, maps[0].device)
         num_per_level = [h * w * self.num_anchors_per_cell for h, w in sizes] if self.multi_level else None
-        fg = F.softmax(scores.detach(), dim=-1)[..., 1]
+        # softmax([b, o])[1] == sigmoid(o - b): rank by the log-odds, which never saturate.
+        fg = scores[..., 1].detach() - scores[..., 0].detach()
         # faster-rcnn-pytorch's min_size rule: times each image's resize factor in training, 1 at test.
         scale = images.scales if self.training else 1.0
         # The proposal step is not differentiated: the RoI head treats RoIs as inputs.

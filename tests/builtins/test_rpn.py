@@ -229,7 +229,8 @@ def test_rpn_trains_with_its_own_anchor_target_and_losses():
 def test_score_threshold_drops_low_object_probabilities_and_is_off_by_default():
     anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 60.0, 60.0], [0.0, 40.0, 20.0, 60.0]])
     locs = torch.zeros(1, 3, 4)
-    scores = torch.tensor([[0.9, 0.04, 0.05]])  # the second under 0.05, the third exactly at it
+    # object log-odds whose probabilities are 0.9, 0.04 and 0.05: the second under 0.05, the third at it
+    scores = torch.logit(torch.tensor([[0.9, 0.04, 0.05]]))
     sizes = torch.tensor([[64, 64]])
     rois, _ = creator(min_size=0.0)(locs, scores, anchors, sizes)
     assert rois.shape == (3, 4)
@@ -237,3 +238,30 @@ def test_score_threshold_drops_low_object_probabilities_and_is_off_by_default():
         rois, idx = creator(min_size=0.0, score_thresh=0.05, min_size_before_topk=before_topk)(
             locs, scores, anchors, sizes)
         assert rois.tolist() == [anchors[0].tolist(), anchors[2].tolist()] and idx.tolist() == [0, 0]
+
+
+def test_confident_anchors_keep_their_order(rpn):
+    """Object logits far above the background saturate softmax to exactly 1.0 in float32.
+
+    Ranked by that probability, anchors scored 17..25 would tie and the pre-NMS top-k would
+    pick among them arbitrarily (torchvision, which ranks the raw objectness, keeps their
+    order). The RPN ranks by the log-odds: every anchor of a cell gets its own score.
+    """
+    with torch.no_grad():
+        rpn.score.weight.zero_()
+        rpn.score.bias.zero_()
+        rpn.score.bias[1::2] = 17.0 + torch.arange(rpn.score.bias.numel() // 2, dtype=torch.float32)
+    assert torch.softmax(torch.tensor([0.0, 17.0]), 0)[1] == 1.0  # the saturation this guards against
+    seen = {}
+
+    def capture(module, args):
+        seen["fg"] = args[1]
+
+    handle = rpn.proposal_creator.register_forward_pre_hook(capture)
+    try:
+        rpn(torch.randn(1, 8, 3, 4), image_batch(torch.tensor([[48, 64]]), (48, 64)))
+    finally:
+        handle.remove()
+    per_cell = seen["fg"][0, :9]
+    assert torch.unique(per_cell).numel() == 9
+    assert torch.equal(per_cell.argsort(descending=True), torch.arange(8, -1, -1))
