@@ -3,7 +3,7 @@
 # and torchvision but without detkit's other dependencies.
 #
 #   bash benchmarks/gpu_suite.sh [PARTS]      PARTS: any of step layout profile loop loop_resnet loader compile quickstart
-#                                              ddp fpn scratch
+#                                              ddp fpn zoo scratch
 #                                              (default: step layout loop loader)
 #
 # Needs the wheels of pydantic, pydantic_core, annotated-types, typing-inspection and
@@ -93,6 +93,11 @@ if has fpn; then
   echo "=== R50-FPN: detkit against torchvision's fasterrcnn_resnet50_fpn (issue 11)"
   timeout ${FPN_TIMEOUT:-120} python3 benchmarks/fpn_vs_torchvision.py --device cuda --size 800 --batch 4 --reps 10 \
     2>&1 | tee "$OUT/fpn.log"
+fi
+if has zoo; then
+  echo "=== torchvision's Faster R-CNN zoo: detkit against torchvision, one image per call at each model's size"
+  timeout ${ZOO_TIMEOUT:-240} python3 benchmarks/fpn_vs_torchvision.py --device cuda --models all --reps 10 \
+    2>&1 | tee "$OUT/zoo.log"
 fi
 if has scratch; then
   wait $SYNTH; tail -2 "$OUT/synth.log"
