@@ -120,11 +120,8 @@ class CascadeParams(BaseModel):
                 f"proposal_target '{self.proposal_target.type}' has no {', '.join(missing)}, which each "
                 "cascade stage sets from iou_thresholds"
             )
-        fixed = [f for f in STAGE_THRESHOLD_FIELDS if f in sampler.model_fields_set]
-        if fixed:
-            raise ValueError(
-                f"proposal_target.{fixed[0]}: each stage takes it from iou_thresholds; set those instead"
-            )
+        # pos_iou_thresh / neg_iou_thresh_hi written under proposal_target are not refused: a saved
+        # run's resolved config holds them (their defaults), and iou_thresholds overrides them per stage.
         return self
 
     def stage_sampler(self, k: int) -> dict[str, Any]:
