@@ -122,6 +122,20 @@ def test_trains_and_the_loss_falls():
     assert sum(totals[-3:]) < 0.8 * sum(totals[:3]), totals
 
 
+def test_stage_losses_carry_the_stage_weights():
+    images, targets = shapes_batch()
+    losses = []
+    for weights in ([1.0, 1.0, 1.0], [1.0, 0.5, 0.25]):
+        model = cascade_model(stage_loss_weights=weights).train()
+        model.set_sampling_generator(torch.Generator().manual_seed(0))
+        losses.append(model(images, targets))
+    plain, weighted = losses
+    for k, w in enumerate([1.0, 0.5, 0.25]):
+        for name in (f"s{k}_roi_loc", f"s{k}_roi_cls"):
+            assert plain[name] > 0, name
+            assert torch.allclose(weighted[name], w * plain[name]), name
+
+
 def _record_samplers(head):
     """Wrap each stage's sampler to keep what it was given and what it returned."""
     seen = []
