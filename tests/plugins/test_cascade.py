@@ -79,6 +79,25 @@ def test_registered_through_its_distribution():
     assert rows["roi_head"]["distribution"] == "detkit"
 
 
+def test_imports_only_detkits_public_modules():
+    """A third party's code: detkit's contracts, registry and box coding, nothing of the built-ins or the engine."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"detkit", "detkit.interfaces", "detkit.registry", "detkit.boxes", "detkit.errors"}
+    package = Path(detkit_cascade.__file__).parent
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    ours = {m for m in imported if m.split(".")[0] in ("detkit", "detkit_builtins")}
+    assert ours and ours <= allowed, sorted(ours - allowed)
+    assert all(not name.startswith("_") for m in ours for name in m.split("."))
+
+
 def test_config_defaults_are_the_papers():
     head = cascade_model().roi_head
     assert len(head.stages) == 3 and head.iou_thresholds == [0.5, 0.6, 0.7]
