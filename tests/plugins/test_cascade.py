@@ -314,3 +314,21 @@ def test_train_eval_predict_export_from_the_command_line(tmp_path, tiny_dict):
                                  "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.pt").is_file()
+
+
+def test_cpu_recipe_is_the_faster_rcnn_recipe_with_the_cascade_head():
+    """configs/cascade/tiny.yaml validates and differs from configs/scratch/tiny.yaml only in the RoI head,
+    so benchmarks/cascade_vs_faster.py compares the heads alone."""
+    from pathlib import Path
+
+    from detkit.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cascade = load_config(repo / "configs" / "cascade" / "tiny.yaml").to_dict()
+    faster = load_config(repo / "configs" / "scratch" / "tiny.yaml").to_dict()
+    head = cascade["model"].pop("roi_head")
+    faster["model"].pop("roi_head")
+    assert head["type"] == "cascade" and head["num_stages"] == 3
+    assert cascade["model"] == faster["model"]
+    assert {k: v for k, v in cascade.items() if k not in ("model", "name")} == \
+        {k: v for k, v in faster.items() if k not in ("model", "name")}
