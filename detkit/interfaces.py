@@ -287,6 +287,10 @@ class RoIHead(_Stage, ABC):
         self, features: Features, proposals: Proposals, images: ImageBatch, targets: Targets | None = None
     ) -> tuple[RoIPredictions | None, dict[str, Tensor]]: ...
 
+    def compile_modules(self) -> list[nn.Module]:
+        """Submodules that see the same shapes every step (``train.compile`` compiles them); none by default."""
+        return []
+
 
 class TargetCreator(nn.Module, ABC):
     """Turns ground truth into training targets (no learnable parameters).

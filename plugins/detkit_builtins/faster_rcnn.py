@@ -211,8 +211,9 @@ class FasterRCNN(Detector):
         return [p for p in self.backbone.parameters() if id(p) not in shared]
 
     def compile_modules(self) -> list[torch.nn.Module]:
-        """The backbone, the neck and the box head: the same shapes every step."""
-        return [m for m in (self.backbone, self.neck, self.roi_head.box_head) if isinstance(m, torch.nn.Module)]
+        """The backbone, the neck and what the RoI head names: the same shapes every step."""
+        parts = [m for m in (self.backbone, self.neck) if isinstance(m, torch.nn.Module)]
+        return parts + [m for m in self.roi_head.compile_modules() if all(m is not p for p in parts)]
 
     def import_state_dict(
         self, state_dict: Mapping[str, Tensor], source: str = "faster-rcnn-pytorch", new_classes: bool = False

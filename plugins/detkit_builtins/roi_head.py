@@ -111,6 +111,9 @@ class RoIHead(RoIHeadBase):
         hidden = self.box_head(self.pooler(features, boxes, image_indices, input_size))
         return self.cls_loc(hidden), self.score(hidden)
 
+    def compile_modules(self) -> list[nn.Module]:
+        return [self.box_head]  # fixed [R, C, S, S] inputs: R is n_sample (train) or the proposal cap
+
     def forward(
         self, features: Features, proposals: Proposals, images: ImageBatch, targets: Targets | None = None
     ) -> tuple[RoIPredictions | None, dict[str, Tensor]]:

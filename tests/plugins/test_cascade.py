@@ -332,3 +332,17 @@ def test_cpu_recipe_is_the_faster_rcnn_recipe_with_the_cascade_head():
     assert cascade["model"] == faster["model"]
     assert {k: v for k, v in cascade.items() if k not in ("model", "name")} == \
         {k: v for k, v in faster.items() if k not in ("model", "name")}
+
+
+def test_train_compile_gets_every_stages_box_head():
+    """``train.compile`` compiles what the detector names: the backbone, the neck and each stage's head.
+
+    The detector asks its RoI head (``RoIHead.compile_modules``); it used to read a
+    ``box_head`` attribute that only the built-in head has.
+    """
+    model = cascade_model()
+    parts = model.compile_modules()
+    heads = [stage.box_head for stage in model.roi_head.stages]
+    assert len(heads) == 3 and len({id(h) for h in heads}) == 3
+    assert parts[:2] == [model.backbone, model.neck]
+    assert len(parts) == 5 and all(any(p is h for p in parts) for h in heads)

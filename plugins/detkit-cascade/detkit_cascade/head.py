@@ -125,6 +125,14 @@ class CascadeRoIHead(RoIHead):
         self.cls_loss = p.cls_loss.build()
         self.stage_loss_weights = list(p.stage_loss_weights)
 
+    def compile_modules(self) -> list[nn.Module]:
+        """Each stage's box head, once (C4 stages share the backbone's one tail)."""
+        heads: list[nn.Module] = []
+        for stage in self.stages:
+            if all(stage.box_head is not h for h in heads):
+                heads.append(stage.box_head)
+        return heads
+
     @property
     def iou_thresholds(self) -> list[float]:
         return list(self.params.iou_thresholds)
