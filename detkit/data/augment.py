@@ -10,10 +10,10 @@ contract has them.
 **Seeded draws.**  v2 draws its parameters from torch's global generator.  A
 :class:`V2Step` takes three uniform numbers from the sample's generator (the
 contract's ``rand``): the first decides whether the step runs at all
-(probability ``p``), the other two make a 48-bit seed for the global generator
-while v2 runs, inside ``torch.random.fork_rng`` (the caller's generator state
-is restored after).  So a sample's augmentation is a function of the seed the
-loader hands out for it, whatever the number of workers.
+(probability ``p``), the other two make a 48-bit seed for the global CPU
+generator while v2 runs (:func:`seeded`: its state is restored after).  So a
+sample's augmentation is a function of the seed the loader hands out for it,
+whatever the number of workers.
 
 **Dropped boxes.**  After a geometric step the boxes are clipped to the new
 image and those narrower or lower than ``min_size`` pixels are dropped, with
@@ -24,7 +24,8 @@ sample; training reports the count per epoch.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,6 +44,24 @@ def seed_from(rand: Tensor) -> int:
     """A 48-bit seed from two uniform float32 draws (24 random bits each)."""
     hi, lo = (int(x * 2**24) for x in rand[:2].tolist())
     return (hi << 24) | lo
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's global CPU generator seeded with ``seed`` inside the block, restored after.
+
+    What ``torch.random.fork_rng`` + ``torch.manual_seed`` do for the CPU, at a
+    small part of the cost: ``torch.manual_seed`` also seeds every accelerator
+    backend, which costs more per sample than the transforms themselves
+    (``benchmarks/loader.py --compare-augment`` prints both).
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def sanitize(target: dict[str, Any], size: tuple[int, int], min_size: float) -> dict[str, Any]:
@@ -104,8 +123,7 @@ class V2Step(Transform):
         h, w = int(image.shape[-2]), int(image.shape[-1])
         transform = self.v2_transform(h, w)
         boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_from(rand[1:]))
+        with seeded(seed_from(rand[1:])):
             out_image, out_boxes = transform(tv_tensors.Image(image), boxes)
         image = out_image.as_subclass(Tensor)
         out = dict(target)
@@ -144,8 +162,7 @@ class PhotometricDistort(V2Step):
     def __call__(self, image: Tensor, target: dict[str, Any], rand: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
         if rand is None:
             return image, target
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_from(rand[1:]))
+        with seeded(seed_from(rand[1:])):
             image = self._v2(tv_tensors.Image(image)).as_subclass(Tensor)
         return image, target
 
