@@ -20,7 +20,8 @@
 
 4. **Augmentation against the hand-written one** (``--compare-augment REPS``):
    images/s of the loader (``--workers`` of the first count) with the
-   default augmentation (hflip 0.5) and with ``photometric`` added, on
+   default augmentation (hflip 0.5) and with ``photometric`` added (one torch
+   thread in the main process too), on
    torchvision.transforms.v2 (today's steps) against a copy of the
    hand-written steps they replaced (kept below as the baseline), the two
    interleaved within every rep so that a noisy machine slows both alike;
@@ -193,6 +194,7 @@ def seeding_cost(reps: int = 2000) -> tuple[float, float]:
 
 def compare_augment(root: Path, args: argparse.Namespace) -> None:
     workers = args.workers[0]
+    torch.set_num_threads(1)  # one thread like a loader worker (two threads that wait spin on a busy machine)
     print(f"augmentation, v2 against hand-written, {workers} workers, {args.reps_augment} interleaved reps "
           f"of {args.epochs} epoch(s); seeding one v2 step: {'{:.1f} us (fork_rng + manual_seed: {:.1f} us)'.format(*seeding_cost())}")
     rates: dict[str, list[float]] = {}

@@ -152,3 +152,17 @@ def test_bad_augmentation_settings_are_one_line_naming_the_field(step, where):
     with pytest.raises(ConfigError, match=r"x\.yaml.*data\.transforms\." + where) as err:
         validate(cfg, "x.yaml")
     assert "\n" not in str(err.value)
+
+
+def test_the_augmentation_recipe_is_tiny_with_zoom_out_and_iou_crop():
+    from pathlib import Path
+
+    from detkit.config import load_config
+
+    scratch = Path(__file__).resolve().parents[2] / "configs" / "scratch"
+    base, aug = (load_config(scratch / name).to_dict() for name in ("tiny.yaml", "tiny_aug.yaml"))
+    steps = [s["type"] for s in aug["data"].pop("transforms")]
+    assert steps == ["photometric", "zoom_out", "iou_crop", "hflip"]
+    base["data"].pop("transforms")
+    base.pop("name"), aug.pop("name")
+    assert aug == base  # the measured difference is the augmentation alone
