@@ -124,8 +124,8 @@ class HandPhotometric(Transform):
 
 
 AUGMENT = {  # setting -> (today's steps, the hand-written baseline's or None)
-    "hflip (default)": ([{"type": "hflip", "p": 0.5}], lambda: [HandFlip(0.5)]),
-    "hflip + photometric": ([{"type": "hflip", "p": 0.5}, {"type": "photometric"}],
+    "default (hflip 0.5)": ([{"type": "hflip", "p": 0.5}], lambda: [HandFlip(0.5)]),
+    "photometric (+ hflip)": ([{"type": "hflip", "p": 0.5}, {"type": "photometric"}],
                             lambda: [HandFlip(0.5), HandPhotometric()]),
     "tiny_aug (+ zoom_out, iou_crop)": ([{"type": "photometric"}, {"type": "zoom_out", "side_range": [1.0, 2.0]},
                                          {"type": "iou_crop", "p": 0.5}, {"type": "hflip", "p": 0.5}], None),
@@ -192,20 +192,47 @@ def seeding_cost(reps: int = 2000) -> tuple[float, float]:
     return ours, (time.perf_counter() - t) / (reps // 10) * 1e6
 
 
+def transform_cost(root: Path, reps: int) -> None:
+    """Microseconds per image of the transforms alone (decoded images, per-sample generators, as in the
+    loader), v2 against hand-written, interleaved: the part of the loader's work that changed."""
+    cfg = DataConfig.model_validate({"train": {"type": "voc", "root": str(root), "split": "train",
+                                               "classes": CLASSES}})
+    base = build_dataset(cfg, "train", augment=False)
+    samples = [base[i] for i in range(len(base))]
+    times: dict[str, list[float]] = {}
+    for rep in range(reps):
+        for name, (steps, hand) in AUGMENT.items():
+            for kind, s in [("v2", steps)] + ([("hand", hand())] if hand else []):
+                t = DetectionTransform(s, train=True)
+                start = time.perf_counter()
+                for i, (image, target) in enumerate(samples):
+                    t(image, target, torch.Generator().manual_seed(rep * 1000 + i))
+                times.setdefault(f"{name}|{kind}", []).append((time.perf_counter() - start) / len(samples) * 1e6)
+    print(f"transforms alone, {len(samples)} decoded images, {reps} interleaved reps, median us per image:")
+    for name, (_, hand) in AUGMENT.items():
+        line = f"  {name:32s} v2 {statistics.median(times[f'{name}|v2']):8.0f}"
+        if hand:
+            line += f", hand-written {statistics.median(times[f'{name}|hand']):8.0f}"
+        print(line)
+
+
 def compare_augment(root: Path, args: argparse.Namespace) -> None:
     workers = args.workers[0]
     torch.set_num_threads(1)  # one thread like a loader worker (two threads that wait spin on a busy machine)
-    print(f"augmentation, v2 against hand-written, {workers} workers, {args.reps_augment} interleaved reps "
-          f"of {args.epochs} epoch(s); seeding one v2 step: {'{:.1f} us (fork_rng + manual_seed: {:.1f} us)'.format(*seeding_cost())}")
+    print("seeding one v2 step: {:.1f} us (fork_rng + manual_seed: {:.1f} us)".format(*seeding_cost()))
+    transform_cost(root, 10)
+    names = [n for n in AUGMENT if n.split()[0] in args.augment_settings] if args.augment_settings else list(AUGMENT)
+    print(f"loader, v2 against hand-written, {workers} workers, {args.reps_augment} interleaved reps "
+          f"of {args.epochs} epoch(s)")
     rates: dict[str, list[float]] = {}
     for rep in range(args.reps_augment):
-        for name, (steps, hand) in AUGMENT.items():
+        for name, (steps, hand) in ((n, AUGMENT[n]) for n in names):
             runs = [("v2", steps)] + ([("hand", hand())] if hand else [])
             for kind, s in runs if rep % 2 == 0 else runs[::-1]:  # alternate which goes first
                 rates.setdefault(f"{name}|{kind}", []).append(loader_rate(root, workers, args, s))
         print(f"  rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + f"  (load {load()})",
               flush=True)
-    for name, (_, hand) in AUGMENT.items():
+    for name, (_, hand) in ((n, AUGMENT[n]) for n in names):
         new = statistics.median(rates[f"{name}|v2"])
         line = f"  {name:32s} v2 {new:7.1f} images/s"
         if hand:
@@ -239,6 +266,8 @@ def main() -> None:
     )
     p.add_argument("--compare-augment", dest="reps_augment", type=int, default=0, metavar="REPS",
                    help="only the v2 against hand-written augmentation comparison, REPS interleaved reps")
+    p.add_argument("--augment-settings", nargs="+", default=None, metavar="NAME",
+                   help="with --compare-augment: the loader settings to time (default, photometric, tiny_aug; default all)")
     args = p.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="detkit_loader_")) / "voc"
     if not (root / "ImageSets" / "Main" / "train.txt").is_file():

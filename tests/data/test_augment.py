@@ -75,13 +75,13 @@ def test_the_same_sample_seed_gives_the_same_augmentation_whatever_the_global_rn
     t = DetectionTransform(ALL, train=True)
     torch.manual_seed(1)
     a = t(image, target, torch.Generator().manual_seed(42))
-    state = torch.get_rng_state()
     torch.manual_seed(2)  # another global state: the sample's seed alone decides
     b = t(image, target, torch.Generator().manual_seed(42))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
     torch.manual_seed(1)
+    before = torch.get_rng_state()
     t(image, target, torch.Generator().manual_seed(42))
-    assert torch.equal(torch.get_rng_state(), state)  # v2's draws leave the caller's generator alone
+    assert torch.equal(torch.get_rng_state(), before)  # v2's draws leave the caller's generator alone
     outs = {(tuple(o.shape), tuple(g["boxes"].flatten().tolist()))
             for o, g in (t(image, target, torch.Generator().manual_seed(s)) for s in range(6))}
     assert len(outs) >= 5  # other seeds, other augmentations
