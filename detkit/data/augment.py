@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -85,9 +85,10 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _ordered(pair: tuple[float, float], name: str) -> None:
+def _ordered(pair: tuple[float, float], name: str = "") -> tuple[float, float]:
     if pair[0] > pair[1]:
-        raise ValueError(f"{name}: [{pair[0]:g}, {pair[1]:g}] is not a range (the first is larger)")
+        raise ValueError(f"{name}[{pair[0]:g}, {pair[1]:g}] is not a range (the first is larger)")
+    return pair
 
 
 class V2Step(Transform):
@@ -144,13 +145,14 @@ class PhotometricDistort(V2Step):
         hue: tuple[float, float] = (-0.05, 0.05)
         p: float = Field(0.5, ge=0, le=1, description="probability of each of the five distortions")
 
-        @model_validator(mode="after")
-        def _ranges(self) -> "PhotometricDistort.Params":
-            for name in ("brightness", "contrast", "saturation", "hue"):
-                _ordered(getattr(self, name), name)
-            if not -0.5 <= self.hue[0] <= self.hue[1] <= 0.5:
-                raise ValueError("hue: must lie within [-0.5, 0.5]")
-            return self
+        _ranges = field_validator("brightness", "contrast", "saturation", "hue")(_ordered)
+
+        @field_validator("hue")
+        @classmethod
+        def _hue(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if not -0.5 <= v[0] <= v[1] <= 0.5:
+                raise ValueError("must lie within [-0.5, 0.5]")
+            return v
 
     geometric = False
 
@@ -184,8 +186,8 @@ class IoUCrop(V2Step):
 
         @model_validator(mode="after")
         def _ranges(self) -> "IoUCrop.Params":
-            _ordered((self.min_scale, self.max_scale), "min_scale, max_scale")
-            _ordered((self.min_aspect_ratio, self.max_aspect_ratio), "min_aspect_ratio, max_aspect_ratio")
+            _ordered((self.min_scale, self.max_scale), "min_scale, max_scale: ")
+            _ordered((self.min_aspect_ratio, self.max_aspect_ratio), "min_aspect_ratio, max_aspect_ratio: ")
             return self
 
     def __init__(self, params: "IoUCrop.Params | None" = None):
@@ -211,12 +213,12 @@ class ZoomOut(V2Step):
         p: float = Field(0.5, ge=0, le=1, description="probability of a zoom-out")
         min_size: float = Field(1.0, ge=0, description="boxes narrower or lower than this (px) are dropped")
 
-        @model_validator(mode="after")
-        def _ranges(self) -> "ZoomOut.Params":
-            _ordered(self.side_range, "side_range")
-            if self.side_range[0] < 1:
-                raise ValueError("side_range: must start at 1 or more (the canvas is at least the image)")
-            return self
+        @field_validator("side_range")
+        @classmethod
+        def _side_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if v[0] < 1:
+                raise ValueError("must start at 1 or more (the canvas is at least the image)")
+            return _ordered(v)
 
     def __init__(self, params: "ZoomOut.Params | None" = None):
         super().__init__(params)
@@ -246,15 +248,19 @@ class RandomResizedCrop(V2Step):
         min_size: float = Field(1.0, ge=0, description="boxes narrower or lower than this (px) are dropped")
         antialias: bool = True
 
-        @model_validator(mode="after")
-        def _ranges(self) -> "RandomResizedCrop.Params":
-            _ordered(self.scale, "scale")
-            _ordered(self.ratio, "ratio")
-            if not 0 < self.scale[0] <= self.scale[1] <= 1:
-                raise ValueError("scale: must lie within (0, 1]")
-            if self.ratio[0] <= 0:
-                raise ValueError("ratio: must be positive")
-            return self
+        @field_validator("scale")
+        @classmethod
+        def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if not 0 < v[0] <= 1 or not 0 < v[1] <= 1:
+                raise ValueError("must lie within (0, 1]")
+            return _ordered(v)
+
+        @field_validator("ratio")
+        @classmethod
+        def _ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+            if v[0] <= 0:
+                raise ValueError("must be positive")
+            return _ordered(v)
 
     def v2_transform(self, height: int, width: int) -> Any:
         p = self.params

@@ -140,12 +140,13 @@ BASE = {"model": {"type": "faster_rcnn"}, "data": {"train": {"type": "synthetic"
 
 
 @pytest.mark.parametrize("step, where", [
-    ({"type": "zoom_out", "side_range": [2.0, 1.0]}, r"steps\[0\]: .*side_range: \[2, 1\] is not a range"),
-    ({"type": "zoom_out", "side_range": [0.5, 2.0]}, r"steps\[0\]: .*side_range: must start at 1"),
+    ({"type": "zoom_out", "side_range": [2.0, 1.0]}, r"steps\[0\]\.side_range: .*\[2, 1\] is not a range"),
+    ({"type": "zoom_out", "side_range": [0.5, 2.0]}, r"steps\[0\]\.side_range: .*must start at 1"),
     ({"type": "iou_crop", "min_scale": 0.9, "max_scale": 0.5}, r"steps\[0\]: .*min_scale, max_scale"),
-    ({"type": "random_resized_crop", "scale": [0.5, 1.5]}, r"steps\[0\]: .*scale: must lie within"),
-    ({"type": "photometric_distort", "hue": [-0.7, 0.0]}, r"steps\[0\]: .*hue: must lie within"),
+    ({"type": "random_resized_crop", "scale": [0.5, 1.5]}, r"steps\[0\]\.scale: .*must lie within"),
+    ({"type": "photometric_distort", "hue": [-0.7, 0.0]}, r"steps\[0\]\.hue: .*must lie within"),
     ({"type": "iou_crop", "p": 2}, r"steps\[0\]\.p: "),
+    ({"type": "photometric_distort", "contrast": [1.5, 0.5]}, r"steps\[0\]\.contrast: .*\[1.5, 0.5\] is not a range"),
 ])
 def test_bad_augmentation_settings_are_one_line_naming_the_field(step, where):
     cfg = {**BASE, "data": {**BASE["data"], "transforms": [step]}}
