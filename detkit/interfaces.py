@@ -530,13 +530,20 @@ class Transform(ABC):
 
     ``__call__(image, target, rand) -> (image, target)``: ``image`` float32
     ``[3, H, W]`` in 0..1 at the image's own size; ``target`` a dict whose
-    ``"boxes"`` (float32 ``[G, 4]`` xyxy in the current image's pixels) the
-    step moves with the pixels; it may change other keys but not ``labels``
-    order.  ``rand`` holds ``random_draws`` uniform numbers in [0, 1) (drawn
-    from the sample's seeded generator, the same count whatever the step's
-    options, so that one step never shifts another's draws).  Steps run in
-    training only: evaluation and ``predict`` see the images as read, and the
-    detector's own preprocessing sets the input size.
+    ``"boxes"`` (float32 ``[G, 4]`` xyxy in the current image's pixels, a plain
+    tensor) the step moves with the pixels; it may change other keys but not
+    ``labels`` order.  A step may change the image's size (a crop, a
+    zoom-out): the boxes are then in the new image's pixels.  A step may drop
+    boxes (the cropping built-ins drop those a crop leaves degenerate); it then
+    drops the same rows of every per-box key (``labels``, ``difficult``: see
+    ``detkit.data.augment.sanitize``), and the pipeline counts them.  ``rand``
+    holds ``random_draws`` uniform numbers in [0, 1) (drawn from the sample's
+    seeded generator, the same count whatever the step's options, so that one
+    step never shifts another's draws).  A step on ``torchvision.transforms.v2``
+    subclasses ``detkit.data.augment.V2Step``, which seeds v2's global-RNG draws
+    from ``rand``.  Steps run in training only: evaluation and ``predict`` see
+    the images as read, and the detector's own preprocessing sets the input
+    size.
     """
 
     random_draws: int = 0

@@ -18,7 +18,9 @@ class Batch:
     pinned memory and the host-to-device copy; the detector converts them on
     its device) or float32 0..1;
     boxes / labels / difficult: per image ``[G, 4]`` float32 xyxy in that
-    image's pixels / ``[G]`` int64 / ``[G]`` bool; image_ids: N strings.
+    image's pixels / ``[G]`` int64 / ``[G]`` bool; image_ids: N strings;
+    augment_dropped: boxes the augmentation dropped in these samples (degenerate
+    after a crop), for the training log.
     """
 
     images: list[Tensor]
@@ -26,6 +28,7 @@ class Batch:
     labels: list[Tensor]
     difficult: list[Tensor]
     image_ids: list[str]
+    augment_dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -83,6 +86,7 @@ class Collate:
                 for t in targets
             ],
             image_ids=[str(t.get("image_id", "")) for t in targets],
+            augment_dropped=sum(int(t.get("augment_dropped", 0)) for t in targets),
         )
 
 

@@ -1,4 +1,4 @@
-"""Augmentations of an image and its boxes: horizontal flip, photometric jitter.
+"""Augmentations of an image and its boxes, on ``torchvision.transforms.v2``.
 
 ``data.transforms`` augments training images and does nothing else: the
 network input size is the detector's (``model.preprocess.min_size``,
@@ -6,7 +6,9 @@ network input size is the detector's (``model.preprocess.min_size``,
 evaluation and ``predict`` resize the same way, inside the model.
 
 Each step is a ``transform`` plugin (:class:`detkit.interfaces.Transform`;
-built-ins ``hflip`` and ``photometric``, registered in the entry-point group
+built-ins ``hflip`` and ``photometric`` here, ``photometric_distort``,
+``iou_crop``, ``zoom_out`` and ``random_resized_crop`` in
+:mod:`detkit.data.augment`, registered in the entry-point group
 ``detkit.transform``).  ``data.transforms`` is either a list of steps
 (``[{type: hflip, p: 0.5}, {type: photometric}]``) or the settings mapping
 (``{hflip, photometric}``), which stands for ``[hflip, photometric]``.
@@ -14,7 +16,9 @@ built-ins ``hflip`` and ``photometric``, registered in the entry-point group
 A :class:`DetectionTransform` runs the steps in train mode, drawing its random
 numbers from the ``torch.Generator`` it is given, so a sample's augmentation is
 a function of the seed the loader hands out for it (see
-:mod:`detkit.data.loader`), whatever the number of workers.  Eval mode returns
+:mod:`detkit.data.loader`), whatever the number of workers.  It counts the
+boxes the steps dropped (a crop that leaves them degenerate) in the target's
+``"augment_dropped"``; the loader's batches sum it and training reports it.  Eval mode returns
 the image and its target unchanged: evaluation sees the images ``predict`` sees.
 """
 
@@ -25,27 +29,26 @@ from typing import Any, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from detkit.data.config import HFLIP_P, TransformConfig
 from detkit.interfaces import Transform
 
-_GRAY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+_XYXY = tv_tensors.BoundingBoxFormat.XYXY
 
 
-def hflip_boxes(boxes: Tensor, width: int | float) -> Tensor:
-    """``[G, 4]`` xyxy boxes mirrored in an image ``width`` pixels wide."""
-    return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
+def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """``[G, 4]`` xyxy boxes mirrored in an image ``width`` pixels wide (v2's box flip)."""
+    return F.horizontal_flip_bounding_boxes(boxes, format=_XYXY, canvas_size=(1, int(width)))
 
 
 def photometric(image: Tensor, factors: Tensor) -> Tensor:
-    """Brightness, contrast and saturation by ``factors`` ``[3]`` (1 = unchanged)."""
+    """Brightness, contrast and saturation by ``factors`` ``[3]`` (1 = unchanged), in that order (v2's ops)."""
     b, c, s = factors.tolist()
-    image = image * b
-    mean = (image * _GRAY).sum(0).mean()
-    image = (image - mean) * c + mean
-    gray = (image * _GRAY).sum(0, keepdim=True)
-    image = (image - gray) * s + gray
-    return image.clamp_(0, 1)
+    image = F.adjust_brightness(image, b)
+    image = F.adjust_contrast(image, c)
+    return F.adjust_saturation(image, s)
 
 
 # ----------------------------------------------------------- transform plugins
@@ -70,7 +73,7 @@ class HorizontalFlip(Transform):
         if rand is None or not bool(rand[0] < self.p):
             return image, target
         target["boxes"] = hflip_boxes(target["boxes"], int(image.shape[-1]))
-        return image.flip(-1), target
+        return F.horizontal_flip(image), target
 
 
 class Photometric(Transform):
@@ -147,9 +150,11 @@ class DetectionTransform:
         out = dict(target)
         if not self.train:
             return image, out
+        boxes = len(out["boxes"])
         for step in self.steps:
             rand = torch.rand(step.random_draws, generator=generator) if step.random_draws else None
             image, out = step(image, out, rand)
+        out["augment_dropped"] = boxes - len(out["boxes"])
         return image, out
 
 

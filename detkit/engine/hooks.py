@@ -19,7 +19,8 @@ Built-in hooks, in order::
       10      LRScheduleHook        after_step: advance the per-iteration LR schedule
       20      EMAHook               after_step: update the weights' moving average (train.ema)
       30      NonFiniteLossHook     at each log point: stop on inf/NaN or a diverging loss
-      40      LoggingHook           at each log point: a "train" record (losses, lr, images/s)
+      40      LoggingHook           at each log point: a "train" record (losses, lr, images/s);
+                                    after_epoch: an "augment" record (boxes dropped by crops)
       45      EvalHook              after_epoch: evaluate (EMA weights if any), track the best
       50      (plugin hooks, unless their class sets another priority; the trackers mlflow,
                                     wandb and tensorboard of detkit.engine.trackers among them)
@@ -92,6 +93,10 @@ class ProgressHook(Hook):
         elif record.get("type") == "eval" and "mAP" in record:
             key = record.get("best_key") or f"mAP@{self.loop.cfg.eval.iou_thresh}"
             self.display.message(f"epoch {record['epoch'] + 1}: val {key} {record['mAP']:.4f}")
+        elif record.get("type") == "augment":
+            share = " (this process's share)" if self.loop.dist.enabled else ""
+            self.display.message(f"epoch {record['epoch'] + 1}: augmentation dropped {record['boxes_dropped']} "
+                                 f"boxes (degenerate after a crop), kept {record['boxes_kept']}{share}")
 
     def after_train(self) -> None:
         if self.display is not None:
@@ -338,6 +343,12 @@ class LoggingHook(Hook):
                   "backbone_frozen": loop.backbone_frozen}
         loop.window.reset()
         loop.emit(record)
+
+    def after_epoch(self) -> None:
+        kept, dropped = self.loop.augment_boxes
+        if dropped:  # boxes a crop left degenerate: the augmentation's share of lost ground truth
+            self.loop.emit({"type": "augment", "epoch": self.loop.epoch, "step": self.loop.step,
+                            "boxes_kept": kept, "boxes_dropped": dropped})
 
 
 # --------------------------------------------------------------- evaluation

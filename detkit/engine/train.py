@@ -118,6 +118,8 @@ class TrainLoop:
     run), ``epoch_step`` (done in this epoch), ``accumulate``, ``losses`` (the
     last step's named losses, detached tensors), ``loss_names``, ``window``
     (:class:`LossWindow`), ``step_images`` (images in the last step, all ranks),
+    ``augment_boxes`` (this epoch's ``[kept, dropped]`` ground-truth boxes after
+    augmentation, this process's batches),
     ``backbone_frozen``, ``eval_result``, ``best_metric``, ``improved``,
     ``training_started`` (every hook's ``before_train`` ran), ``completed``, ``stop_requested``.
     """
@@ -146,6 +148,7 @@ class TrainLoop:
         self.loss_names: list[str] = []
         self.window = LossWindow()
         self.step_images = 0
+        self.augment_boxes = [0, 0]  # this epoch's boxes on this process: [kept, dropped by augmentation]
         self.backbone_frozen = False
         self.eval_result: dict[str, Any] | None = None
         self.best_metric = -math.inf
@@ -295,6 +298,8 @@ class TrainLoop:
                 for _ in range(micro_batches):
                     batch = next(batches)
                     loop.step_images += len(batch) * loop.dist.world_size
+                    loop.augment_boxes[1] += getattr(batch, "augment_dropped", 0)
+                    loop.augment_boxes[0] += sum(len(b) for b in batch.boxes)
                     yield batch.images, batch.targets
 
         return self.trainer.run_step(Feed())
@@ -378,6 +383,7 @@ class TrainLoop:
                 self.epoch_step = skip
                 self._epoch_segments = self._resumed[3] if skip and self._resumed else []
                 self._epoch_samples = 0
+                self.augment_boxes = [0, 0]
                 self.model.train()
                 self.call("before_epoch")
                 batches = self.batches(self.epoch, skip)

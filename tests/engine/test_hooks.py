@@ -18,6 +18,7 @@ from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.distributed import DistInfo
 from detkit.sections import EMAConfig, LossGuardConfig
 from detkit.engine.hooks import EMAHook
+from detkit.data.loader import build_dataset
 from detkit.engine.train import TrainLoop, train
 from detkit.errors import ConfigError, DetkitError
 from detkit.interfaces import Detector, Hook
@@ -472,3 +473,17 @@ def test_faster_rcnn_resumed_mid_epoch_equals_an_uninterrupted_run(toys, tmp_pat
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
     assert [r["total"] for r in records(split)] == pytest.approx([r["total"] for r in records(straight)], rel=1e-5)
+
+
+def test_boxes_dropped_by_augmentation_are_counted_each_epoch(toys, tmp_path, capsys):
+    # Crops of a tenth of the image drop some of the synthetic set's boxes.
+    run = train(toy_config(tmp_path, "data.transforms=[{type: random_resized_crop, scale: [0.1, 0.1], p: 1.0}]",
+                           "train.epochs=2"), out_dir=tmp_path / "run")
+    counts = records(run, "augment")
+    assert [r["epoch"] for r in counts] == [0, 1]
+    assert all(r["boxes_dropped"] > 0 and r["boxes_kept"] >= 0 for r in counts)
+    ds_boxes = sum(len(t["boxes"]) for _, t in build_dataset(load_config(tmp_path / "toy.yaml").data, "train",
+                                                             augment=False))
+    assert all(r["boxes_dropped"] + r["boxes_kept"] == ds_boxes for r in counts)  # every box, counted once
+    out = capsys.readouterr().out
+    assert f"epoch 1: augmentation dropped {counts[0]['boxes_dropped']} boxes" in out
