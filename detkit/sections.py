@@ -53,7 +53,7 @@ def _drop_legacy_fields(section: str, value: object) -> object:
 _DEFAULT_TYPES = {"optimizer": "sgd", "scheduler": "step"}
 
 class EMAConfig(_Strict):
-    """``train.ema``: an exponential moving average of the weights (see detkit.engine.hooks.EMAHook)."""
+    """``train.ema``: an exponential moving average of the weights (see detkit.engine.ema.EMAHook)."""
 
     decay: float = Field(0.9998, gt=0, lt=1, description="weight of the old average at each step")
     tau: float = Field(2000.0, ge=0, description="warm-up in steps: decay * (1 - exp(-step / tau)); 0: none")

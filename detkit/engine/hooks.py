@@ -17,8 +17,10 @@ Built-in hooks, in order::
        6      DistributedHook       under torchrun: the DDP wrapper of the detector (trainer.module),
                                     rebuilt when requires_grad changes (detkit.engine.distributed)
       10      LRScheduleHook        after_step: advance the per-iteration LR schedule
-      20      EMAHook               after_step: update the weights' moving average (train.ema)
+      20      EMAHook               after_step: update the weights' moving average (train.ema;
+                                    in detkit.engine.ema)
       30      NonFiniteLossHook     at each log point: stop on inf/NaN or a diverging loss
+                                    (train.loss_guard; in detkit.engine.guards)
       40      LoggingHook           at each log point: a "train" record (losses, lr, images/s);
                                     after_epoch: an "augment" record (boxes dropped by crops)
       45      EvalHook              after_epoch: evaluate (EMA weights if any), track the best
@@ -51,7 +53,6 @@ checkpoints, so resuming restores it.  See docs/engine.md.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,10 +60,11 @@ from typing import Any, Iterator
 
 import torch
 
-from detkit.sections import EMAConfig, LossGuardConfig
+from detkit.engine.ema import EMAHook  # noqa: F401 (re-exported: detkit.engine.hooks.EMAHook)
 from detkit.engine.evaluate import evaluate, metrics_table
+from detkit.engine.guards import NonFiniteLossHook  # noqa: F401 (re-exported)
 from detkit.engine.logging import MetricsWriter, Throughput, TrainDisplay, plot_losses, trim_metrics
-from detkit.errors import ConfigError, DetkitError
+from detkit.errors import ConfigError
 from detkit.interfaces import Hook
 
 VAL_DETECTIONS = "val_detections.json"  # the latest periodic evaluation's detections (COCO results)
@@ -169,156 +171,7 @@ class LRScheduleHook(Hook):
         self.loop.scheduler.step()
 
 
-class EMAHook(Hook):
-    """An exponential moving average of the weights, used for evaluation and saved as the model.
-
-    After each optimizer step every floating-point entry of the model's state
-    (parameters and BatchNorm statistics) moves towards the trained value:
-    ``ema = d * ema + (1 - d) * w`` with ``d = decay * (1 - exp(-updates / tau))``
-    (a warm-up: early averages forget the random initialisation quickly;
-    ``tau: 0`` keeps ``d = decay``).  Evaluation and the checkpoints' ``model``
-    use the averaged weights, as in Ultralytics/timm; the trained weights are
-    kept in the checkpoint's hook state, so a resumed run continues exactly.
-    """
-
-    Params = EMAConfig
-    priority = 20
-
-    def __init__(self, params: EMAConfig | None = None):
-        p = params if params is not None else self.Params()
-        self.decay, self.tau = p.decay, p.tau
-        self.updates = 0
-        self.shadow: dict[str, torch.Tensor] | None = None
-        self._swapped: dict[str, torch.Tensor] | None = None  # trained weights while the EMA is in the model
-        self._pairs: tuple[list[torch.Tensor], ...] | None = None
-
-    @property
-    def name(self) -> str:
-        return "ema"
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return self.loop.model.state_dict()
-
-    def before_train(self) -> None:
-        if self.shadow is None:
-            self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
-        self._pairs = None
-
-    def _tensor_pairs(self) -> tuple[list[torch.Tensor], ...]:
-        """(average, model) tensors, floating-point and other, listed once: the model's
-        state tensors share storage with its parameters and buffers, which stay put."""
-        if self._pairs is None:
-            state = self._state()
-            floats = [k for k, v in state.items() if v.is_floating_point()]
-            others = [k for k, v in state.items() if not v.is_floating_point()]
-            self._pairs = ([self.shadow[k] for k in floats], [state[k].detach() for k in floats],
-                           [self.shadow[k] for k in others], [state[k] for k in others])
-        return self._pairs
-
-    def current_decay(self) -> float:
-        return self.decay * (1 - math.exp(-self.updates / self.tau)) if self.tau else self.decay
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        self.updates += 1
-        d = self.current_decay()
-        ema_f, model_f, ema_o, model_o = self._tensor_pairs()
-        torch._foreach_lerp_(ema_f, model_f, 1.0 - d)
-        for e, m in zip(ema_o, model_o):
-            e.copy_(m)
-
-    @contextmanager
-    def eval_weights(self) -> Iterator[None]:
-        if self.shadow is None or self._swapped is not None:
-            yield
-            return
-        model = self.loop.model
-        self._swapped = {k: v.detach().clone() for k, v in self._state().items()}
-        model.load_state_dict(self.shadow)
-        try:
-            yield
-        finally:
-            model.load_state_dict(self._swapped)
-            self._swapped = None
-
-    def state_dict(self) -> dict[str, Any]:
-        # Saved while the EMA is swapped in (checkpoint "model" = EMA): keep the trained weights here.
-        if self._swapped is not None:
-            return {"updates": self.updates, "in_model": "ema", "weights": self._swapped}
-        return {"updates": self.updates, "in_model": "train", "weights": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = int(state.get("updates", 0))
-        self._pairs = None
-        if state.get("in_model") == "ema":
-            # The checkpoint's model (already loaded) is the average; the trained weights come from here.
-            self.shadow = {k: v.detach().clone() for k, v in self._state().items()}
-            self.loop.model.load_state_dict(state["weights"])
-        else:
-            self.shadow = {k: v.detach().clone() for k, v in state["weights"].items()}
-
-
 # ------------------------------------------------------------------ logging
-class NonFiniteLossHook(Hook):
-    """Stops training with one clear line when the logged loss is inf/NaN, or diverges.
-
-    Checked at each log point on the window's mean losses (one host sync per
-    window, shared with :class:`LoggingHook`), and before every iteration
-    checkpoint, so a diverged model never replaces the last good ``last.pt``.
-    ``max_loss`` stops when the total exceeds it, from the first log point (so
-    also in runs shorter than ``history``); ``max_ratio`` stops when it
-    exceeds that many times the median of the previous ``history`` log points
-    (after ``history`` of them): ``train.loss_guard``.
-    """
-
-    priority = 30
-
-    def __init__(self, guard: LossGuardConfig, checkpoint_every_iters: int | None):
-        self.max_loss, self.max_ratio, self.history = guard.max_loss, guard.max_ratio, guard.history
-        self.checkpoint_every_iters = checkpoint_every_iters  # checked before each iteration checkpoint too
-        self.totals: list[float] = []
-
-    def _fail(self, why: str) -> None:
-        loop = self.loop
-        saved, run_dir = getattr(loop, "saved_step", None), getattr(loop, "run_dir", None)
-        kept = (f"; {run_dir / 'last.pt'} keeps step {saved}, the last before it"
-                if saved is not None and run_dir is not None and (run_dir / "last.pt").exists() else "")
-        raise DetkitError(
-            f"{why} at step {loop.step}: lower train.optimizer.lr, set train.trainer.grad_clip, "
-            f"or check the data (see `detkit data stats`){kept}"
-        )
-
-    def after_step(self) -> None:
-        loop = self.loop
-        every = self.checkpoint_every_iters
-        log_point = loop.log_now()
-        if not (log_point or (every and loop.step % every == 0)):
-            return
-        values = loop.window.mean()
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            self._fail(f"loss became {values[bad[-1]]} ({', '.join(bad)})")
-        total = values.get("total")
-        if total is None:
-            return
-        # The ratio first: where both trip, the jump from the recent losses says more.
-        if self.max_ratio is not None and len(self.totals) >= self.history:
-            median = statistics.median(self.totals[-self.history:])
-            if median > 0 and total > self.max_ratio * median:
-                self._fail(f"loss {total:.4g} is over {self.max_ratio:g}x the recent median {median:.4g} "
-                           "(train.loss_guard.max_ratio)")
-        if self.max_loss is not None and total > self.max_loss:  # from the first log point
-            self._fail(f"loss {total:.4g} exceeded train.loss_guard.max_loss {self.max_loss:g}")
-        if log_point:
-            self.totals = (self.totals + [total])[-self.history:]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"totals": list(self.totals)} if self.totals else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.totals = [float(v) for v in state.get("totals", [])]
-
-
 class LoggingHook(Hook):
     """Every ``train.log_interval`` steps (and at each epoch's end) emits a "train" record.
 
