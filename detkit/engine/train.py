@@ -13,82 +13,48 @@ checkpoint when resuming, and then runs::
 
 The step itself belongs to the trainer (kind ``trainer``, e.g. ``FasterRCNNTrainer``:
 autocast forward, weighted losses, scaled backward, clip, optimizer step);
-the loop only fetches its micro-batches.  Everything else (LR schedule, frozen backbone phase,
-progress and metrics, evaluation, checkpoints, the loss guard, EMA, plugin
-hooks) is a hook in :mod:`detkit.engine.hooks`, called in the documented order.
+the loop only fetches its micro-batches (:class:`detkit.engine.feed.EpochFeed`, which
+``TrainLoop`` inherits: loaders, micro-batches, a resumed epoch's samples).  Everything
+else (LR schedule, frozen backbone phase, progress and metrics, evaluation, checkpoints,
+the loss guard, EMA, plugin hooks) is a hook in :mod:`detkit.engine.hooks`, called in
+the documented order.
 
 Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``last.pt``,
 ``best.pt``, ``losses.png``, ``data_summary.txt`` (boxes clipped or dropped by
 the readers, also printed at the start).  It is created only once the config, the data
 and the model have been built; one that already holds checkpoints is refused
 unless the run resumes or ``overwrite`` is set; leftovers of a save that was
-killed mid-write (``.*.tmp``) are removed at the start.
+killed mid-write (``.*.tmp``) are removed at the start.  That start (:func:`train`:
+device, processes, run directory) is in :mod:`detkit.engine.launch`, re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from detkit.config import Config, check_requirements
-from detkit.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
-from detkit.engine.device import resolve_device
-from detkit.engine.distributed import (DistInfo, DistributedHook, agree_on_setup_errors, barrier, init_from_env,
-                                      peer_failures_exit_quietly, shutdown)
+from detkit.config import Config
+from detkit.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from detkit.engine.distributed import DistInfo, DistributedHook, barrier
+from detkit.engine.feed import EpochFeed, LossWindow
 from detkit.engine.hooks import default_hooks, sort_hooks
+from detkit.engine.launch import DATA_SUMMARY, box_summary, seed_everything, train  # noqa: F401 (re-exported)
 from detkit.interfaces import Hook
 from detkit.engine.optim import build_optimizer, build_scheduler
-from detkit.engine.resume_plan import ListSampler, add_samples, refuse_if_steps_capped, saved_segments, segment
+from detkit.engine.resume_plan import add_samples
 from detkit.engine.run_dir import RUN_FILES, check_run_dir, clear_run_dir, first_missing_dir, prepare_run_dir, remove_empty_dirs, run_dir_for, say as _say  # noqa: F401 (re-exported)
 from detkit.errors import CheckpointError, ConfigError, DetkitError, Terminated
-from detkit.data.paths import absolute_data_paths
 from detkit.registry import registry, without_pretrained
 
 # Batch shapes cuDNN may time under train.cudnn_benchmark: auto.
 CUDNN_AUTO_MAX_SHAPES = 8
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class LossWindow:
-    """The detached losses of the steps since the last log point, averaged with one host sync."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, torch.Tensor]] = []
-        self._mean: dict[str, float] | None = None
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        self.steps.append(losses)
-        self._mean = None
-
-    def reset(self) -> None:
-        self.steps, self._mean = [], None
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def mean(self) -> dict[str, float]:
-        """Each loss's mean over the window (cached until the next ``add``)."""
-        if self._mean is None:
-            if not self.steps:
-                return {}
-            # A loss a trainer returns only on some steps is averaged over those steps.
-            names = list(dict.fromkeys(n for step in self.steps for n in step))
-            means = [torch.stack([s[n].float() for s in self.steps if n in s]).mean() for n in names]
-            self._mean = dict(zip(names, torch.stack(means).tolist()))
-        return self._mean
 
 
 def init_model_weights(model: torch.nn.Module, path: str | Path, classes: list[str]) -> None:
@@ -104,7 +70,7 @@ def init_model_weights(model: torch.nn.Module, path: str | Path, classes: list[s
     load_model_state(model, ckpt["model"], f"train.init_weights: {path}")
 
 
-class TrainLoop:
+class TrainLoop(EpochFeed):
     """One training run: what hooks see as ``self.loop``.
 
     Built objects: ``cfg``, ``run_dir``, ``device``, ``dist`` (rank, world size),
@@ -223,51 +189,6 @@ class TrainLoop:
             hook.loop = self
         self.hooks = sort_hooks(self.hooks + list(hooks))
 
-    # ----------------------------------------------------------------- data
-    def loader_for(self, epoch: int) -> DataLoader:
-        """The train loader of this epoch's batch size (one per size; workers persist)."""
-        from detkit.data.loader import build_loader
-
-        tc, data = self.cfg.train, self.cfg.data
-        frozen = epoch < tc.freeze_backbone_epochs
-        batch_size = (tc.freeze_batch_size or data.batch_size) if frozen else data.batch_size
-        if batch_size not in self._loaders:
-            world = self.dist.world_size
-            self._loaders[batch_size] = build_loader(
-                self.train_set, batch_size=batch_size, shuffle=True, num_workers=data.num_workers,
-                # Every sample each epoch: the last batch may be short, and under torchrun the
-                # sampler pads the ranks' shares by repeating samples (as DistributedSampler).
-                seed=tc.seed, drop_last=False,
-                num_replicas=world, rank=self.dist.rank, pin_memory=self.device.type == "cuda", device=self.device,
-            )
-        loader = self._loaders[batch_size]
-        loader.sampler.set_epoch(epoch)  # shuffling and augmentation depend on (seed, epoch) only
-        return loader
-
-    def _micro_batches(self, epoch: int) -> int:
-        """Loader batches this epoch trains on (``max_iters_per_epoch`` counts optimizer steps);
-        for a resumed epoch, those before the resume counted as whole steps."""
-        if self._resumed is not None and self._resumed[0] == epoch:
-            return self.start_epoch_step * self.accumulate + self._resumed[2]
-        n = len(self.loader_for(epoch))
-        cap = self.cfg.train.max_iters_per_epoch
-        return min(n, cap * self.accumulate) if cap else n
-
-    def batches(self, epoch: int, skip_steps: int = 0) -> Iterator[Any]:
-        """This epoch's batches; for the epoch a mid-epoch resume continues (``skip_steps``), only
-        its untrained samples."""
-        from detkit.data.loader import DevicePrefetcher
-
-        loader = self.loader_for(epoch)
-        if skip_steps and self._resumed is not None and self._resumed[0] == epoch:
-            # The same epoch order minus what was trained on, counted in samples (resume_plan).
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
-                                sampler=ListSampler(self._resumed[1]), num_workers=loader.num_workers,
-                                collate_fn=loader.collate_fn, drop_last=loader.drop_last,
-                                pin_memory=loader.pin_memory, generator=loader.generator)
-        # The next batch is copied to the device (a side stream on CUDA) while this one trains.
-        return DevicePrefetcher(loader, self.device)
-
     def _watch_batch_shapes(self, module: Any, inputs: Any, output: Any) -> None:
         """``train.cudnn_benchmark: auto``: cuDNN times its algorithms once per new input shape,
         which pays while the shapes are few and costs seconds per step when every batch is new."""
@@ -280,29 +201,6 @@ class TrainLoop:
             self._cudnn_shapes = None
             _say(self.console, f"cudnn.benchmark off: more than {CUDNN_AUTO_MAX_SHAPES} batch shapes "
                                "(set train.cudnn_benchmark: true to keep it)")
-
-    # ----------------------------------------------------------------- step
-    def optimizer_step(self, batches: Iterator[Any], micro_batches: int) -> dict[str, torch.Tensor]:
-        """Hand the trainer the next ``micro_batches`` loader batches for one optimizer step; its losses."""
-        self.step_images = 0
-
-        loop = self
-
-        class Feed:
-            """The step's micro-batches, fetched as the trainer takes them; sized, so it can scale by 1/k."""
-
-            def __len__(self) -> int:
-                return micro_batches
-
-            def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
-                for _ in range(micro_batches):
-                    batch = next(batches)
-                    loop.step_images += len(batch) * loop.dist.world_size
-                    loop.augment_boxes[1] += getattr(batch, "augment_dropped", 0)
-                    loop.augment_boxes[0] += sum(len(b) for b in batch.boxes)
-                    yield batch.images, batch.targets
-
-        return self.trainer.run_step(Feed())
 
     def log_now(self) -> bool:
         """Whether this step ends a logging window (every ``train.log_interval`` steps and at epoch ends)."""
@@ -462,39 +360,6 @@ class TrainLoop:
         if path.name == "last.pt":
             self.saved_step = self.step
 
-    def _segment(self, epoch: int) -> dict[str, Any]:
-        """How this run batches ``epoch``: processes, batch size, aspect grouping."""
-        loader = self.loader_for(epoch)
-        return segment(self.dist.world_size, loader.batch_size, loader.sampler.grouped)
-
-    def _plan_resumed_epoch(self, ckpt: dict[str, Any], path: Path) -> None:
-        """A checkpoint saved inside an epoch: train that epoch's untrained samples, counted in
-        samples, also with another batch size, accumulation or number of processes."""
-        from detkit.data.loader import aspect_ratio_groups
-
-        self._resumed = None
-        if not self.start_epoch_step or self.start_epoch >= self.epochs:
-            return
-        epoch, loader = self.start_epoch, self.loader_for(self.start_epoch)
-        sampler, current = loader.sampler, self._segment(self.start_epoch)
-        segments = saved_segments(ckpt, path, epoch, self.dist.world_size, sampler.grouped)
-        saved_acc = int(((ckpt.get("config") or {}).get("train") or {}).get("accumulate", 1) or 1)
-        cap = self.cfg.train.max_iters_per_epoch
-        refuse_if_steps_capped(path, segments, current, saved_acc, self.accumulate, cap)
-        groups = sampler.group_ids
-        if groups is None and any(s["grouped"] for s in segments):
-            groups = aspect_ratio_groups(self.train_set)
-        items = sampler.remaining(epoch, segments, groups)
-        micro = -(-len(items) // loader.batch_size)
-        if cap:  # the same settings as saved (refused otherwise): the cap's steps still left
-            micro = min(micro, (cap - self.start_epoch_step) * self.accumulate)
-        if micro <= 0:
-            self.start_epoch, self.start_epoch_step = epoch + 1, 0
-            return
-        self._resumed = (epoch, items, micro, segments)
-        self.epoch_steps[epoch] = self.start_epoch_step + -(-micro // self.accumulate)
-        self.total_steps = sum(self.epoch_steps)
-
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
         if list(ckpt["classes"]) != self.classes:
@@ -527,118 +392,3 @@ class TrainLoop:
         _say(self.console, f"resumed from {path}: {where}, step {self.step}")
         if self.start_epoch >= self.epochs:
             _say(self.console, f"nothing to do: the checkpoint already finished {self.start_epoch} epochs")
-
-
-def train(
-    cfg: Config,
-    config_path: Path | None = None,
-    resume: Path | None = None,
-    out_dir: Path | None = None,
-    console: Console | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Train as ``cfg`` says; returns the run directory.
-
-    Under ``torchrun`` (WORLD_SIZE > 1) every process runs this, each on its
-    shard of the data; see :mod:`detkit.engine.distributed`.
-    """
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    dist_info = init_from_env(device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    # Only rank 0 talks and writes; the other processes train quietly.
-    console = console or Console(quiet=not dist_info.is_main)
-    with peer_failures_exit_quietly(dist_info):
-        run_dir = _train(cfg, config_path, resume, out_dir, console, device, dist_info, overwrite)
-    # Only after a finished run: destroying the group wakes the other ranks' pending
-    # collectives, and after an error torchrun would then stop this process before it
-    # says what went wrong; the CLI releases the group once the error is printed.
-    shutdown(dist_info)
-    return run_dir
-
-
-def _train(
-    cfg: Config,
-    config_path: Path | None,
-    resume: Path | None,
-    out_dir: Path | None,
-    console: Console,
-    device: torch.device,
-    dist_info: DistInfo,
-    overwrite: bool = False,
-) -> Path:
-    seed_everything(cfg.train.seed)
-    # The stored config (config.yaml, checkpoints) holds absolute data paths, so
-    # eval, predict and --resume work from any directory.
-    cfg = absolute_data_paths(cfg)
-    run_dir = run_dir_for(cfg, config_path, out_dir, resume)
-    # Data, model and checkpoint are checked before anything is written: a failed
-    # start leaves no empty run directory behind.  Under torchrun one rank reports.
-    with agree_on_setup_errors(dist_info):
-        # A package a tracker hook needs is looked for before anything is built or written.
-        check_requirements(cfg, str(config_path) if config_path is not None else "<config>")
-        if dist_info.is_main:
-            check_run_dir(run_dir, resume, overwrite)
-        loop = TrainLoop(cfg, run_dir, console, device, dist_info)
-        if resume is not None:
-            loop.resume(resume)
-    # A start that fails before the first step (in a hook's before_train: a tracker that cannot
-    # open its run) takes away the directory it created: emptied under the lock, removed after.
-    created = first_missing_dir(run_dir) if dist_info.is_main else None
-    owned = False
-
-    def clear_if_unstarted(exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc_type is not None and created is not None and not loop.training_started:
-            clear_run_dir(run_dir)
-        return False
-
-    try:
-        with ExitStack() as held:
-            if dist_info.is_main:  # only rank 0 writes: on other nodes the directory need not exist
-                held.enter_context(prepare_run_dir(run_dir, overwrite, console))  # released however the run ends
-                owned = True
-                held.push(clear_if_unstarted)  # runs before the lock is released
-            return _start(loop, cfg, run_dir, console, device, dist_info)
-    except BaseException:
-        if owned and created is not None and not loop.training_started:
-            remove_empty_dirs(run_dir, created)
-        raise
-
-
-def _start(loop: "TrainLoop", cfg: Config, run_dir: Path, console: Console, device: torch.device,
-           dist_info: DistInfo) -> Path:
-    """Write the run's config, say what it trains, and train."""
-    if dist_info.is_main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tc = cfg.train
-    backbone = cfg.model.params.model_dump().get("backbone", {})
-    _say(console,
-         f"training {cfg.model.type} ({backbone.get('type', '?') if isinstance(backbone, dict) else '?'}) "
-         f"on {len(loop.train_set)} images, {len(loop.classes)} classes, device {device}, "
-         f"{tc.epochs} epochs x {loop.epoch_steps[-1]} iterations"
-         + (f" (x {tc.accumulate} accumulated batches)" if tc.accumulate > 1 else "")
-         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
-         + (f" ({pad} repeated each epoch for equal shares)" if (pad := -len(loop.train_set) % dist_info.world_size)
-            else "") + f" -> {run_dir}")
-    boxes = box_summary(loop)
-    for line in boxes:
-        _say(console, line)
-    if dist_info.is_main and boxes:  # kept with the run: what the readers did to the ground truth
-        atomic_write_text(run_dir / DATA_SUMMARY, "\n".join(boxes) + "\n")
-    return loop.run()
-
-
-DATA_SUMMARY = "data_summary.txt"
-
-
-def box_summary(loop: TrainLoop) -> list[str]:
-    """One line per split whose reader checked its boxes against the images (clipped, dropped)."""
-    from detkit.data.box_report import find_box_report
-
-    lines = []
-    for split, dataset in (("train", loop.train_set), ("val", loop.val_set)):
-        report = find_box_report(dataset)
-        if report is not None:
-            lines.append(report.line(f"data.{split}"))
-    return lines
