@@ -87,6 +87,10 @@ class TrackerHook(Hook):
         self.active = False
         self._eval_step: int | None = None
 
+    @property
+    def name(self) -> str:
+        return self.tracker
+
     # ------------------------------------------------------- for subclasses
     def start(self, params: dict[str, Any]) -> None: ...
 
@@ -228,10 +232,6 @@ class MLflowHook(TrackerHook):
     requires = (("mlflow", "detkit[mlflow]"),)
     tracker = "mlflow"
 
-    @property
-    def name(self) -> str:
-        return "mlflow"
-
     def start(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -301,10 +301,6 @@ class WandbHook(TrackerHook):
     requires = (("wandb", "detkit[wandb]"),)
     tracker = "wandb"
 
-    @property
-    def name(self) -> str:
-        return "wandb"
-
     def start(self, params: dict[str, Any]) -> None:
         import wandb
 
@@ -350,10 +346,6 @@ class TensorBoardHook(TrackerHook):
 
     requires = (("tensorboard", "detkit[tensorboard]"),)
     tracker = "tensorboard"
-
-    @property
-    def name(self) -> str:
-        return "tensorboard"
 
     def start(self, params: dict[str, Any]) -> None:
         import yaml
