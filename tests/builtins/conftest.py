@@ -49,3 +49,17 @@ def two_images():
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
     return images, targets
+
+
+@pytest.fixture
+def offline_hub(monkeypatch) -> list[str]:
+    """torch.hub without a network: every download raises, and the URLs asked for are recorded."""
+    calls: list[str] = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return calls

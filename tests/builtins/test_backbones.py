@@ -68,14 +68,9 @@ def test_resnet50_pretrained_from_local_file_both_layouts(resnet_file):
         assert layer4[2].conv3.weight.unique().tolist() == pytest.approx([values["layer4.2.conv3.weight"]])
 
 
-def test_pretrained_true_uses_torch_hub_cache(tmp_path, monkeypatch, resnet_file):
+def test_pretrained_true_uses_torch_hub_cache(tmp_path, monkeypatch, resnet_file, offline_hub):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*args, **kwargs):  # a missing file is fetched through torch.hub: stub it, never download
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    # offline_hub: a missing file is fetched through torch.hub, stubbed, never downloaded
     with pytest.raises(ConfigError) as err:
         backbone({"type": "resnet50", "pretrained": True})
     msg = str(err.value)

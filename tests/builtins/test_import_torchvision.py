@@ -123,6 +123,30 @@ def assert_same_detections(ours: dict, theirs: dict, box_tol: float = 0.01, scor
     return len(theirs["boxes"])
 
 
+
+def records_match_torchvision(paths, records, tv) -> int:
+    """``detkit predict``'s records of JPEG ``paths`` against torchvision model ``tv`` on the same
+    files decoded (float 0..1, one image per call, as predict runs them): every detection matched
+    by :func:`assert_same_detections`. Returns how many were compared."""
+    from torchvision.io import decode_image, read_file
+
+    compared = 0
+    for path, record in zip(paths, records):
+        image = decode_image(read_file(str(path)))
+        assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (record["height"], record["width"])
+        with torch.no_grad():
+            theirs = tv([image.float() / 255])[0]
+        dets = record["detections"]
+        ours = {
+            "boxes": torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4),
+            "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float64),
+            "labels": torch.tensor([d["label"] for d in dets]),
+        }
+        theirs = {k: v.double() if v.is_floating_point() else v for k, v in theirs.items()}
+        compared += assert_same_detections(ours, theirs, box_tol=0.01, score_tol=1e-4)
+    return compared
+
+
 def imported(tmp_path, torchvision_model, overrides: list[str], name: str = "fasterrcnn_resnet50_fpn"):
     """``detkit import-weights`` (the function the CLI calls) of the torchvision model into tmp_path/out.pt."""
     from detkit.engine.import_weights import import_weights
@@ -159,8 +183,6 @@ FILE_SMALL, FILE_OVERRIDES = small(160, 256)
 
 def test_predict_on_jpeg_files_equals_torchvision_on_the_decoded_images(tmp_path, zoo_model):
     """``detkit predict`` reads JPEG files; torchvision gets the same files decoded, as float 0..1."""
-    from torchvision.io import decode_image, read_file
-
     from detkit.engine.predict import predict_files
 
     name, torchvision_model = zoo_model
@@ -175,22 +197,7 @@ def test_predict_on_jpeg_files_equals_torchvision_on_the_decoded_images(tmp_path
     tv = getattr(detection, name)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, **FILE_SMALL)
     tv.load_state_dict(torchvision_model.state_dict())
     tv.eval()
-    compared = 0
-    for path, record in zip(paths, records):
-        image = decode_image(read_file(str(path)))
-        assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (record["height"], record["width"])
-        with torch.no_grad():
-            theirs = tv([image.float() / 255])[0]  # one image per call, as predict runs them
-        dets = record["detections"]
-        ours = {
-            "boxes": torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4),
-            "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float64),
-            "labels": torch.tensor([d["label"] for d in dets]),
-        }
-        theirs = {k: v.double() if v.is_floating_point() else v for k, v in theirs.items()}
-        # The record rounds boxes to 0.01 px and scores to 1e-5: within the tolerance with that margin.
-        compared += assert_same_detections(ours, theirs, box_tol=0.01, score_tol=1e-4)
-    assert compared >= 20
+    assert records_match_torchvision(paths, records, tv) >= 20
 
 
 def test_other_class_count_keeps_all_but_class_layers(tmp_path, torchvision_model):
@@ -283,22 +290,14 @@ def test_unsupported_torchvision_models_say_why():
         check_torchvision_model("fasterrcnn_resnet101_fpn")
 
 
-def test_backbone_pretrained_true_offline_is_one_line(tmp_path, monkeypatch):
+def test_backbone_pretrained_true_offline_is_one_line(tmp_path, monkeypatch, offline_hub):
     """``pretrained: true`` fetches ImageNet weights into torch's cache; offline it names the file."""
     from detkit.registry import registry
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    calls = []
-
-    def offline(url, *args, **kwargs):
-        calls.append(url)
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ConfigError) as err:
         registry("backbone").build({"type": "resnet50", "pretrained": True})
     msg = str(err.value)
     assert "\n" not in msg and "resnet50-0676ba61.pth" in msg
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in msg
-    assert calls == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]
+    assert offline_hub == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]

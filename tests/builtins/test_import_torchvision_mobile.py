@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.models import detection
 
 from detkit.engine.checkpoint import load_checkpoint, load_detector
-from test_import_torchvision import assert_same_detections, scene
+from test_import_torchvision import assert_same_detections, records_match_torchvision, scene
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 5
@@ -89,8 +89,6 @@ def import_model(tmp_path, name: str, model, overrides: list[str]) -> Path:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_predict_on_jpeg_files_equals_torchvision(tmp_path, name):
-    from torchvision.io import decode_image, read_file
-
     from detkit.engine.predict import predict_files
 
     kwargs, overrides = MODELS[name]
@@ -100,21 +98,7 @@ def test_predict_on_jpeg_files_equals_torchvision(tmp_path, name):
     ckpt = load_checkpoint(dst)
     assert ckpt["imported_from"]["model"] == name and "fresh" not in ckpt["imported_from"]
     records = predict_files(dst, paths, tmp_path / "out", device="cpu")
-    compared = 0
-    for path, record in zip(paths, records):
-        image = decode_image(read_file(str(path)))
-        assert tuple(image.shape[1:]) == (record["height"], record["width"])
-        with torch.no_grad():
-            theirs = tv([image.float() / 255])[0]  # one image per call, as predict runs them
-        dets = record["detections"]
-        ours = {
-            "boxes": torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4),
-            "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float64),
-            "labels": torch.tensor([d["label"] for d in dets]),
-        }
-        theirs = {k: v.double() if v.is_floating_point() else v for k, v in theirs.items()}
-        compared += assert_same_detections(ours, theirs, box_tol=0.01, score_tol=1e-4)
-    assert compared >= 40
+    assert records_match_torchvision(paths, records, tv) >= 40
 
 
 @pytest.mark.parametrize("name", list(MODELS))

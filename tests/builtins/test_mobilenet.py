@@ -71,22 +71,14 @@ def test_pretrained_from_a_local_torchvision_file(tmp_path):
         backbone(pretrained=str(path), norm="gn")
 
 
-def test_pretrained_true_offline_is_one_line(tmp_path, monkeypatch):
+def test_pretrained_true_offline_is_one_line(tmp_path, monkeypatch, offline_hub):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    calls = []
-
-    def offline(url, *args, **kwargs):
-        calls.append(url)
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ConfigError) as err:
         backbone(pretrained=True)
     msg = str(err.value)
     assert "\n" not in msg and "mobilenet_v3_large-8738ca79.pth" in msg
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in msg
-    assert calls == ["https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth"]
+    assert offline_hub == ["https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth"]
 
 
 def test_any_config_can_use_it_for_training(build_tiny_detector, two_images):
