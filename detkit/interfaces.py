@@ -630,3 +630,11 @@ class DetectionDataset(torch.utils.data.Dataset, ABC):
         when the data set cannot tell them apart from its image (then statistics and aspect-ratio
         grouping read the image, or do without)."""
         return None
+
+    #: What ``root`` should name, for the one-line error when the first images are not there.
+    root_hint: str = "the folder that holds the images"
+
+    def first_image_paths(self) -> list[Any]:
+        """The files of the first few annotated images, checked before training to catch a wrong
+        ``root`` (:mod:`detkit.data.image_check`); empty (the default): nothing to check."""
+        return []

@@ -1,7 +1,8 @@
 """Before training: are the first annotated images of each split where the config's ``root`` says?
 
-A data set reader that knows its image files offers ``first_image_paths()``:
-the files of its first few annotated images (COCO and VOC do).  When none of
+A data set reader that knows its image files implements
+``DetectionDataset.first_image_paths()``: the files of its first few annotated
+images (COCO and VOC do; the default, empty, checks nothing).  When none of
 them exists, ``root`` is wrong (a single missing file is a data problem,
 listed by ``detkit data stats --check-images``); ``detkit config validate``,
 ``detkit data stats`` and the start of ``detkit train`` then fail in one line
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from detkit.errors import DataError
+from detkit.interfaces import DetectionDataset
 
 
-def _reader(dataset: Any) -> Any | None:
-    """The reader offering ``first_image_paths``, looking through wrappers (``TransformedDataset``)."""
+def _reader(dataset: Any) -> DetectionDataset | None:
+    """The data set reader itself, looking through wrappers (``TransformedDataset``)."""
     for _ in range(4):
-        if dataset is None or callable(getattr(dataset, "first_image_paths", None)):
+        if dataset is None or isinstance(dataset, DetectionDataset):
             return dataset
         dataset = getattr(dataset, "dataset", None)
     return None
@@ -37,7 +39,7 @@ def check_split_images(dataset: Any, split: str, source: str | None = None) -> N
     paths = [Path(p) for p in reader.first_image_paths()]
     if not paths or any(p.is_file() for p in paths):
         return
-    hint = getattr(reader, "root_hint", "the folder that holds the images")
+    hint = reader.root_hint
     root = getattr(reader, "root", None)
     raise DataError(
         (f"{source}: " if source else "") + f"data.{split}.root: image not found: {paths[0]}"
