@@ -159,12 +159,9 @@ def batch_groups(module: nn.Module, sizes: Sequence[Sequence[int]], batch_size: 
     padded to exactly what each image is padded to alone, so batching changes
     no pixel the network sees.  Passes are in order of each group's first image.
     """
-    params = getattr(getattr(module, "preprocess", None), "params", None)
-    d = int(getattr(params, "size_divisible", 1) or 1)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(sizes):
-        ih, iw = module.input_size(int(h), int(w))
-        groups.setdefault((-(-int(ih) // d) * d, -(-int(iw) // d) * d), []).append(i)
+        groups.setdefault(module.preprocess.padded_size(int(h), int(w)), []).append(i)
     return [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
 
 

@@ -105,6 +105,11 @@ class ImagePreprocessor(nn.Module):
         p = self.params
         return resize_shape(height, width, min_size or p.min_size, p.max_size, p.rounding)
 
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """What one ``height x width`` image becomes alone: :meth:`output_size`, padded up to ``size_divisible``."""
+        h, w = self.output_size(height, width)
+        return _round_up(h, self.params.size_divisible), _round_up(w, self.params.size_divisible)
+
     def _target_size(self, image: Tensor) -> tuple[Any, Any]:
         p = self.params
         h, w = image.shape[-2], image.shape[-1]
@@ -200,9 +205,8 @@ class ImagePreprocessor(nn.Module):
     def _pad(self, images: list[Tensor], pixels: bool = False) -> Tensor:
         """Stack into ``[N, 3, H, W]`` padded at the bottom/right; ``pixels``: images not yet normalised."""
         d = self.params.size_divisible
-        height = max(int(x.shape[-2]) for x in images)
-        width = max(int(x.shape[-1]) for x in images)
-        height, width = -(-height // d) * d, -(-width // d) * d
+        height = _round_up(max(int(x.shape[-2]) for x in images), d)
+        width = _round_up(max(int(x.shape[-1]) for x in images), d)
         if all((x.shape[-2], x.shape[-1]) == (height, width) for x in images):
             return torch.stack(images)
         if pixels:  # float 0..1 pixels: the one whose normalised value is the pad value
@@ -225,6 +229,10 @@ class ImagePreprocessor(nn.Module):
         x = x - value  # pad with zeros around the shifted image, then shift back
         x = torch.nn.functional.pad(x.unsqueeze(0), [0, pad_w, 0, pad_h])
         return x + value
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-int(size) // multiple) * multiple
 
 
 def _traced(size: Any, like: Tensor) -> Tensor:
