@@ -33,6 +33,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from detkit import boxes as box_ops
 from detkit.interfaces import Transform
 from detkit.preprocess import IMAGENET_MEAN
 
@@ -67,9 +68,7 @@ def seeded(seed: int) -> Iterator[None]:
 def sanitize(target: dict[str, Any], size: tuple[int, int], min_size: float) -> dict[str, Any]:
     """Boxes clipped to ``size`` (h, w); those under ``min_size`` px wide or high dropped, per-box keys alike."""
     h, w = size
-    boxes = target["boxes"]
-    boxes = torch.stack((boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                         boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)), dim=1)
+    boxes = box_ops.clip(target["boxes"], h, w)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
     target["boxes"] = boxes
     if bool(keep.all()):
