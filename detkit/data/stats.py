@@ -191,6 +191,7 @@ class StatsReport:
     suggested: dict[str, Any] | None = None
     suggested_coverage: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the recipe does not fit the data (fit_warnings)
     boxes_line: str | None = None  # what the reader clipped and dropped (detkit.data.box_report)
 
 
@@ -317,11 +318,67 @@ def dataset_stats(cfg: Any, max_images: int | None = None, source: str = "<confi
         cov = coverage(anchor_coverage(ann, anchors_for, size_divisor))
         if best_cov is None or _better(cov, best_cov):
             best_cov, best_ratios = cov, cand
-    report.suggested = {("sizes" if _multi_level(sec) else "scales"): scales, "ratios": best_ratios}
+    report.suggested = {anchor_key(sec): scales, "ratios": best_ratios}
     report.suggested_coverage = best_cov
     if best_cov is not None and not _better(best_cov, current):
         report.notes.append("the configured anchors already cover these boxes as well as the suggestion")
+    report.warnings = fit_warnings(ann, current, model, model_cfg, path, size_divisor)
     return report
+
+
+# Below these, ``detkit data stats`` warns that the recipe does not fit the data.
+MIN_SHARE_AT_05 = 0.9  # boxes with some anchor at IoU >= 0.5
+
+
+def _find_section(section: Any, keys: Sequence[str], path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Path of the first mapping of the model config that has all of ``keys``."""
+    if isinstance(section, dict):
+        if all(k in section for k in keys):
+            return path
+        for k, v in section.items():
+            found = _find_section(v, keys, (*path, k))
+            if found is not None:
+                return found
+    return None
+
+
+def fit_warnings(ann: Annotations, current: dict[str, float], model: Any, model_cfg: dict[str, Any],
+                 anchor_path: Sequence[str] | None, size_divisor: int) -> list[str]:
+    """Where the configured anchors or input size do not fit the boxes, one line each naming the field.
+
+    - fewer than ``MIN_SHARE_AT_05`` of the boxes have an anchor at IoU >= 0.5: the RPN
+      then learns those boxes only through their single best anchor;
+    - the median box at the input size is smaller than the smallest anchor: most objects
+      are proposed from anchors larger than themselves.
+    """
+    out: list[str] = []
+    if ann.boxes.shape[0] == 0:
+        return out
+    anchor_field = "model." + ".".join((*anchor_path, anchor_key(_get(model_cfg, anchor_path)))) if anchor_path else \
+        "the anchor sizes of the proposal generator"
+    share = current[">=0.5"]
+    if not math.isnan(share) and share < MIN_SHARE_AT_05:
+        out.append(f"only {share:.0%} of the boxes have an anchor at IoU >= 0.5 (at least {MIN_SHARE_AT_05:.0%} "
+                   f"expected): set {anchor_field} (the suggestion below), or the input size")
+    h, w = (int(v) for v in ann.sizes[0].tolist())
+    if size_divisor > 1:
+        h, w = -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor
+    with torch.no_grad():
+        anchors = model.anchors((h, w)).detach().float().cpu()
+    if anchors.shape[0] == 0:
+        return out
+    smallest = float((anchors[:, 2:] - anchors[:, :2]).clamp(min=0).prod(dim=1).sqrt().min())
+    wh = (ann.boxes[:, 2:] - ann.boxes[:, :2]).clamp(min=0)
+    median = float(wh.prod(dim=1).sqrt().double().quantile(0.5))
+    if median < smallest:
+        pre = _find_section(model_cfg, ("min_size", "max_size"))  # the resize, not the RPN's box filter
+        size_field = "model." + ".".join((*pre, "min_size")) if pre is not None else "the input size"
+        now = _get(model_cfg, pre).get("min_size") if pre is not None else None
+        want = f" (now {now}; about {math.ceil(now * smallest / median)} makes it {smallest:.0f} px)" \
+            if isinstance(now, (int, float)) else ""
+        out.append(f"the median box is {median:.1f} px at the input size, smaller than the smallest anchor "
+                   f"({smallest:.1f} px): raise {size_field}{want}, or lower the smallest of {anchor_field}")
+    return out
 
 
 # ------------------------------------------------------------- image check
@@ -424,6 +481,8 @@ def print_report(report: StatsReport, console: Any) -> None:
     console.print(a)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if report.suggested is not None and report.anchor_path is not None:
         s = report.suggested
         console.print("To use the suggested anchors, put this in the config:", markup=False, highlight=False)

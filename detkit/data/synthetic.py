@@ -32,7 +32,7 @@ from torch import Tensor
 from detkit.interfaces import DetectionDataset
 
 # Shapes the renderer knows; a data set uses any subset as its classes.
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring", "star")
 
 _MASK63 = (1 << 63) - 1
 
@@ -43,7 +43,7 @@ PRESET_SPLITS: dict[str, dict[str, int]] = {"clutter": {"train": 400, "val": 100
 PRESETS: dict[str, dict[str, Any]] = {
     "clutter": {
         "num_images": 400,
-        "classes": list(SHAPES),
+        "classes": ["circle", "square", "triangle", "cross", "diamond", "ring"],
         "size_range": (320, 480),
         "objects": (1, 8),
         "object_size": (14, 192),
@@ -269,14 +269,7 @@ class SyntheticShapes(DetectionDataset):
         g = self._generator(index)
         h, w = self._size(g)
         boxes, labels, orient = self._layout(g, h, w)
-        kind = p.background
-        if kind == "mixed":
-            kind = ("gradient", "texture", "photo", "photo")[int(torch.randint(4, (1,), generator=g))]
-        if kind == "gradient":
-            img = self._background(g, h, w)
-        else:
-            img = _texture(g, h, w) if kind == "texture" else _photo(g, h, w)
-            img = _add_clutter(img, g, p.clutter)
+        img = self.scene(g, h, w)
         if p.distractors:
             _hard_distractors(img, g, int(torch.randint(0, p.distractors + 1, (1,), generator=g)))
         colours = torch.rand(len(boxes), 5, 3, generator=g)
@@ -292,6 +285,20 @@ class SyntheticShapes(DetectionDataset):
             img.add_(torch.randn(img.shape, generator=g) * self.params.noise)
         img.clamp_(0, 1)
         return img, self._target(index, boxes, labels)
+
+    def scene(self, g: torch.Generator, h: int, w: int) -> Tensor:
+        """The ``[3, H, W]`` float background the shapes are drawn on, from the image's stream ``g``.
+
+        ``params.background`` chooses it; a subclass may return its own (crops of
+        photographs, as the held-out set of ``benchmarks/photo_voc.py``).
+        """
+        kind = self.params.background
+        if kind == "mixed":
+            kind = ("gradient", "texture", "photo", "photo")[int(torch.randint(4, (1,), generator=g))]
+        if kind == "gradient":
+            return self._background(g, h, w)
+        img = _texture(g, h, w) if kind == "texture" else _photo(g, h, w)
+        return _add_clutter(img, g, self.params.clutter)
 
     def _background(self, g: torch.Generator, h: int, w: int) -> Tensor:
         """A ``[3, H, W]`` gradient with soft blobs and thin lines of random colours."""
@@ -584,6 +591,16 @@ def _shape_sdf(shape: str, u: Tensor, v: Tensor, swap: bool) -> Tensor:
     if shape == "ring":
         r = torch.sqrt(u * u + v * v)
         return (r - 0.775).abs() - 0.225
+    if shape == "star":  # five points, one up; stretched so its points touch all four box sides
+        x, y = u * 0.951, (v + 1) * 0.9045 - 1  # the unit star spans x +-0.951, y -1..0.809
+        r = torch.sqrt(x * x + y * y)
+        # Fold the angle from the upward point into one half-spike, 0..36 degrees, where the
+        # outline is the straight edge from the point (0, 1) to the notch at radius 0.45.
+        phi = (torch.remainder(torch.atan2(x, -y) + math.pi / 5, 2 * math.pi / 5) - math.pi / 5).abs()
+        px, py = r * torch.sin(phi), r * torch.cos(phi)
+        bx, by = 0.45 * math.sin(math.pi / 5), 0.45 * math.cos(math.pi / 5)
+        nx, ny = 1 - by, bx  # outward normal of the edge (0, 1) -> (bx, by)
+        return (px * nx + (py - 1) * ny) / math.hypot(nx, ny)
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -22,7 +22,7 @@ from rich.progress import (
 
 # Fields of a "train" record that are not losses; every other number is one of
 # the trainer's named losses (the engine takes the names from its step's dict).
-TRAIN_RECORD_FIELDS = ("type", "epoch", "step", "lr", "images_per_s", "backbone_frozen")
+TRAIN_RECORD_FIELDS = ("type", "epoch", "step", "lr", "images_per_s", "backbone_frozen", "time")
 
 
 def loss_names_of(record: dict[str, Any]) -> list[str]:
@@ -37,6 +37,8 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes it.
 
     A resumed run appends to the same file, so the curve stays continuous.
+    Each line also carries ``time``, the Unix time it was written, so a curve can be
+    read against wall-clock minutes (``benchmarks/scratch_recipes.py``).
     (TensorBoard is a tracker hook: :mod:`detkit.engine.trackers`.)
     """
 
@@ -45,7 +47,7 @@ class MetricsWriter:
         self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        self._fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         self._fh.flush()
 
     def close(self) -> None:

@@ -171,3 +171,31 @@ def test_dataset_stats_on_a_pyramid_asks_the_rpn_and_suggests_sizes(tmp_path):
     # The printed snippet validates as the RPN's anchor section.
     registry("proposal_generator").validate({"type": "rpn", "anchor": parsed})
     assert "--set model.rpn.anchor.sizes=[[" in res.output
+
+
+def test_fit_warnings_name_the_field_to_change(tmp_path):
+    """Anchors of 256-512 px for 16-64 px boxes: both warnings, each naming its config field; anchors
+    that fit: none."""
+    from detkit.config import load_config
+    from detkit.data.stats import dataset_stats
+
+    report = dataset_stats(load_config(_config(tmp_path, [16.0, 32.0]), []), max_images=10)
+    cover, median = report.warnings
+    assert cover.startswith("only 0% of the boxes have an anchor at IoU >= 0.5") and "model.rpn.anchor.scales" in cover
+    # 256 px is the smallest anchor (16 * 16 px, ratio 1); 128 * 256 / median is the size that fits it.
+    assert "smaller than the smallest anchor (256.0 px): raise model.preprocess.min_size (now 128; about" in median
+    assert "or lower the smallest of model.rpn.anchor.scales" in median
+    # 32-64 px boxes, 32-64 px anchors: 95 % at IoU 0.5, no warning.
+    fitting = dataset_stats(load_config(_config(tmp_path, [2.0, 3.0, 4.0]), ["data.train.object_size=[32,64]"]),
+                            max_images=10)
+    assert fitting.current[">=0.5"] >= 0.9 and fitting.warnings == []
+    # 16-64 px anchors on a stride-16 grid for the same boxes: the median box is above the
+    # smallest anchor, but 14 % of the boxes have no anchor at IoU 0.5; only that warning.
+    loose = dataset_stats(load_config(_config(tmp_path, [1.0, 2.0, 4.0]), ["data.train.object_size=[32,64]"]),
+                          max_images=10)
+    assert loose.current[">=0.5"] < 0.9 and len(loose.warnings) == 1 and loose.warnings[0].startswith("only ")
+
+    res = CliRunner().invoke(app, ["data", "stats", str(_config(tmp_path, [16.0, 32.0])), "--max-images", "6"])
+    assert res.exit_code == 0, res.output
+    assert "warning: only 0% of the boxes" in res.output
+    assert "warning: the median box is" in res.output

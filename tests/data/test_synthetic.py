@@ -166,3 +166,37 @@ def test_synth_cli_writes_the_clutter_splits_deterministically(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     xml = (tmp_path / "a" / "Annotations" / "val_000000.xml").read_text()
     assert "<width>96</width>" in xml and "<name>" in xml
+
+
+class _Grey(SyntheticShapes):
+    """Shapes on a plain grey scene: every changed pixel belongs to a shape."""
+
+    def scene(self, g, h, w):
+        return torch.full((3, h, w), 0.5)
+
+
+def test_star_touches_its_box_on_all_four_sides_and_covers_less_than_a_circle():
+    cover = {}
+    for shape in ("star", "circle", "square"):
+        ds = _Grey(SyntheticShapes.Params(num_images=1, image_size=(96, 96), objects=(1, 1), object_size=(60, 60),
+                                          aspect_range=(1, 1), noise=0.0, classes=[shape], min_contrast=0.3))
+        img, t = ds[0]
+        x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
+        changed = (img - 0.5).abs().amax(dim=0) > 0.05
+        box = changed[y1:y2, x1:x2]
+        assert int(changed.sum()) == int(box.sum()), shape  # nothing drawn outside the box
+        for edge in (box[0], box[-1], box[:, 0], box[:, -1]):  # the shape reaches every side of its box
+            assert bool(edge.any()), shape
+        cover[shape] = float(box.float().mean())
+    assert cover["square"] > 0.95 and 0.7 < cover["circle"] < 0.85
+    assert 0.3 < cover["star"] < 0.6  # five points: far less of the box than a circle
+
+
+def test_a_subclass_draws_on_its_own_scene():
+    ds = _Grey(SyntheticShapes.Params(num_images=2, image_size=(64, 64), objects=(1, 1), noise=0.0))
+    img, t = ds[0]
+    x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[y1:y2, x1:x2] = False
+    assert torch.equal(img[:, outside], torch.full_like(img[:, outside], 0.5))
+    assert (img[:, y1:y2, x1:x2] - 0.5).abs().amax() > 0.2  # the shape is drawn on it
