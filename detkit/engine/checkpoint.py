@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -85,11 +85,18 @@ def _upgrade(path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**ckpt, "config": config, "model": state, "format_version": FORMAT_VERSION}
 
 
-def load_detector(path: str | Path, map_location: str | torch.device = "cpu"):
-    """``(model, checkpoint)`` from a detkit checkpoint, the model in eval mode."""
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu",
+                  model_section: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+    """``(model, checkpoint)`` from a detkit checkpoint, the model in eval mode.
+
+    ``model_section`` maps the stored ``config`` to the model section to build (default:
+    the stored one): other test-time settings (input size, thresholds, proposal counts)
+    around the checkpoint's weights, which must still fit it key for key.
+    """
     ckpt = load_checkpoint(path, map_location)
     try:
-        model = build_detector(ckpt["config"]["model"], len(ckpt["classes"]))
+        section = model_section(ckpt["config"]) if model_section is not None else ckpt["config"]["model"]
+        model = build_detector(section, len(ckpt["classes"]))
     except ComponentValidationError as exc:
         # The user did not write this config: say where it came from.
         raise CheckpointError(

@@ -109,7 +109,13 @@ def evaluate_checkpoint(
 
     checkpoint = Path(checkpoint)
     cfg = load_config(config_path, overrides) if config_path is not None else None
-    model, ckpt = load_detector(checkpoint)
+    # ``--set model.*`` changes test-time settings of the stored model (input size, score
+    # threshold, proposals); the weights stay the checkpoint's.  Without this the detector
+    # would be built from the stored section and such a --set silently ignored.
+    model_sets = [o for o in overrides if o.partition("=")[0].strip().startswith("model.")]
+    with_sets = (lambda stored: validate(apply_overrides(stored, model_sets), f"{checkpoint} (stored config)",
+                                         model_sets).model.to_dict()) if model_sets else None
+    model, ckpt = load_detector(checkpoint, model_section=with_sets)
     if cfg is None:
         cfg = validate(apply_overrides(ckpt["config"], overrides), f"{checkpoint} (stored config)", overrides)
     device = resolve_device(cfg.train.device)

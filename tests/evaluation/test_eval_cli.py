@@ -78,3 +78,22 @@ def test_eval_unknown_metric_is_one_line(checkpoint):
     assert result.exit_code == 2
     assert "eval.metric[0].type: unknown evaluator 'mAP'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_eval_set_model_changes_the_test_time_settings_of_the_stored_model(checkpoint, tmp_path):
+    """``--set model.*`` is applied to the stored model around the checkpoint's weights (it was ignored)."""
+
+    def detections(*sets):
+        out = tmp_path / f"ev{len(sets)}"
+        result = runner.invoke(app, ["eval", str(checkpoint), *[a for s in sets for a in ("--set", s)],
+                                     "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "detections.json").read_text())
+
+    stored = detections()
+    again = detections("eval.iou_thresh=0.5")  # not a model setting: the same model
+    larger = detections("model.preprocess.min_size=96", "model.preprocess.max_size=96")
+    assert len(stored) >= 3 and again == stored
+    assert larger != stored  # the 64 px model seen at 96 px: other boxes and scores
+    bad = runner.invoke(app, ["eval", str(checkpoint), "--set", "model.backbone.channels=[4,4,4,4]"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
